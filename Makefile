@@ -1,0 +1,32 @@
+# Every target sets itself up: libtorch (PyTorch 2.13.0) is installed once into ~/.cache/fedtext
+# by scripts/libtorch-env.sh and reused by every clone; binaries get an rpath to it.
+SHELL := /bin/bash
+LIBTORCH := $(shell scripts/libtorch-env.sh)
+export LIBTORCH
+export RUSTFLAGS := -C link-arg=-Wl,-rpath,$(LIBTORCH)/lib
+CLIENTS ?= 4
+
+.PHONY: build demo test bench compose-demo compose-test lint
+
+build:
+	cargo build --release --bins
+
+demo: build
+	scripts/demo.sh
+
+test:
+	cargo build --release --bins
+	cargo test --release --workspace
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+bench: build
+	bench/federation.sh
+
+compose-demo: build
+	deploy/compose-demo.sh $(CLIENTS)
+
+compose-test: build
+	deploy/test-compose.sh

@@ -1,0 +1,348 @@
+//! The client daemon: join the federation, and for each round fetch the global model, train on
+//! the local data, and upload only the weight delta. Reconnects with backoff; an identity the
+//! coordinator refuses ends it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fl_common::tensors::{sha256_hex, CODEC_SAFETENSORS_F32};
+use fl_common::ModelSpec;
+use fl_proto::pb::{self, federation_client::FederationClient};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::data::LabelledTexts;
+use crate::enroll::connect;
+use crate::identity::Identity;
+use crate::model::{decode_model, default_device, Classifier};
+use crate::train::{train, EncodedDataset, TrainConfig};
+
+/// Bytes per chunk of an upload.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// What the daemon needs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// `https://HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    /// The enrolled identity.
+    pub identity: Identity,
+    /// The local data, already read and checked.
+    pub data: Arc<LabelledTexts>,
+    /// Name reported to the coordinator.
+    pub name: String,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+    /// Directory for nothing yet; kept for future local state.
+    pub state_dir: PathBuf,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DaemonExit {
+    /// The federation finished all its rounds.
+    FederationFinished,
+    /// Asked to stop.
+    Shutdown,
+}
+
+/// An error that retrying cannot fix: the coordinator refused this identity, or the data does
+/// not fit the federation.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FatalError(pub String);
+
+/// Runs until the federation finishes, `shutdown` fires, or a fatal error.
+pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<DaemonExit> {
+    let mut backoff = Backoff::new(config.max_backoff);
+    let mut encoded: Option<(ModelSpec, Arc<EncodedDataset>)> = None;
+    loop {
+        let session = session(&config, &mut encoded, &mut backoff, &shutdown);
+        let outcome = tokio::select! {
+            outcome = session => outcome,
+            _ = shutdown.cancelled() => return Ok(DaemonExit::Shutdown),
+        };
+        match outcome {
+            Ok(Some(exit)) => return Ok(exit),
+            Ok(None) => warn!("coordinator closed the work stream; reconnecting"),
+            Err(e) if e.is::<FatalError>() => return Err(e),
+            Err(e) => warn!("{e:#}; reconnecting"),
+        }
+        let wait = backoff.next_delay();
+        info!(seconds = format!("{:.1}", wait.as_secs_f64()), "waiting before reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Ok(DaemonExit::Shutdown),
+        }
+    }
+}
+
+/// Exponential backoff with ±25 % jitter.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(250);
+
+    fn new(max: Duration) -> Self {
+        Backoff { next: Self::START, max }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::START;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base.mul_f64(rand::random_range(0.75..1.25))
+    }
+}
+
+/// Classifies a failed call: refusals of our identity are fatal.
+fn classify(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            anyhow!(FatalError(format!("the coordinator refused this client: {}", status.message())))
+        }
+        _ => {
+            let text = format!("{status}");
+            if is_certificate_alert(&text) {
+                anyhow!(FatalError(format!("the coordinator rejected this client's certificate during the TLS handshake ({text}); re-enroll with a fresh join token")))
+            } else {
+                anyhow!("coordinator call failed: {}", status.message())
+            }
+        }
+    }
+}
+
+fn is_certificate_alert(text: &str) -> bool {
+    ["BadCertificate", "UnknownCA", "CertificateRevoked", "CertificateUnknown", "DecryptError", "AccessDenied"]
+        .iter()
+        .any(|a| text.contains(a))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// One connection: join, then serve instructions. `Ok(None)` means reconnect.
+async fn session(
+    config: &DaemonConfig,
+    encoded: &mut Option<(ModelSpec, Arc<EncodedDataset>)>,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> Result<Option<DaemonExit>> {
+    let channel = match connect(&config.coordinator, &config.identity.ca_pem, Some(&config.identity.key)).await {
+        Ok(c) => c,
+        Err(e) => {
+            let chain = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            if is_certificate_alert(&chain) {
+                bail!(FatalError(format!("the coordinator rejected this client's certificate ({chain})")));
+            }
+            return Err(e.context(format!("connecting to {}", config.coordinator)));
+        }
+    };
+    let mut client = FederationClient::new(channel.clone());
+    let join = pb::JoinRequest { name: config.name.clone(), num_examples: config.data.len() as u64 };
+    let mut stream = client.join(join).await.map_err(classify)?.into_inner();
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(status) => {
+                let chain = error_chain(&status);
+                if is_certificate_alert(&chain) {
+                    bail!(FatalError(format!("the coordinator rejected this client's certificate ({chain})")));
+                }
+                return Err(classify(status));
+            }
+        };
+        match message.kind {
+            Some(pb::instruction::Kind::Welcome(welcome)) => {
+                backoff.reset();
+                let spec: ModelSpec =
+                    serde_json::from_str(&welcome.model_spec_json).context("coordinator sent a bad model spec")?;
+                info!(client_id = %welcome.client_id, rounds_completed = welcome.rounds_completed, rounds_total = welcome.rounds_total, "joined the federation");
+                if encoded.as_ref().map(|(s, _)| s != &spec).unwrap_or(true) {
+                    *encoded = Some((spec.clone(), Arc::new(encode_for(&spec, &config.data)?)));
+                }
+            }
+            Some(pb::instruction::Kind::Round(task)) => {
+                let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
+                let (round, attempt) = (task.round, task.attempt);
+                match do_round(&mut client, channel.clone(), &spec, data, task, shutdown).await {
+                    Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
+                    Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
+                    Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
+                    Err(e) if e.is::<FatalError>() => return Err(e),
+                    Err(e) => warn!(round, attempt, "round failed: {e:#}"),
+                }
+            }
+            Some(pb::instruction::Kind::Finished(done)) => {
+                info!(rounds = done.rounds_completed, "federation finished");
+                return Ok(Some(DaemonExit::FederationFinished));
+            }
+            None => {}
+        }
+    }
+}
+
+/// Tokenizes the local data for the federation's model, checking every label.
+fn encode_for(spec: &ModelSpec, data: &LabelledTexts) -> Result<EncodedDataset> {
+    let labels = data.label_indices(&spec.labels).map_err(|e| anyhow!(FatalError(e.to_string())))?;
+    let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0).map_err(|e| anyhow!(FatalError(e.to_string())))?;
+    Ok(EncodedDataset::encode(&probe, &data.texts, labels))
+}
+
+enum RoundOutcome {
+    Accepted,
+    Refused(String),
+    Closed,
+}
+
+async fn fetch_model(client: &mut FederationClient<Channel>, round: u32, attempt: u32) -> Result<Vec<u8>> {
+    let mut stream = client.fetch_model(pb::FetchModelRequest { round, attempt }).await.map_err(classify)?.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(classify)? {
+        if chunk.offset != bytes.len() as u64 {
+            bail!("model chunk out of order: offset {} after {} bytes", chunk.offset, bytes.len());
+        }
+        if bytes.is_empty() {
+            bytes.reserve(chunk.total_bytes.min(1 << 34) as usize);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    Ok(bytes)
+}
+
+async fn do_round(
+    client: &mut FederationClient<Channel>,
+    channel: Channel,
+    spec: &ModelSpec,
+    data: Arc<EncodedDataset>,
+    task: pb::RoundTask,
+    shutdown: &CancellationToken,
+) -> Result<RoundOutcome> {
+    let (round, attempt) = (task.round, task.attempt);
+    let config = task.config.ok_or_else(|| anyhow!("round task without a training config"))?;
+    let train_config = TrainConfig {
+        epochs: config.local_epochs,
+        batch_size: config.batch_size,
+        lr: f64::from(config.learning_rate),
+        optimizer: config.optimizer.parse().map_err(|e: String| anyhow!(e))?,
+        seed: config.seed,
+    };
+    let bytes = fetch_model(client, round, attempt).await?;
+    let (model_spec, global) = decode_model(&bytes).map_err(|e| anyhow!("bad global model: {e}"))?;
+    if let Err(e) = model_spec.check_compatible(spec) {
+        bail!("global model does not match the federation spec: {e}");
+    }
+
+    let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
+    let cancel = shutdown.child_token();
+    let heartbeat =
+        tokio::spawn(heartbeat_loop(FederationClient::new(channel), round, attempt, progress.clone(), cancel.clone()));
+    let training = {
+        let (progress, cancel) = (progress.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
+            let stats =
+                train(&mut model, &data, &train_config, &cancel, |p, _| progress.store(p.to_bits(), Ordering::Relaxed));
+            let delta = model.to_tensors().minus(&global);
+            Ok((stats, delta.encode(None)))
+        })
+    };
+    let result = training.await.context("training task panicked");
+    cancel.cancel();
+    let _ = heartbeat.await;
+    let (stats, payload) = result??;
+    if stats.cancelled {
+        return Ok(RoundOutcome::Closed);
+    }
+    info!(
+        round,
+        examples = stats.examples,
+        loss = format!("{:.4}", stats.loss),
+        accuracy = format!("{:.4}", stats.accuracy),
+        examples_per_s = format!("{:.0}", stats.examples_per_s),
+        "local training done"
+    );
+
+    let header = pb::UpdateHeader {
+        round,
+        attempt,
+        codec: CODEC_SAFETENSORS_F32.to_string(),
+        total_bytes: payload.len() as u64,
+        num_examples: stats.examples as u64,
+        train_loss: stats.loss,
+        train_accuracy: stats.accuracy,
+    };
+    let digest = sha256_hex(&payload);
+    let chunks = upload_chunks(header, payload, digest);
+    let ack = client.submit_update(tokio_stream::iter(chunks)).await;
+    match ack {
+        Ok(ack) => {
+            let ack = ack.into_inner();
+            Ok(if ack.accepted { RoundOutcome::Accepted } else { RoundOutcome::Refused(ack.message) })
+        }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            Ok(RoundOutcome::Refused(status.message().to_string()))
+        }
+        Err(status) => Err(classify(status)),
+    }
+}
+
+/// The messages of an upload: header, data in [`CHUNK_BYTES`] pieces, trailer.
+pub fn upload_chunks(header: pb::UpdateHeader, payload: Vec<u8>, sha256: String) -> Vec<pb::UpdateChunk> {
+    use pb::update_chunk::Kind;
+    let mut out = vec![pb::UpdateChunk { kind: Some(Kind::Header(header)) }];
+    for (i, piece) in payload.chunks(CHUNK_BYTES).enumerate() {
+        out.push(pb::UpdateChunk {
+            kind: Some(Kind::Data(pb::UpdateData { offset: (i * CHUNK_BYTES) as u64, data: piece.to_vec() })),
+        });
+    }
+    out.push(pb::UpdateChunk { kind: Some(Kind::Trailer(pb::UpdateTrailer { sha256 })) });
+    out
+}
+
+async fn heartbeat_loop(
+    mut client: FederationClient<Channel>,
+    round: u32,
+    attempt: u32,
+    progress: Arc<AtomicU32>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let progress = f32::from_bits(progress.load(Ordering::Relaxed));
+        match client.heartbeat(pb::HeartbeatRequest { round, attempt, progress }).await {
+            Ok(ack) if !ack.get_ref().round_open => {
+                info!(round, attempt, "round closed by the coordinator; stopping local training");
+                cancel.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(status) => warn!(round, "heartbeat failed: {}", status.message()),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The text classifiers, in tch. A [`Classifier`] pairs an [`Architecture`] with its
+//! [`ModelSpec`]; its weights convert to and from the plain [`TensorSet`] used on the wire.
+//!
+//! Every architecture starts with an embedding table indexed by hashed token ids. Its forward
+//! pass takes that table as an argument, so that training can pass only the rows a batch touches
+//! and update just those rows (see `train`).
+
+mod fasttext;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use fl_common::tensors::{TensorError, META_SPEC};
+use fl_common::{ModelKind, ModelSpec, NamedTensor, TensorSet};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::tokenizer::HashedNgramTokenizer;
+
+pub use fasttext::FastText;
+
+/// Name of the embedding table in every architecture.
+pub const EMBEDDING: &str = "embedding.weight";
+
+/// Errors of model construction, loading and saving.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// The file is not a valid model file.
+    #[error("{path}: not a valid model file: {reason}")]
+    Invalid { path: String, reason: String },
+    /// The weights do not fit the architecture.
+    #[error("weights do not fit the model: {0}")]
+    Weights(#[from] TensorError),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A batch of tokenized documents, ready for a forward pass.
+#[derive(Debug)]
+pub struct Batch {
+    /// Token ids of all documents, concatenated; each indexes a row of the table given to forward.
+    pub ids: Tensor,
+    /// Start of each document in `ids`.
+    pub offsets: Tensor,
+    /// Number of tokens of each document.
+    pub lengths: Vec<i64>,
+    /// The same ids as a `[batch, max_len]` matrix padded with 0, for sequence models.
+    pub padded: Tensor,
+    /// `[batch, max_len]` bool, true at real tokens.
+    pub mask: Tensor,
+}
+
+impl Batch {
+    /// Builds a batch from token id lists (already mapped to table rows). Empty documents get
+    /// one padding position so that shapes stay valid; their mask is all false.
+    pub fn new(docs: &[Vec<i64>], device: Device) -> Batch {
+        let lengths: Vec<i64> = docs.iter().map(|d| d.len() as i64).collect();
+        let mut offsets = Vec::with_capacity(docs.len());
+        let mut flat = Vec::with_capacity(lengths.iter().sum::<i64>() as usize);
+        for d in docs {
+            offsets.push(flat.len() as i64);
+            flat.extend_from_slice(d);
+        }
+        let max_len = lengths.iter().copied().max().unwrap_or(0).max(1) as usize;
+        let mut padded = vec![0i64; docs.len() * max_len];
+        let mut mask = vec![false; docs.len() * max_len];
+        for (b, d) in docs.iter().enumerate() {
+            padded[b * max_len..b * max_len + d.len()].copy_from_slice(d);
+            mask[b * max_len..b * max_len + d.len()].fill(true);
+        }
+        let shape = [docs.len() as i64, max_len as i64];
+        Batch {
+            ids: Tensor::from_slice(&flat).to_device(device),
+            offsets: Tensor::from_slice(&offsets).to_device(device),
+            lengths,
+            padded: Tensor::from_slice(&padded).view(shape).to_device(device),
+            mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+        }
+    }
+}
+
+/// A classifier architecture: its parameters live in a `VarStore`, under the names that go on the wire.
+pub trait Architecture: std::fmt::Debug + Send {
+    /// Token ids of one text, as this architecture reads it.
+    fn token_ids(&self, tokenizer: &HashedNgramTokenizer, text: &str) -> Vec<i64>;
+    /// Logits `[batch, classes]`. `table` holds the embedding rows that `batch.ids` index: the
+    /// whole table, or only the rows that a training batch touches.
+    fn forward(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor;
+}
+
+/// A text classifier: architecture, weights and spec.
+#[derive(Debug)]
+pub struct Classifier {
+    /// What the model is.
+    pub spec: ModelSpec,
+    /// The weights.
+    pub vs: nn::VarStore,
+    net: Box<dyn Architecture>,
+    tokenizer: HashedNgramTokenizer,
+}
+
+impl Classifier {
+    /// A freshly initialised model; the same seed gives the same weights.
+    pub fn new(spec: ModelSpec, device: Device, seed: u64) -> Result<Classifier, ModelError> {
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net: Box<dyn Architecture> = match spec.kind {
+            ModelKind::Fasttext => Box::new(FastText::new(&vs.root(), &spec)),
+            other => {
+                return Err(ModelError::Invalid {
+                    path: "<spec>".into(),
+                    reason: format!("model kind '{other}' is not built into this binary"),
+                })
+            }
+        };
+        let tokenizer = HashedNgramTokenizer::new(spec.buckets, spec.ngrams);
+        Ok(Classifier { spec, vs, net, tokenizer })
+    }
+
+    /// A model with the given weights.
+    pub fn from_tensors(spec: ModelSpec, weights: &TensorSet, device: Device) -> Result<Classifier, ModelError> {
+        let mut model = Classifier::new(spec, device, 0)?;
+        model.load_tensors(weights)?;
+        Ok(model)
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// The tokenizer of this model.
+    pub fn tokenizer(&self) -> &HashedNgramTokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of a text as the architecture reads it.
+    pub fn token_ids(&self, text: &str) -> Vec<i64> {
+        self.net.token_ids(&self.tokenizer, text)
+    }
+
+    /// The embedding table variable.
+    pub fn embedding(&self) -> Tensor {
+        self.vs.variables().remove(EMBEDDING).expect("every architecture has an embedding table")
+    }
+
+    /// Logits for a batch whose ids index `table`.
+    pub fn forward_with_table(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
+        self.net.forward(table, batch, train)
+    }
+
+    /// Logits for a batch of full-table token ids.
+    pub fn forward(&self, batch: &Batch) -> Tensor {
+        self.net.forward(&self.embedding(), batch, false)
+    }
+
+    /// Class probabilities for each text.
+    pub fn predict_proba(&self, texts: &[&str]) -> Vec<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(256) {
+            let docs: Vec<Vec<i64>> = chunk.iter().map(|t| self.token_ids(t)).collect();
+            let probs = self.forward(&Batch::new(&docs, self.device())).softmax(-1, Kind::Float).to_device(Device::Cpu);
+            let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).expect("probabilities are f32");
+            out.extend(rows);
+        }
+        out
+    }
+
+    /// Accuracy (fraction) and mean cross-entropy over labelled token lists.
+    pub fn evaluate(&self, docs: &[Vec<i64>], labels: &[i64]) -> (f64, f64) {
+        let _guard = tch::no_grad_guard();
+        let (mut correct, mut loss_sum) = (0.0f64, 0.0f64);
+        for (d, l) in docs.chunks(512).zip(labels.chunks(512)) {
+            let logits = self.forward(&Batch::new(d, self.device()));
+            let target = Tensor::from_slice(l).to_device(self.device());
+            loss_sum += logits.cross_entropy_for_logits(&target).double_value(&[]) * l.len() as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Double).double_value(&[]);
+        }
+        let n = labels.len().max(1) as f64;
+        (correct / n, loss_sum / n)
+    }
+
+    /// The weights as plain tensors.
+    pub fn to_tensors(&self) -> TensorSet {
+        let tensors = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| {
+                let shape = t.size().iter().map(|&d| d as usize).collect();
+                let flat = t.detach().to_device(Device::Cpu).contiguous().view(-1);
+                let data = Vec::<f32>::try_from(&flat).expect("weights are f32");
+                NamedTensor { name, shape, data }
+            })
+            .collect();
+        TensorSet::new(tensors)
+    }
+
+    /// Replaces the weights; names and shapes must match.
+    pub fn load_tensors(&mut self, weights: &TensorSet) -> Result<(), ModelError> {
+        weights.check_matches(&self.shapes())?;
+        let vars = self.vs.variables();
+        tch::no_grad(|| {
+            for t in &weights.tensors {
+                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let mut var = vars[&t.name].shallow_clone();
+                var.copy_(&Tensor::from_slice(&t.data).view(shape.as_slice()));
+            }
+        });
+        Ok(())
+    }
+
+    /// Names and shapes of the weights (values zero).
+    fn shapes(&self) -> TensorSet {
+        TensorSet::new(
+            self.vs
+                .variables()
+                .into_iter()
+                .map(|(name, t)| {
+                    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+                    let n = shape.iter().product();
+                    NamedTensor { name, shape, data: vec![0.0; n] }
+                })
+                .collect(),
+        )
+    }
+
+    /// Encodes the model as a model file: safetensors with the spec in the metadata.
+    pub fn to_model_bytes(&self) -> Vec<u8> {
+        encode_model(&self.spec, &self.to_tensors())
+    }
+
+    /// Writes the model file atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        fl_common::files::write_atomic(path, &self.to_model_bytes(), 0o644)
+            .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
+    }
+
+    /// Reads a model file.
+    pub fn load(path: &Path, device: Device) -> Result<Classifier, ModelError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+        let (spec, weights) =
+            decode_model(&bytes).map_err(|reason| ModelError::Invalid { path: path.display().to_string(), reason })?;
+        Classifier::from_tensors(spec, &weights, device)
+    }
+}
+
+/// Encodes weights and spec as a model file.
+pub fn encode_model(spec: &ModelSpec, weights: &TensorSet) -> Vec<u8> {
+    let mut meta = HashMap::new();
+    meta.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
+    weights.encode(Some(meta))
+}
+
+/// Decodes a model file into spec and weights.
+pub fn decode_model(bytes: &[u8]) -> Result<(ModelSpec, TensorSet), String> {
+    let (weights, meta) = TensorSet::decode(bytes).map_err(|e| e.to_string())?;
+    let spec_json = meta.get(META_SPEC).ok_or("no model spec in the metadata")?;
+    let spec: ModelSpec = serde_json::from_str(spec_json).map_err(|e| format!("bad model spec: {e}"))?;
+    Ok((spec, weights))
+}
+
+/// The device to train on: the first CUDA device if there is one, else the CPU.
+pub fn default_device() -> Device {
+    Device::cuda_if_available()
+}

@@ -1,0 +1,218 @@
+//! Local training: mini-batch Adam or SGD over a tokenized dataset.
+//!
+//! The embedding table is large (buckets × dim) but a batch touches few of its rows. Each step
+//! gathers just those rows into a small leaf tensor, runs forward and backward on it, and updates
+//! only those rows (with row-wise lazy Adam moments, as PyTorch's `SparseAdam`). The dense layers use
+//! libtorch's own optimizer. This keeps a step's cost proportional to the batch, not the vocabulary.
+
+use std::collections::HashMap;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Batch, Classifier};
+
+/// Optimizer choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam (β1 0.9, β2 0.999, ε 1e-8).
+    Adam,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "adam" => Ok(OptimizerKind::Adam),
+            "sgd" => Ok(OptimizerKind::Sgd),
+            other => Err(format!("unknown optimizer '{other}' (expected adam or sgd)")),
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Sgd => "sgd",
+        })
+    }
+}
+
+/// How to train locally for one round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Passes over the local data.
+    pub epochs: u32,
+    /// Examples per step.
+    pub batch_size: u32,
+    /// Learning rate.
+    pub lr: f64,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Seed of the shuffling and dropout.
+    pub seed: u64,
+}
+
+/// Tokenized examples with label indices.
+#[derive(Clone, Debug, Default)]
+pub struct EncodedDataset {
+    /// Token ids per example.
+    pub docs: Vec<Vec<i64>>,
+    /// Label index per example.
+    pub labels: Vec<i64>,
+}
+
+impl EncodedDataset {
+    /// Tokenizes texts for `model`.
+    pub fn encode(model: &Classifier, texts: &[String], labels: Vec<i64>) -> EncodedDataset {
+        EncodedDataset { docs: texts.iter().map(|t| model.token_ids(t)).collect(), labels }
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// What local training reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainStats {
+    /// Examples in the local dataset.
+    pub examples: usize,
+    /// Mean training loss over the last epoch.
+    pub loss: f64,
+    /// Training accuracy over the last epoch.
+    pub accuracy: f64,
+    /// Examples processed per second.
+    pub examples_per_s: f64,
+    /// True if training stopped early because it was cancelled.
+    pub cancelled: bool,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
+/// Row-wise (lazy) Adam state of the embedding table.
+struct SparseRowAdam {
+    m: Tensor,
+    v: Tensor,
+    step: i32,
+}
+
+/// Trains `model` in place. `progress` is called with the fraction done, now and then.
+pub fn train(
+    model: &mut Classifier,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    cancel: &CancellationToken,
+    mut progress: impl FnMut(f32, &TrainStats),
+) -> TrainStats {
+    let device = model.device();
+    tch::manual_seed(config.seed as i64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let embedding = model.embedding();
+    let mut dense_opt = match config.optimizer {
+        OptimizerKind::Adam => nn::Adam::default().build(&model.vs, config.lr),
+        OptimizerKind::Sgd => nn::Sgd::default().build(&model.vs, config.lr),
+    }
+    .expect("optimizer builds");
+    let mut row_adam = (config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam {
+        m: embedding.zeros_like(),
+        v: embedding.zeros_like(),
+        step: 0,
+    });
+    let batch_size = config.batch_size.max(1) as usize;
+    let total_steps = (config.epochs as usize * data.len().div_ceil(batch_size)).max(1);
+    let mut done_steps = 0usize;
+    let mut stats = TrainStats { examples: data.len(), ..Default::default() };
+    let started = std::time::Instant::now();
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut row_of: HashMap<i64, i64> = HashMap::new();
+    'epochs: for _epoch in 0..config.epochs {
+        order.shuffle(&mut rng);
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
+        for chunk in order.chunks(batch_size) {
+            if cancel.is_cancelled() {
+                stats.cancelled = true;
+                break 'epochs;
+            }
+            // Map the batch's token ids onto the rows it touches.
+            row_of.clear();
+            let mut rows: Vec<i64> = Vec::new();
+            let docs: Vec<Vec<i64>> = chunk
+                .iter()
+                .map(|&i| {
+                    data.docs[i]
+                        .iter()
+                        .map(|&id| {
+                            *row_of.entry(id).or_insert_with(|| {
+                                rows.push(id);
+                                rows.len() as i64 - 1
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i]).collect();
+            let batch = Batch::new(&docs, device);
+            let target = Tensor::from_slice(&labels).to_device(device);
+            let row_ids = Tensor::from_slice(&rows).to_device(device);
+            let table = embedding.index_select(0, &row_ids).detach().set_requires_grad(true);
+
+            let logits = model.forward_with_table(&table, &batch, true);
+            let loss = logits.cross_entropy_for_logits(&target);
+            dense_opt.zero_grad();
+            loss.backward();
+            dense_opt.step();
+            let grad = table.grad();
+            tch::no_grad(|| update_rows(&embedding, &row_ids, &grad, config.lr, row_adam.as_mut()));
+
+            loss_sum += loss.double_value(&[]) * labels.len() as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Double).double_value(&[]);
+            seen += labels.len();
+            done_steps += 1;
+            if done_steps % 16 == 0 {
+                stats.loss = loss_sum / seen as f64;
+                stats.accuracy = correct / seen as f64;
+                progress(done_steps as f32 / total_steps as f32, &stats);
+            }
+        }
+        stats.loss = loss_sum / seen.max(1) as f64;
+        stats.accuracy = correct / seen.max(1) as f64;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    stats.examples_per_s =
+        (done_steps.min(total_steps) * batch_size).min(data.len() * config.epochs as usize) as f64 / secs;
+    progress(1.0, &stats);
+    stats
+}
+
+/// Applies the gradient of the touched embedding rows: lazy Adam, or SGD when `adam` is None.
+fn update_rows(embedding: &Tensor, rows: &Tensor, grad: &Tensor, lr: f64, adam: Option<&mut SparseRowAdam>) {
+    let mut embedding = embedding.shallow_clone();
+    let Some(state) = adam else {
+        let _ = embedding.index_add_(0, rows, &(grad * -lr));
+        return;
+    };
+    state.step += 1;
+    let m = state.m.index_select(0, rows) * BETA1 + grad * (1.0 - BETA1);
+    let v = state.v.index_select(0, rows) * BETA2 + grad.square() * (1.0 - BETA2);
+    let _ = state.m.index_copy_(0, rows, &m);
+    let _ = state.v.index_copy_(0, rows, &v);
+    let bias1 = 1.0 - BETA1.powi(state.step);
+    let bias2 = 1.0 - BETA2.powi(state.step);
+    let update = (&m / bias1) / ((&v / bias2).sqrt() + EPS) * -lr;
+    let _ = embedding.index_add_(0, rows, &update);
+}

@@ -1,0 +1,213 @@
+//! Named f32 tensors and their encoding on the wire and on disk (safetensors).
+//!
+//! Aggregation works on these plain buffers; it never needs libtorch.
+
+use std::collections::HashMap;
+
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+
+/// Codec name of a dense little-endian f32 safetensors payload, with metadata.
+pub const CODEC_SAFETENSORS_F32: &str = "safetensors-f32";
+
+/// Metadata key that holds the JSON [`crate::ModelSpec`] in a model file.
+pub const META_SPEC: &str = "fl.spec";
+
+/// One named tensor of f32 values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// Parameter name, e.g. `embedding.weight`.
+    pub name: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Values in row-major order; `data.len()` is the product of `shape`.
+    pub data: Vec<f32>,
+}
+
+/// A set of named tensors in name order: a model's weights or a weight delta.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TensorSet {
+    /// Tensors sorted by name.
+    pub tensors: Vec<NamedTensor>,
+}
+
+/// Why a payload could not be decoded or does not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorError {
+    /// The bytes are not a valid safetensors payload.
+    #[error("malformed tensor payload: {0}")]
+    Malformed(String),
+    /// A tensor has another dtype than f32.
+    #[error("tensor '{name}' has dtype {dtype}, expected F32")]
+    Dtype { name: String, dtype: String },
+    /// The payload does not have the tensors of the model.
+    #[error("tensor names differ from the model: expected {expected:?}, got {got:?}")]
+    Names { expected: Vec<String>, got: Vec<String> },
+    /// A tensor has the wrong shape.
+    #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    /// A value is NaN or infinite.
+    #[error("tensor '{name}' holds a non-finite value at index {index}")]
+    NonFinite { name: String, index: usize },
+    /// Unknown codec name.
+    #[error("unsupported codec '{0}'")]
+    Codec(String),
+}
+
+impl TensorSet {
+    /// Builds a set, sorting tensors by name.
+    pub fn new(mut tensors: Vec<NamedTensor>) -> Self {
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        TensorSet { tensors }
+    }
+
+    /// Total number of values.
+    pub fn num_values(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+
+    /// A set of the same names and shapes, filled with zeros.
+    pub fn zeros_like(&self) -> TensorSet {
+        TensorSet {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![0.0; t.data.len()] })
+                .collect(),
+        }
+    }
+
+    /// Checks that `self` has exactly the names and shapes of `reference` and only finite values.
+    pub fn check_matches(&self, reference: &TensorSet) -> Result<(), TensorError> {
+        let names = |s: &TensorSet| s.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        if names(self) != names(reference) {
+            return Err(TensorError::Names { expected: names(reference), got: names(self) });
+        }
+        for (t, r) in self.tensors.iter().zip(&reference.tensors) {
+            if t.shape != r.shape {
+                return Err(TensorError::Shape {
+                    name: t.name.clone(),
+                    expected: r.shape.clone(),
+                    got: t.shape.clone(),
+                });
+            }
+            if let Some(index) = t.data.iter().position(|v| !v.is_finite()) {
+                return Err(TensorError::NonFinite { name: t.name.clone(), index });
+            }
+        }
+        Ok(())
+    }
+
+    /// Euclidean norm over all values.
+    pub fn l2_norm(&self) -> f64 {
+        self.tensors.iter().flat_map(|t| t.data.iter()).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
+    }
+
+    /// `self - other`, element-wise; names and shapes must match (checked by the caller).
+    pub fn minus(&self, other: &TensorSet) -> TensorSet {
+        TensorSet {
+            tensors: self
+                .tensors
+                .iter()
+                .zip(&other.tensors)
+                .map(|(a, b)| NamedTensor {
+                    name: a.name.clone(),
+                    shape: a.shape.clone(),
+                    data: a.data.iter().zip(&b.data).map(|(x, y)| x - y).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// `self += scale * other`, element-wise; names and shapes must match (checked by the caller).
+    pub fn add_scaled(&mut self, other: &TensorSet, scale: f32) {
+        for (a, b) in self.tensors.iter_mut().zip(&other.tensors) {
+            for (x, y) in a.data.iter_mut().zip(&b.data) {
+                *x += scale * y;
+            }
+        }
+    }
+
+    /// Encodes as safetensors with the given metadata.
+    pub fn encode(&self, metadata: Option<HashMap<String, String>>) -> Vec<u8> {
+        let views = self.tensors.iter().map(|t| {
+            let bytes: &[u8] = bytemuck::cast_slice(&t.data);
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes).expect("shape matches data length");
+            (t.name.as_str(), view)
+        });
+        safetensors::serialize(views, metadata).expect("serializing f32 tensors cannot fail")
+    }
+
+    /// Decodes a safetensors payload of f32 tensors, returning the tensors and the metadata.
+    pub fn decode(bytes: &[u8]) -> Result<(TensorSet, HashMap<String, String>), TensorError> {
+        let parsed = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let mut tensors = Vec::with_capacity(parsed.len());
+        for (name, view) in parsed.iter() {
+            if view.dtype() != Dtype::F32 {
+                return Err(TensorError::Dtype { name: name.to_string(), dtype: format!("{:?}", view.dtype()) });
+            }
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            tensors.push(NamedTensor { name: name.to_string(), shape: view.shape().to_vec(), data });
+        }
+        Ok((TensorSet::new(tensors), metadata))
+    }
+
+    /// Decodes a payload named by `codec`.
+    pub fn decode_codec(codec: &str, bytes: &[u8]) -> Result<(TensorSet, HashMap<String, String>), TensorError> {
+        match codec {
+            CODEC_SAFETENSORS_F32 => Self::decode(bytes),
+            other => Err(TensorError::Codec(other.to_string())),
+        }
+    }
+}
+
+/// Hex SHA-256 of a byte string.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn set(values: Vec<f32>) -> TensorSet {
+        let n = values.len();
+        TensorSet::new(vec![
+            NamedTensor { name: "w".into(), shape: vec![n], data: values },
+            NamedTensor { name: "b".into(), shape: vec![1, 2], data: vec![1.5, -2.0] },
+        ])
+    }
+
+    proptest! {
+        #[test]
+        fn decode_of_encode_is_identity(values in proptest::collection::vec(-1e6f32..1e6, 0..200)) {
+            let original = set(values);
+            let mut meta = HashMap::new();
+            meta.insert("k".to_string(), "v".to_string());
+            let (decoded, got_meta) = TensorSet::decode(&original.encode(Some(meta.clone()))).unwrap();
+            prop_assert_eq!(decoded, original);
+            prop_assert_eq!(got_meta, meta);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = TensorSet::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn check_matches_reports_shape_name_and_nan() {
+        let reference = set(vec![0.0; 3]);
+        assert!(set(vec![1.0; 3]).check_matches(&reference).is_ok());
+        assert!(matches!(set(vec![1.0; 4]).check_matches(&reference), Err(TensorError::Shape { .. })));
+        assert!(matches!(
+            set(vec![1.0, f32::NAN, 0.0]).check_matches(&reference),
+            Err(TensorError::NonFinite { index: 1, .. })
+        ));
+        let renamed = TensorSet::new(vec![NamedTensor { name: "x".into(), shape: vec![1], data: vec![0.0] }]);
+        assert!(matches!(renamed.check_matches(&reference), Err(TensorError::Names { .. })));
+    }
+}

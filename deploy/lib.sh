@@ -1,0 +1,78 @@
+# Shared by compose-demo.sh and test-compose.sh (sourced, not run).
+
+# Sets COMPOSE to the compose command this machine has: the v2 plugin (`docker compose`) when present,
+# else docker-compose 1.x. FEDTEXT_COMPOSE overrides ("docker-compose", "docker compose").
+pick_compose() {
+  if [ -n "${FEDTEXT_COMPOSE:-}" ]; then
+    read -r -a COMPOSE <<<"$FEDTEXT_COMPOSE"
+  elif docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+  elif command -v docker-compose >/dev/null 2>&1; then
+    COMPOSE=(docker-compose)
+  else
+    echo "neither \`docker compose\` nor \`docker-compose\` is installed" >&2
+    return 1
+  fi
+}
+
+# Builds the binaries when they are missing, then the runtime image from them. With FEDTEXT_SKIP_BUILD=1
+# the image named by FEDTEXT_IMAGE is used as it is (for instance one built from source with BuildKit).
+ensure_image() {
+  local root="$1"
+  if [ "${FEDTEXT_SKIP_BUILD:-0}" = 1 ]; then
+    docker image inspect "${FEDTEXT_IMAGE:-fedtext:latest}" >/dev/null ||
+      { echo "FEDTEXT_SKIP_BUILD=1 but there is no image ${FEDTEXT_IMAGE:-fedtext:latest}" >&2; return 1; }
+    return 0
+  fi
+  if [ ! -x "$root/target/release/fl-coordinator" ] || [ ! -x "$root/target/release/fl-client" ]; then
+    echo "binaries missing; running make build"
+    make -C "$root" build
+  fi
+  "$root/deploy/build-images.sh"
+}
+
+# The compose file for N clients: the committed one for 4, else one generated under target/deploy.
+compose_file_for() {
+  local root="$1" n="$2"
+  if [ "$n" = 4 ]; then
+    "$root/deploy/gen-compose.sh" --check >&2 || return 1
+    echo "$root/deploy/docker-compose.yml"
+  else
+    mkdir -p "$root/target/deploy"
+    "$root/deploy/gen-compose.sh" "$n" >"$root/target/deploy/docker-compose-$n.yml"
+    echo "$root/target/deploy/docker-compose-$n.yml"
+  fi
+}
+
+# Prints the coordinator's metrics.jsonl (empty before the first round). Works on running and stopped
+# containers alike: docker cp reads the volume through the container.
+coordinator_metrics() {
+  docker cp "$1:/var/lib/fedtext/metrics.jsonl" - 2>/dev/null | tar -xO 2>/dev/null || true
+}
+
+# Reads metrics lines on stdin; prints "ROUND ACCURACY PARTICIPANTS" per line (participants: a count, or
+# the length of a list). No jq needed.
+metrics_table() {
+  awk '
+    function num(name,   s) {
+      if (match($0, "[{,] *\"" name "\" *: *[-0-9.eE+]+")) {
+        s = substr($0, RSTART, RLENGTH); sub(/^[^:]*: */, "", s); return s
+      }
+      return "nan"
+    }
+    function count(name,   s, n) {
+      if (match($0, "[{,] *\"" name "\" *: *\\[[^]]*\\]")) {
+        s = substr($0, RSTART, RLENGTH); sub(/^[^[]*\[/, "", s); sub(/\]$/, "", s)
+        if (s ~ /^ *$/) return 0
+        return gsub(/,/, ",", s) + 1
+      }
+      return num(name)
+    }
+    /"round"/ { print num("round"), num("accuracy"), count("participants") }
+  '
+}
+
+# Reads metrics lines on stdin; prints "round N accuracy: 0.XXXX" per line.
+format_rounds() {
+  metrics_table | awk '{ if ($2 == "nan") printf "round %d accuracy: n/a\n", $1; else printf "round %d accuracy: %.4f\n", $1, $2 }'
+}

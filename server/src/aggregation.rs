@@ -1,0 +1,116 @@
+//! Aggregation strategies. They work on plain f32 buffers and never need libtorch.
+//!
+//! Updates are folded into a running sum as they arrive, so memory grows with the model, not with
+//! the number of clients.
+
+use fl_common::TensorSet;
+
+/// One client's contribution to a round.
+#[derive(Debug)]
+pub struct ClientUpdate<'a> {
+    /// The weight delta (local minus global).
+    pub delta: &'a TensorSet,
+    /// Number of examples it was trained on.
+    pub num_examples: u64,
+}
+
+/// A way to combine client deltas into the next global model.
+pub trait AggregationStrategy: Send + std::fmt::Debug {
+    /// Starts a round whose global model is `global`.
+    fn begin_round(&mut self, global: &TensorSet);
+    /// Folds one validated update into the running state.
+    fn fold(&mut self, update: ClientUpdate<'_>);
+    /// Number of updates folded this round.
+    fn folded(&self) -> usize;
+    /// Applies the round's aggregate to `global`, returning the new global model; None if
+    /// nothing was folded.
+    fn finish(&mut self, global: &TensorSet) -> Option<TensorSet>;
+}
+
+/// FedAvg: the new model is the global plus the mean of the deltas weighted by example counts.
+#[derive(Debug, Default)]
+pub struct FedAvg {
+    sum: Option<TensorSet>,
+    total_weight: f64,
+    folded: usize,
+}
+
+impl AggregationStrategy for FedAvg {
+    fn begin_round(&mut self, global: &TensorSet) {
+        self.sum = Some(global.zeros_like());
+        self.total_weight = 0.0;
+        self.folded = 0;
+    }
+
+    fn fold(&mut self, update: ClientUpdate<'_>) {
+        let sum = self.sum.as_mut().expect("begin_round before fold");
+        sum.add_scaled(update.delta, update.num_examples as f32);
+        self.total_weight += update.num_examples as f64;
+        self.folded += 1;
+    }
+
+    fn folded(&self) -> usize {
+        self.folded
+    }
+
+    fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
+        let sum = self.sum.take()?;
+        if self.folded == 0 || self.total_weight <= 0.0 {
+            return None;
+        }
+        let mut next = global.clone();
+        next.add_scaled(&sum, (1.0 / self.total_weight) as f32);
+        Some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fl_common::NamedTensor;
+    use proptest::prelude::*;
+
+    fn tensors(values: &[f32]) -> TensorSet {
+        TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![values.len()], data: values.to_vec() }])
+    }
+
+    #[test]
+    fn weighted_by_example_counts() {
+        let global = tensors(&[1.0, 1.0]);
+        let mut avg = FedAvg::default();
+        avg.begin_round(&global);
+        avg.fold(ClientUpdate { delta: &tensors(&[1.0, 0.0]), num_examples: 3 });
+        avg.fold(ClientUpdate { delta: &tensors(&[-1.0, 4.0]), num_examples: 1 });
+        let next = avg.finish(&global).unwrap();
+        // (3*1 + 1*-1)/4 = 0.5 and (0 + 4)/4 = 1
+        assert_eq!(next.tensors[0].data, vec![1.5, 2.0]);
+    }
+
+    #[test]
+    fn nothing_folded_gives_nothing() {
+        let global = tensors(&[1.0]);
+        let mut avg = FedAvg::default();
+        avg.begin_round(&global);
+        assert!(avg.finish(&global).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn fedavg_of_identical_updates_is_that_update(
+            delta in proptest::collection::vec(-10f32..10.0, 1..20),
+            weights in proptest::collection::vec(1u64..1000, 1..6),
+        ) {
+            let global = tensors(&vec![0.5; delta.len()]);
+            let d = tensors(&delta);
+            let mut avg = FedAvg::default();
+            avg.begin_round(&global);
+            for &w in &weights {
+                avg.fold(ClientUpdate { delta: &d, num_examples: w });
+            }
+            let next = avg.finish(&global).unwrap();
+            for (got, want) in next.tensors[0].data.iter().zip(&delta) {
+                prop_assert!((got - (0.5 + want)).abs() < 1e-3, "{got} vs {}", 0.5 + want);
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The coordinator of a federation: enrollment, the round engine, aggregation, evaluation and
+//! checkpoints, served over gRPC with mutual TLS.
+
+pub mod aggregation;
+pub mod coordinator;
+pub mod evaluate;
+pub mod listener;
+pub mod registry;
+pub mod service;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fl_client::model::{decode_model, Classifier};
+use fl_common::token::JoinToken;
+use fl_common::{ModelKind, ModelSpec};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::coordinator::{Coordinator, RoundSettings};
+use crate::evaluate::EvalSet;
+use crate::registry::{now_unix, RegistryStore};
+use crate::state::StateDir;
+
+/// Model flags; `None` means "not given" (a default on creation, the stored value on restart).
+#[derive(Clone, Debug, Default)]
+pub struct ModelArgs {
+    /// Architecture.
+    pub kind: Option<ModelKind>,
+    /// Labels, in order.
+    pub labels: Option<Vec<String>>,
+    /// Hash buckets.
+    pub buckets: Option<u32>,
+    /// Embedding width.
+    pub embed_dim: Option<u32>,
+    /// Longest n-gram.
+    pub ngrams: Option<u32>,
+}
+
+impl ModelArgs {
+    /// The spec of a new federation.
+    fn new_spec(&self, labels: Vec<String>) -> ModelSpec {
+        ModelSpec {
+            kind: self.kind.unwrap_or(ModelKind::Fasttext),
+            labels,
+            buckets: self.buckets.unwrap_or(65_536),
+            embed_dim: self.embed_dim.unwrap_or(64),
+            ngrams: self.ngrams.unwrap_or(2),
+            layers: 0,
+            hidden: 0,
+            heads: 0,
+            max_len: 0,
+            dropout: 0.0,
+            pooling: String::new(),
+            federation: String::new(),
+        }
+    }
+
+    /// Refuses flags that would change an existing federation's model.
+    fn check_against(&self, spec: &ModelSpec) -> Result<()> {
+        let mut conflicts = Vec::new();
+        if let Some(k) = self.kind.filter(|k| *k != spec.kind) {
+            conflicts.push(format!("--model {k} (federation: {})", spec.kind));
+        }
+        if let Some(l) = self.labels.as_ref().filter(|l| **l != spec.labels) {
+            conflicts.push(format!("--labels {} (federation: {})", l.join(","), spec.labels.join(",")));
+        }
+        for (flag, given, stored) in [
+            ("--buckets", self.buckets, spec.buckets),
+            ("--embed-dim", self.embed_dim, spec.embed_dim),
+            ("--ngrams", self.ngrams, spec.ngrams),
+        ] {
+            if let Some(v) = given.filter(|v| *v != stored) {
+                conflicts.push(format!("{flag} {v} (federation: {stored})"));
+            }
+        }
+        if !conflicts.is_empty() {
+            bail!(
+                "these flags would change the existing federation's model: {}; use a new --state-dir for a new federation",
+                conflicts.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Model flags.
+    pub model: ModelArgs,
+    /// Labelled CSV for centralized evaluation.
+    pub eval_data: Option<PathBuf>,
+    /// Rounds and training config.
+    pub settings: RoundSettings,
+    /// Names for the server certificate.
+    pub tls_sans: Vec<String>,
+    /// Seed of the initial model.
+    pub seed: u64,
+}
+
+/// How `serve` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServeOutcome {
+    /// All rounds are done and the final model is written.
+    Finished,
+    /// Stopped by a signal; state is saved up to the last completed round.
+    Interrupted,
+}
+
+/// Creates or opens the federation in `config.state_dir`, serves on `listener` and runs the
+/// rounds. `shutdown` stops it early.
+pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<ServeOutcome> {
+    let state = StateDir::new(&config.state_dir);
+    let mut new_token = None;
+    let (mut record, ca) = if state.exists() {
+        let (record, ca) = state.load()?;
+        config.model.check_against(&record.spec)?;
+        info!(dir = %state.root().display(), "resuming the federation");
+        (record, ca)
+    } else {
+        let labels = match (&config.model.labels, &config.eval_data) {
+            (Some(l), _) => l.clone(),
+            (None, Some(path)) => fl_client::data::read_labelled_csv(path)?.distinct_labels(),
+            (None, None) => bail!("a new federation needs its labels: give --labels a,b,c or --eval-data CSV"),
+        };
+        if labels.len() < 2 {
+            bail!("a classifier needs at least 2 labels, got {labels:?}");
+        }
+        let spec = config.model.new_spec(labels);
+        let (record, ca) = state.create(&spec, &config.tls_sans)?;
+        let initial = Classifier::new(record.spec.clone(), tch::Device::Cpu, config.seed)?;
+        fl_common::files::write_atomic(&state.round_model_path(0), &initial.to_model_bytes(), 0o644)?;
+        let token = JoinToken::generate(&record.spec.federation);
+        RegistryStore::open(state.root())?.update(|r| r.add_token(&token, None, None, now_unix()))?;
+        info!(dir = %state.root().display(), labels = record.spec.labels.join(","), "created a new federation");
+        new_token = Some(token);
+        (record, ca)
+    };
+    let spec = record.spec.clone();
+    let server_cert = state.server_cert(&mut record, &ca, &config.tls_sans)?;
+    let progress = state.recover()?;
+    let model_path = state.round_model_path(progress.completed_round);
+    let bytes = std::fs::read(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
+    let (model_spec, global) = decode_model(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
+    model_spec.check_compatible(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
+    let eval = match &config.eval_data {
+        Some(path) => {
+            let set = EvalSet::load(path, &spec)?;
+            info!(rows = set.len(), file = %path.display(), "eval data checked");
+            Some(Arc::new(set))
+        }
+        None => None,
+    };
+
+    let registry = RegistryStore::open(state.root())?;
+    let coord = Arc::new(Coordinator::new(
+        state.clone(),
+        registry,
+        spec,
+        config.settings.clone(),
+        ca.clone(),
+        global,
+        progress.completed_round,
+    ));
+    let tls = fl_common::tls::server_config(&server_cert, &ca.cert_pem)?;
+    let addr = listener.local_addr()?;
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(run_server(coord.clone(), listener, tls, server_stop.clone()));
+
+    // The listener accepts from here on: publish the address and the token.
+    fl_common::files::write_atomic(&state.path("listen-addr"), addr.to_string().as_bytes(), 0o644)?;
+    if let Some(token) = new_token {
+        fl_common::files::write_atomic(&state.path("join-token"), format!("{token}\n").as_bytes(), 0o600)?;
+        println!("join token: {token}");
+        println!("(also in {}, mode 0600)", state.path("join-token").display());
+    }
+    println!("coordinator listening on {addr}");
+    info!(%addr, completed = progress.completed_round, rounds = config.settings.rounds, "coordinator serving");
+
+    coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), progress.elapsed_s).await?;
+    let outcome = if coord.completed_rounds() >= config.settings.rounds {
+        coordinator::finish(&coord).await?;
+        coordinator::drain(&coord, Duration::from_secs(3)).await;
+        ServeOutcome::Finished
+    } else {
+        ServeOutcome::Interrupted
+    };
+    server_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(outcome)
+}
+
+async fn run_server(
+    coord: Arc<Coordinator>,
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    stop: CancellationToken,
+) -> Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<fl_proto::pb::federation_server::FederationServer<service::FederationService>>()
+        .await;
+    let federation = fl_proto::pb::federation_server::FederationServer::new(service::FederationService::new(coord))
+        .max_decoding_message_size(service::MAX_UPLOAD_CHUNK_BYTES + 4096);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(federation)
+        .serve_with_incoming_shutdown(listener::tls_incoming(listener, tls), stop.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! `fl-coordinator`: create and serve a federation, check its health, manage tokens and clients.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fl_common::token::JoinToken;
+use fl_common::ModelKind;
+use fl_server::coordinator::RoundSettings;
+use fl_server::registry::{now_unix, ClientStatus, RegistryStore};
+use fl_server::state::StateDir;
+use fl_server::{ModelArgs, ServeConfig, ServeOutcome};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "fl-coordinator", version, about = "Federated learning coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create (first start) or resume a federation and run its rounds.
+    Serve(Box<ServeArgs>),
+    /// Exit 0 if the coordinator's gRPC health service reports SERVING.
+    Health {
+        /// Coordinator URL, https://HOST:PORT.
+        #[arg(long, env = "FL_COORDINATOR")]
+        coordinator: String,
+        /// The federation CA (STATE/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+    },
+    /// Manage join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage enrolled clients.
+    Clients {
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FL_LISTEN", default_value = "127.0.0.1:7443")]
+    listen: String,
+    /// State directory (created on first start).
+    #[arg(long, env = "FL_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Total rounds of the federation.
+    #[arg(long, env = "FL_ROUNDS", default_value_t = 10)]
+    rounds: u32,
+    /// Fewest updates that make a round, and fewest connected clients to start one.
+    #[arg(long, env = "FL_MIN_CLIENTS", default_value_t = 2)]
+    min_clients: usize,
+    /// Clients sampled per round (0: all connected).
+    #[arg(long, env = "FL_CLIENTS_PER_ROUND", default_value_t = 0)]
+    clients_per_round: usize,
+    /// Seconds a round waits for updates before it closes (or is retried with too few).
+    #[arg(long, env = "FL_ROUND_TIMEOUT", default_value_t = 300.0)]
+    round_timeout: f64,
+    /// Labelled CSV for centralized evaluation after each round.
+    #[arg(long, env = "FL_EVAL_DATA")]
+    eval_data: Option<PathBuf>,
+    /// Labels (comma-separated); default: the labels of --eval-data.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Model architecture [default: fasttext].
+    #[arg(long)]
+    model: Option<ModelKind>,
+    /// Hash buckets of the tokenizer [default: 65536].
+    #[arg(long)]
+    buckets: Option<u32>,
+    /// Embedding width [default: 64].
+    #[arg(long)]
+    embed_dim: Option<u32>,
+    /// Longest n-gram (2 = unigrams and bigrams) [default: 2].
+    #[arg(long)]
+    ngrams: Option<u32>,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    local_epochs: u32,
+    /// Local batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: u32,
+    /// Local learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    /// Local optimizer: adam or sgd.
+    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
+    optimizer: String,
+    /// Seed of the initial model and of the rounds.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Largest accepted L2 norm of an update.
+    #[arg(long, default_value_t = 1.0e4)]
+    max_update_norm: f64,
+    /// Names in the server certificate (DNS names or IPs) [default: localhost, 127.0.0.1].
+    #[arg(long = "tls-san")]
+    tls_san: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a join token and print it.
+    Create {
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Lifetime, e.g. 30m, 24h, 7d (default: no expiry).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Enrollments allowed (default: unlimited).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// List join tokens.
+    List {
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Revoke a join token by id.
+    Revoke {
+        /// Token id (the part after `fl1.`).
+        id: String,
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientsCommand {
+    /// List enrolled clients.
+    List {
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Revoke a client: its next connection is refused.
+    Revoke {
+        /// Client id.
+        id: String,
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    fl_common::tls::install_crypto_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(*args)),
+        Command::Health { coordinator, ca } => runtime.block_on(health(&coordinator, &ca)),
+        Command::Token { command } => token(command),
+        Command::Clients { command } => clients(command),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    if args.round_timeout <= 0.0 {
+        bail!("--round-timeout must be positive");
+    }
+    if args.min_clients == 0 {
+        bail!("--min-clients must be at least 1");
+    }
+    let sans =
+        if args.tls_san.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { args.tls_san.clone() };
+    let config = ServeConfig {
+        state_dir: args.state_dir.clone(),
+        model: ModelArgs {
+            kind: args.model,
+            labels: args.labels.clone(),
+            buckets: args.buckets,
+            embed_dim: args.embed_dim,
+            ngrams: args.ngrams,
+        },
+        eval_data: args.eval_data.clone(),
+        settings: RoundSettings {
+            rounds: args.rounds,
+            min_clients: args.min_clients,
+            clients_per_round: args.clients_per_round,
+            round_timeout: Duration::from_secs_f64(args.round_timeout),
+            local_epochs: args.local_epochs,
+            batch_size: args.batch_size,
+            lr: args.lr,
+            optimizer: args.optimizer.clone(),
+            seed: args.seed,
+            max_update_norm: args.max_update_norm,
+        },
+        tls_sans: sans,
+        seed: args.seed,
+    };
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match fl_server::serve(config, listener, shutdown).await? {
+        ServeOutcome::Finished => Ok(ExitCode::SUCCESS),
+        ServeOutcome::Interrupted => {
+            eprintln!("stopped; state saved in {} (restart with the same flags to resume)", args.state_dir.display());
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+async fn stop_on_signal(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    token.cancel();
+}
+
+async fn health(url: &str, ca: &std::path::Path) -> Result<ExitCode> {
+    let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let channel = fl_client::enroll::connect(url, &ca_pem, None).await?;
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .context("health check")?;
+    let status = response.into_inner().status();
+    println!("{status:?}");
+    Ok(if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn open_registry(state_dir: &std::path::Path) -> Result<(StateDir, RegistryStore)> {
+    let state = StateDir::new(state_dir);
+    if !state.exists() {
+        bail!(
+            "{}: no federation here (start `fl-coordinator serve --state-dir {}` first)",
+            state_dir.display(),
+            state_dir.display()
+        );
+    }
+    let registry = RegistryStore::open(state.root())?;
+    Ok((state, registry))
+}
+
+/// Parses `30s`, `15m`, `24h`, `7d` or plain seconds.
+fn parse_duration(s: &str) -> Result<u64> {
+    let (number, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
+    let n: u64 = number.parse().with_context(|| format!("bad duration '{s}' (examples: 30m, 24h, 7d)"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("bad duration unit in '{s}' (use s, m, h or d)"),
+    };
+    Ok(n * scale)
+}
+
+fn format_time(unix: Option<u64>) -> String {
+    match unix {
+        None => "-".into(),
+        Some(t) => {
+            let age = now_unix() as i64 - t as i64;
+            if age >= 0 {
+                format!("{}s-ago", age)
+            } else {
+                format!("in-{}s", -age)
+            }
+        }
+    }
+}
+
+fn token(command: TokenCommand) -> Result<ExitCode> {
+    match command {
+        TokenCommand::Create { state_dir, ttl, uses } => {
+            let (state, registry) = open_registry(&state_dir)?;
+            let (record, _) = state.load()?;
+            let ttl = ttl.as_deref().map(parse_duration).transpose()?;
+            let token = JoinToken::generate(&record.spec.federation);
+            registry.update(|r| r.add_token(&token, ttl, uses, now_unix()))?;
+            println!("{token}");
+        }
+        TokenCommand::List { state_dir } => {
+            let (_, registry) = open_registry(&state_dir)?;
+            println!("{:<10} {:<14} {:<14} {:>6} {:>6} {:<8}", "ID", "CREATED", "EXPIRES", "USES", "MAX", "STATUS");
+            for t in registry.read()?.tokens {
+                let status = if t.revoked {
+                    "revoked"
+                } else if t.expires_unix.is_some_and(|e| now_unix() >= e) {
+                    "expired"
+                } else if t.max_uses.is_some_and(|m| t.uses >= m) {
+                    "used-up"
+                } else {
+                    "active"
+                };
+                let max = t.max_uses.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<10} {:<14} {:<14} {:>6} {:>6} {:<8}",
+                    t.id,
+                    format_time(Some(t.created_unix)),
+                    format_time(t.expires_unix),
+                    t.uses,
+                    max,
+                    status
+                );
+            }
+        }
+        TokenCommand::Revoke { id, state_dir } => {
+            let (_, registry) = open_registry(&state_dir)?;
+            let found =
+                registry.update(|r| r.tokens.iter_mut().filter(|t| t.id == id).map(|t| t.revoked = true).count())?;
+            if found == 0 {
+                bail!("no token with id {id}");
+            }
+            println!("revoked token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn clients(command: ClientsCommand) -> Result<ExitCode> {
+    match command {
+        ClientsCommand::List { state_dir } => {
+            let (_, registry) = open_registry(&state_dir)?;
+            println!(
+                "{:<16} {:<20} {:<14} {:<14} {:>6} {:<8}",
+                "ID", "NAME", "ENROLLED", "LAST-SEEN", "ROUNDS", "STATUS"
+            );
+            for c in registry.read()?.clients {
+                let status = match c.status {
+                    ClientStatus::Active => "active",
+                    ClientStatus::Revoked => "revoked",
+                };
+                let name = if c.name.is_empty() { "-".to_string() } else { c.name.replace(char::is_whitespace, "_") };
+                println!(
+                    "{:<16} {:<20} {:<14} {:<14} {:>6} {:<8}",
+                    c.id,
+                    name,
+                    format_time(Some(c.enrolled_unix)),
+                    format_time(Some(c.last_seen_unix)),
+                    c.rounds_joined,
+                    status
+                );
+            }
+        }
+        ClientsCommand::Revoke { id, state_dir } => {
+            let (_, registry) = open_registry(&state_dir)?;
+            let found = registry.update(|r| {
+                r.clients.iter_mut().filter(|c| c.id == id).map(|c| c.status = ClientStatus::Revoked).count()
+            })?;
+            if found == 0 {
+                bail!("no client with id {id}");
+            }
+            println!("revoked client {id}; its next connection is refused");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,239 @@
+//! The registry of join tokens and enrolled clients, kept in `STATE/registry.json`.
+//!
+//! Tokens are stored hashed. Every change takes an exclusive lock on `STATE/registry.lock`,
+//! re-reads the file, changes it and writes it atomically, so admin commands run against the
+//! state directory while `serve` runs, and the server sees their effect at its next check.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fl_common::token::{hash_secret, JoinToken};
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A join token as stored: never the secret, only its hash.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenRecord {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    /// When it was made.
+    pub created_unix: u64,
+    /// When it stops working, if ever.
+    pub expires_unix: Option<u64>,
+    /// How many enrollments it allows in all, if limited.
+    pub max_uses: Option<u32>,
+    /// Enrollments done with it.
+    pub uses: u32,
+    /// Revoked by the operator.
+    pub revoked: bool,
+}
+
+/// Status of an enrolled client.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientStatus {
+    /// May connect.
+    Active,
+    /// Refused from now on.
+    Revoked,
+}
+
+/// An enrolled client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClientRecord {
+    /// Id given at enrollment; the subject of its certificate.
+    pub id: String,
+    /// Name the client gave.
+    pub name: String,
+    /// SHA-256 of its certificate (DER), hex.
+    pub cert_sha256: String,
+    /// The token it enrolled with.
+    pub token_id: String,
+    /// When it enrolled.
+    pub enrolled_unix: u64,
+    /// Last time it connected or sent anything.
+    pub last_seen_unix: u64,
+    /// Rounds whose aggregate includes its update.
+    pub rounds_joined: u32,
+    /// Active or revoked.
+    pub status: ClientStatus,
+}
+
+/// Tokens and clients.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Registry {
+    /// Join tokens.
+    pub tokens: Vec<TokenRecord>,
+    /// Enrolled clients.
+    pub clients: Vec<ClientRecord>,
+}
+
+/// Why a token or client was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AccessError {
+    /// No token with that id and secret.
+    #[error("unknown join token")]
+    UnknownToken,
+    /// Token revoked.
+    #[error("join token {0} was revoked")]
+    TokenRevoked(String),
+    /// Token expired.
+    #[error("join token {0} has expired")]
+    TokenExpired(String),
+    /// Token used up.
+    #[error("join token {0} is used up ({1} uses)")]
+    TokenUsedUp(String, u32),
+    /// Certificate not in the registry.
+    #[error("unknown certificate: this client is not enrolled in this federation")]
+    UnknownCertificate,
+    /// Client revoked.
+    #[error("client {0} is revoked")]
+    ClientRevoked(String),
+}
+
+impl Registry {
+    /// Checks a presented token and, if it is good, counts one use.
+    pub fn redeem(&mut self, token: &JoinToken, now: u64) -> Result<(), AccessError> {
+        let hash = token.secret_hash();
+        let record = self
+            .tokens
+            .iter_mut()
+            .find(|t| t.id == token.id && t.secret_sha256 == hash)
+            .ok_or(AccessError::UnknownToken)?;
+        if record.revoked {
+            return Err(AccessError::TokenRevoked(record.id.clone()));
+        }
+        if record.expires_unix.is_some_and(|e| now >= e) {
+            return Err(AccessError::TokenExpired(record.id.clone()));
+        }
+        if record.max_uses.is_some_and(|m| record.uses >= m) {
+            return Err(AccessError::TokenUsedUp(record.id.clone(), record.uses));
+        }
+        record.uses += 1;
+        Ok(())
+    }
+
+    /// The active client with this certificate fingerprint.
+    pub fn authenticate(&self, cert_sha256: &str) -> Result<&ClientRecord, AccessError> {
+        let client =
+            self.clients.iter().find(|c| c.cert_sha256 == cert_sha256).ok_or(AccessError::UnknownCertificate)?;
+        match client.status {
+            ClientStatus::Active => Ok(client),
+            ClientStatus::Revoked => Err(AccessError::ClientRevoked(client.id.clone())),
+        }
+    }
+
+    /// Adds a token record for `token`.
+    pub fn add_token(&mut self, token: &JoinToken, ttl_secs: Option<u64>, max_uses: Option<u32>, now: u64) {
+        self.tokens.push(TokenRecord {
+            id: token.id.clone(),
+            secret_sha256: hash_secret(&token.secret),
+            created_unix: now,
+            expires_unix: ttl_secs.map(|t| now + t),
+            max_uses,
+            uses: 0,
+            revoked: false,
+        });
+    }
+}
+
+/// The registry file with its lock.
+#[derive(Debug)]
+pub struct RegistryStore {
+    path: PathBuf,
+    lock_path: PathBuf,
+    cache: Mutex<(Option<SystemTime>, Registry)>,
+}
+
+impl RegistryStore {
+    /// The registry of the state directory `dir`.
+    pub fn open(dir: &Path) -> std::io::Result<RegistryStore> {
+        let store = RegistryStore {
+            path: dir.join("registry.json"),
+            lock_path: dir.join("registry.lock"),
+            cache: Mutex::new((None, Registry::default())),
+        };
+        store.read()?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> std::io::Result<File> {
+        let file = File::options().create(true).truncate(false).write(true).open(&self.lock_path)?;
+        file.lock()?;
+        Ok(file)
+    }
+
+    fn load_file(&self) -> std::io::Result<(Option<SystemTime>, Registry)> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                let registry = serde_json::from_slice(&bytes).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", self.path.display()))
+                })?;
+                Ok((std::fs::metadata(&self.path)?.modified().ok(), registry))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, Registry::default())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The current registry, re-read if the file changed since the last read.
+    pub fn read(&self) -> std::io::Result<Registry> {
+        let mtime = std::fs::metadata(&self.path).ok().and_then(|m| m.modified().ok());
+        let mut cache = self.cache.lock().expect("registry cache lock");
+        if mtime.is_none() || cache.0 != mtime {
+            *cache = self.load_file()?;
+        }
+        Ok(cache.1.clone())
+    }
+
+    /// Changes the registry under the file lock and writes it back.
+    pub fn update<T>(&self, change: impl FnOnce(&mut Registry) -> T) -> std::io::Result<T> {
+        let _lock = self.lock()?;
+        let (_, mut registry) = self.load_file()?;
+        let out = change(&mut registry);
+        let bytes = serde_json::to_vec_pretty(&registry).expect("registry serializes");
+        fl_common::files::write_atomic(&self.path, &bytes, 0o600)?;
+        let mtime = std::fs::metadata(&self.path)?.modified().ok();
+        *self.cache.lock().expect("registry cache lock") = (mtime, registry);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_expire_run_out_and_revoke() {
+        let mut reg = Registry::default();
+        let token = JoinToken::generate(&"0".repeat(64));
+        reg.add_token(&token, Some(60), Some(2), 1000);
+        assert_eq!(reg.redeem(&token, 1001), Ok(()));
+        assert_eq!(reg.redeem(&token, 1002), Ok(()));
+        assert_eq!(reg.redeem(&token, 1003), Err(AccessError::TokenUsedUp(token.id.clone(), 2)));
+        let other = JoinToken::generate(&"0".repeat(64));
+        reg.add_token(&other, Some(60), None, 1000);
+        assert_eq!(reg.redeem(&other, 1060), Err(AccessError::TokenExpired(other.id.clone())));
+        let mut wrong = other.clone();
+        wrong.secret = "f".repeat(32);
+        assert_eq!(reg.redeem(&wrong, 1001), Err(AccessError::UnknownToken));
+    }
+
+    #[test]
+    fn store_sees_changes_made_by_another_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = RegistryStore::open(dir.path()).unwrap();
+        let b = RegistryStore::open(dir.path()).unwrap();
+        let token = JoinToken::generate(&"0".repeat(64));
+        b.update(|r| r.add_token(&token, None, None, 1)).unwrap();
+        assert_eq!(a.read().unwrap().tokens.len(), 1);
+    }
+}

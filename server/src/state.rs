@@ -1,0 +1,205 @@
+//! Everything the coordinator keeps lives in its state directory, written with atomic write,
+//! fsync and rename:
+//!
+//! ```text
+//! federation.json      model spec (fixed for the federation), TLS names
+//! ca.pem ca.key        federation CA (key 0600)
+//! server.pem server.key
+//! join-token           the initial join token, the operator's only clear copy (0600)
+//! registry.json        tokens (hashed) and enrolled clients
+//! progress.json        last completed round and elapsed training time
+//! metrics.jsonl        one line per completed round
+//! model/initial.safetensors, model/round-NNNN.safetensors, model/final.safetensors
+//! spool/               uploads being received
+//! ```
+//!
+//! A round is committed in this order: model file, metrics line, progress. On start, metrics
+//! lines past the recorded progress are dropped and that round is run again, so a crash at any
+//! point neither counts a round twice nor loses or duplicates a metrics line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use fl_common::files::{append_line, write_atomic};
+use fl_common::tls::{CertificateAuthority, CertifiedKey};
+use fl_common::ModelSpec;
+use serde::{Deserialize, Serialize};
+
+/// What is fixed when a federation is created.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FederationRecord {
+    /// The model every round trains.
+    pub spec: ModelSpec,
+    /// Names in the server certificate.
+    pub tls_sans: Vec<String>,
+    /// Creation time.
+    pub created_unix: u64,
+}
+
+/// Progress of the federation.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// Rounds completed, counting from 1; 0 before the first.
+    pub completed_round: u32,
+    /// Seconds of serving up to the last completed round.
+    pub elapsed_s: f64,
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// The directory at `root` (not created yet).
+    pub fn new(root: &Path) -> Self {
+        StateDir { root: root.to_owned() }
+    }
+
+    /// Its path.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of a file in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Path of the model of round `round` (0 is the initial model).
+    pub fn round_model_path(&self, round: u32) -> PathBuf {
+        if round == 0 {
+            self.root.join("model/initial.safetensors")
+        } else {
+            self.root.join(format!("model/round-{round:04}.safetensors"))
+        }
+    }
+
+    /// Path of the final model.
+    pub fn final_model_path(&self) -> PathBuf {
+        self.root.join("model/final.safetensors")
+    }
+
+    /// Path of the metrics file.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+
+    /// Directory for uploads in flight.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.root.join("spool")
+    }
+
+    /// True if a federation was created here.
+    pub fn exists(&self) -> bool {
+        self.path("federation.json").exists()
+    }
+
+    /// Creates the directory (mode 0700), the CA, the server certificate and the federation record.
+    pub fn create(&self, spec: &ModelSpec, sans: &[String]) -> Result<(FederationRecord, CertificateAuthority)> {
+        std::fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let ca = CertificateAuthority::generate("fedtext federation CA")?;
+        write_atomic(&self.path("ca.key"), ca.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&self.path("ca.pem"), ca.cert_pem.as_bytes(), 0o644)?;
+        self.write_server_cert(&ca, sans)?;
+        let mut spec = spec.clone();
+        spec.federation = ca.fingerprint()?;
+        let record = FederationRecord { spec, tls_sans: sans.to_vec(), created_unix: crate::registry::now_unix() };
+        write_atomic(&self.path("federation.json"), &serde_json::to_vec_pretty(&record)?, 0o644)?;
+        Ok((record, ca))
+    }
+
+    fn write_server_cert(&self, ca: &CertificateAuthority, sans: &[String]) -> Result<CertifiedKey> {
+        let server = ca.issue_server_cert(sans)?;
+        write_atomic(&self.path("server.key"), server.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&self.path("server.pem"), server.cert_pem.as_bytes(), 0o644)?;
+        Ok(server)
+    }
+
+    /// Loads the federation record and CA.
+    pub fn load(&self) -> Result<(FederationRecord, CertificateAuthority)> {
+        let read = |name: &str| {
+            std::fs::read_to_string(self.path(name)).with_context(|| format!("reading {}", self.path(name).display()))
+        };
+        let record: FederationRecord = serde_json::from_str(&read("federation.json")?)
+            .with_context(|| format!("parsing {}", self.path("federation.json").display()))?;
+        let ca = CertificateAuthority { cert_pem: read("ca.pem")?, key_pem: read("ca.key")? };
+        Ok((record, ca))
+    }
+
+    /// The server certificate for `sans`, re-issued by the same CA if the names changed.
+    pub fn server_cert(
+        &self,
+        record: &mut FederationRecord,
+        ca: &CertificateAuthority,
+        sans: &[String],
+    ) -> Result<CertifiedKey> {
+        if record.tls_sans != sans || !self.path("server.pem").exists() {
+            record.tls_sans = sans.to_vec();
+            write_atomic(&self.path("federation.json"), &serde_json::to_vec_pretty(&record)?, 0o644)?;
+            return self.write_server_cert(ca, sans);
+        }
+        let read = |name: &str| {
+            std::fs::read_to_string(self.path(name)).with_context(|| format!("reading {}", self.path(name).display()))
+        };
+        Ok(CertifiedKey { cert_pem: read("server.pem")?, key_pem: read("server.key")? })
+    }
+
+    /// The recorded progress.
+    pub fn progress(&self) -> Result<Progress> {
+        match std::fs::read(self.path("progress.json")) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", self.path("progress.json").display()))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Progress::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path("progress.json").display())),
+        }
+    }
+
+    /// Brings metrics in line with progress after a crash: drops lines of rounds not committed.
+    pub fn recover(&self) -> Result<Progress> {
+        let progress = self.progress()?;
+        let path = self.metrics_path();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut kept = String::new();
+            let mut dropped = 0;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let round = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("round").and_then(|r| r.as_u64()));
+                match round {
+                    Some(r) if r <= u64::from(progress.completed_round) => {
+                        kept.push_str(line);
+                        kept.push('\n');
+                    }
+                    _ => dropped += 1,
+                }
+            }
+            if dropped > 0 {
+                tracing::warn!(dropped, "dropping metrics lines of rounds that were not committed before a crash");
+                write_atomic(&path, kept.as_bytes(), 0o644)?;
+            }
+        }
+        if !self.round_model_path(progress.completed_round).exists() {
+            bail!(
+                "{}: missing; the state directory is damaged",
+                self.round_model_path(progress.completed_round).display()
+            );
+        }
+        Ok(progress)
+    }
+
+    /// Commits a completed round: model, metrics line, then progress.
+    pub fn commit_round(&self, round: u32, model_bytes: &[u8], metrics_line: &str, elapsed_s: f64) -> Result<()> {
+        write_atomic(&self.round_model_path(round), model_bytes, 0o644)?;
+        append_line(&self.metrics_path(), metrics_line)?;
+        let progress = Progress { completed_round: round, elapsed_s };
+        write_atomic(&self.path("progress.json"), &serde_json::to_vec(&progress)?, 0o644)?;
+        Ok(())
+    }
+}

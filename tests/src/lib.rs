@@ -1,0 +1,210 @@
+//! Helpers for the cross-process tests: find the built binaries, start a coordinator on port 0,
+//! enroll and run clients, read the coordinator's metrics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory of the built binaries: the profile directory above this test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+    assert!(
+        dir.join("fl-coordinator").exists() && dir.join("fl-client").exists(),
+        "binaries missing in {}: run `cargo build --release --bins` (make test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// `fl-coordinator` or `fl-client` as a command.
+pub fn command(bin: &str) -> Command {
+    let mut cmd = Command::new(bin_dir().join(bin));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// Runs a command to the end and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("command runs")
+}
+
+/// Generates a dataset with `shards` client shards into `dir`.
+pub fn gen_data(dir: &Path, rows: usize, shards: usize) {
+    let out = run(command("fl-client").args(["gen-data", "--out"]).arg(dir).args([
+        "--rows",
+        &rows.to_string(),
+        "--eval-rows",
+        "500",
+        "--test-rows",
+        "500",
+        "--shards",
+        &shards.to_string(),
+    ]));
+    assert!(out.status.success(), "gen-data failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A coordinator process.
+#[derive(Debug)]
+pub struct CoordinatorProcess {
+    /// The child.
+    pub child: Child,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Log file (stderr and stdout).
+    pub log: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Starts `fl-coordinator serve` on 127.0.0.1:0 with `args`, and waits until it listens.
+    pub fn start(state_dir: &Path, args: &[&str]) -> CoordinatorProcess {
+        let _ = std::fs::remove_file(state_dir.join("listen-addr"));
+        let log = state_dir.with_extension(format!(
+            "log{}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command("fl-coordinator")
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .args(args)
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("coordinator starts");
+        let mut process = CoordinatorProcess { child, state_dir: state_dir.to_owned(), log };
+        let until = Instant::now() + Duration::from_secs(60);
+        while !state_dir.join("listen-addr").exists() {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                panic!("coordinator exited with {status}:\n{}", process.log_text());
+            }
+            assert!(Instant::now() < until, "coordinator did not start:\n{}", process.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        process
+    }
+
+    /// `https://localhost:PORT`.
+    pub fn url(&self) -> String {
+        let addr = std::fs::read_to_string(self.state_dir.join("listen-addr")).unwrap();
+        format!("https://localhost:{}", addr.trim().rsplit(':').next().unwrap())
+    }
+
+    /// The initial join token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("join-token")).unwrap().trim().to_string()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for exit, failing after `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        wait_child(&mut self.child, limit)
+            .unwrap_or_else(|| panic!("coordinator still running after {limit:?}:\n{}", self.log_text()))
+    }
+
+    /// The metrics lines.
+    pub fn metrics(&self) -> Vec<serde_json::Value> {
+        read_metrics(&self.state_dir)
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for a child to exit, up to `limit`.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Parsed lines of `STATE/metrics.jsonl`.
+pub fn read_metrics(state_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(state_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
+        .collect()
+}
+
+/// Enrolls a client into `state_dir`.
+pub fn enroll(url: &str, token: &str, state_dir: &Path, name: &str) -> Output {
+    run(command("fl-client")
+        .args(["enroll", "--coordinator", url, "--token", token, "--name", name, "--state-dir"])
+        .arg(state_dir))
+}
+
+/// A client daemon process.
+#[derive(Debug)]
+pub struct ClientProcess {
+    /// The child.
+    pub child: Child,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+impl ClientProcess {
+    /// Starts `fl-client run` with one thread.
+    pub fn start(url: &str, state_dir: &Path, data: &Path) -> ClientProcess {
+        let log = state_dir.with_extension("log");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = command("fl-client")
+            .args(["run", "--coordinator", url, "--threads", "1", "--max-backoff", "2", "--state-dir"])
+            .arg(state_dir)
+            .arg("--data")
+            .arg(data)
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("client starts");
+        ClientProcess { child, log }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small federation: data in `root/data`, a coordinator in `root/coordinator`, and
+/// `clients` enrolled clients (not started).
+pub fn enrolled_federation(
+    root: &Path,
+    rows: usize,
+    clients: usize,
+    serve_args: &[&str],
+) -> (CoordinatorProcess, Vec<PathBuf>) {
+    gen_data(&root.join("data"), rows, clients);
+    let eval = root.join("data/eval.csv");
+    let mut args = vec!["--eval-data", eval.to_str().unwrap()];
+    args.extend_from_slice(serve_args);
+    let coordinator = CoordinatorProcess::start(&root.join("coordinator"), &args);
+    let dirs: Vec<PathBuf> = (1..=clients).map(|i| root.join(format!("client-{i}"))).collect();
+    for (i, dir) in dirs.iter().enumerate() {
+        let out = enroll(&coordinator.url(), &coordinator.token(), dir, &format!("client-{}", i + 1));
+        assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (coordinator, dirs)
+}

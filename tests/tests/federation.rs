@@ -1,0 +1,169 @@
+//! End-to-end: a real coordinator and real clients, as separate processes, over mutual TLS on
+//! loopback, training the libtorch model on generated data.
+
+use std::time::Duration;
+
+use fl_tests::*;
+
+fn assert_rounds(metrics: &[serde_json::Value], rounds: u64) {
+    let numbers: Vec<u64> = metrics.iter().map(|m| m["round"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (1..=rounds).collect::<Vec<_>>(), "one metrics line per round, from 1");
+    for key in [
+        "accuracy",
+        "loss",
+        "client_accuracy",
+        "client_loss",
+        "participants",
+        "examples",
+        "bytes_up",
+        "bytes_down",
+        "round_s",
+        "elapsed_s",
+    ] {
+        assert!(metrics.iter().all(|m| m.get(key).is_some_and(|v| !v.is_null())), "every line has {key}");
+    }
+}
+
+#[test]
+fn three_clients_learn_over_mutual_tls_and_predict() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut coordinator, dirs) =
+        enrolled_federation(root.path(), 1500, 3, &["--rounds", "3", "--min-clients", "3", "--round-timeout", "60"]);
+    let url = coordinator.url();
+    let clients: Vec<ClientProcess> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| ClientProcess::start(&url, d, &root.path().join(format!("data/shard-{}.csv", i + 1))))
+        .collect();
+    let status = coordinator.wait(Duration::from_secs(240));
+    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
+    for mut c in clients {
+        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
+        assert!(status.success(), "client failed:\n{}", c.log_text());
+    }
+    let metrics = coordinator.metrics();
+    assert_rounds(&metrics, 3);
+    let last = metrics.last().unwrap();
+    assert_eq!(last["participants"], 3);
+    assert!(last["bytes_up"].as_u64().unwrap() > 0 && last["bytes_down"].as_u64().unwrap() > 0);
+    let accuracy = last["accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5, "10 classes, chance is 0.1; got {accuracy}");
+
+    let model = coordinator.state_dir.join("model/final.safetensors");
+    assert!(coordinator.state_dir.join("model/round-0003.safetensors").exists());
+    let out = run(command("fl-client")
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(root.path().join("data/test.csv")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first = stdout.lines().next().unwrap();
+    let test_accuracy: f64 = first.strip_prefix("accuracy: ").expect("first line is the accuracy").parse().unwrap();
+    assert!(first.len() == "accuracy: 0.0000".len() && test_accuracy > 0.5, "{stdout}");
+    assert!(stdout.contains("confusion matrix"));
+    let out = run(command("fl-client").args(["predict", "--model"]).arg(&model).args(["--text", "hello world"]));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("label: "));
+    assert!(coordinator.log_text().contains("round completed"));
+}
+
+#[test]
+fn wrong_tokens_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator =
+        CoordinatorProcess::start(&root.path().join("coordinator"), &["--labels", "a,b", "--rounds", "1"]);
+    let token = coordinator.token();
+    let parts: Vec<&str> = token.split('.').collect();
+
+    let wrong_secret = format!("{}.{}.{}.{}", parts[0], parts[1], "0".repeat(32), parts[3]);
+    let out = enroll(&coordinator.url(), &wrong_secret, &root.path().join("c1"), "c1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown join token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let wrong_ca = format!("{}.{}.{}.{}", parts[0], parts[1], parts[2], "ab".repeat(32));
+    let out = enroll(&coordinator.url(), &wrong_ca, &root.path().join("c2"), "c2");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match the join token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = enroll(&coordinator.url(), "not-a-token", &root.path().join("c3"), "c3");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("malformed join token"));
+    assert!(!root.path().join("c1/client.pem").exists());
+
+    let out = enroll(&coordinator.url(), &token, &root.path().join("c4"), "c4");
+    assert!(out.status.success(), "the real token works: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn client_without_certificate_is_refused() {
+    fl_common::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let coordinator =
+        CoordinatorProcess::start(&root.path().join("coordinator"), &["--labels", "a,b", "--rounds", "1"]);
+    let ca = std::fs::read_to_string(coordinator.state_dir.join("ca.pem")).unwrap();
+    let url = coordinator.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let channel = fl_client::enroll::connect(&url, &ca, None).await.unwrap();
+        let mut client = fl_proto::pb::federation_client::FederationClient::new(channel);
+        client.join(fl_proto::pb::JoinRequest { name: "anon".into(), num_examples: 1 }).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(status.message().contains("client certificate required"), "{}", status.message());
+}
+
+#[test]
+fn a_client_killed_mid_round_does_not_stop_the_round() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut coordinator, dirs) =
+        enrolled_federation(root.path(), 3000, 3, &["--rounds", "3", "--min-clients", "2", "--round-timeout", "20"]);
+    let url = coordinator.url();
+    let mut clients: Vec<ClientProcess> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| ClientProcess::start(&url, d, &root.path().join(format!("data/shard-{}.csv", i + 1))))
+        .collect();
+    // Kill client 3 while it trains its first round.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !clients[2].log_text().contains("joined the federation") || !coordinator.log_text().contains("round started")
+    {
+        assert!(std::time::Instant::now() < until, "round 1 never started:\n{}", coordinator.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    clients[2].child.kill().unwrap();
+    let status = coordinator.wait(Duration::from_secs(240));
+    assert!(status.success(), "{}", coordinator.log_text());
+    let metrics = coordinator.metrics();
+    assert_rounds(&metrics, 3);
+    assert!(metrics.iter().all(|m| m["participants"].as_u64().unwrap() >= 2));
+    assert_eq!(metrics[2]["participants"], 2, "the killed client is not in later rounds");
+    for c in clients.iter_mut().take(2) {
+        assert!(wait_child(&mut c.child, Duration::from_secs(30)).unwrap().success(), "{}", c.log_text());
+    }
+}
+
+#[test]
+fn a_bad_csv_stops_the_client_before_it_connects() {
+    let root = tempfile::tempdir().unwrap();
+    let csv = root.path().join("bad.csv");
+    std::fs::write(&csv, "text,label\nfine,a\n\"unterminated,b\nmore\n").unwrap();
+    let state = root.path().join("client");
+    std::fs::create_dir_all(&state).unwrap();
+    let out = run(command("fl-client")
+        .args(["run", "--coordinator", "https://localhost:1", "--state-dir"])
+        .arg(&state)
+        .arg("--data")
+        .arg(&csv));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.csv: line 3"), "{stderr}");
+}
