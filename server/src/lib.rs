@@ -175,12 +175,12 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
     let server = tokio::spawn(run_server(coord.clone(), listener, tls, server_stop.clone()));
 
     // The listener accepts from here on: publish the address and the token.
-    fl_common::files::write_atomic(&state.path("listen-addr"), addr.to_string().as_bytes(), 0o644)?;
     if let Some(token) = new_token {
         fl_common::files::write_atomic(&state.path("join-token"), format!("{token}\n").as_bytes(), 0o600)?;
         println!("join token: {token}");
         println!("(also in {}, mode 0600)", state.path("join-token").display());
     }
+    fl_common::files::write_atomic(&state.path("listen-addr"), addr.to_string().as_bytes(), 0o644)?;
     println!("coordinator listening on {addr}");
     info!(%addr, completed = progress.completed_round, rounds = config.settings.rounds, "coordinator serving");
 
