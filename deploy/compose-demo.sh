@@ -17,6 +17,9 @@ root="$(cd "$here/.." && pwd)"
 n="${1:-4}"
 case "$n" in '' | *[!0-9]* | 0) echo "usage: $0 [N]   (N clients, at least 1)" >&2; exit 2 ;; esac
 timeout_s="${DEMO_TIMEOUT:-900}"
+# The demo publishes the coordinator on a free port of 127.0.0.1 unless told otherwise, so that it
+# runs beside anything already on 7443.
+export FL_PUBLISH="${FL_PUBLISH:-127.0.0.1:}"
 project="${COMPOSE_PROJECT:-fedtext-demo}"
 
 docker info >/dev/null 2>&1 || { echo "no Docker engine here (docker info failed)" >&2; exit 1; }
@@ -44,10 +47,16 @@ trap 'exit 130' INT TERM
 
 echo "== ${COMPOSE[*]}: a coordinator and $n clients ($file)"
 start=$(date +%s)
-dc up -d
+mkdir -p "$root/target/deploy"
+up_log="$root/target/deploy/compose-up.log"
+if ! dc up -d >"$up_log" 2>&1; then
+  cat "$up_log" >&2
+  exit 1
+fi
 coordinator="$(dc ps -q coordinator)"
 up_s=$(($(date +%s) - start))
-echo "== federation up in ${up_s} s; following the coordinator (rounds: ${FL_ROUNDS:-5})"
+echo "== federation up in ${up_s} s (coordinator published on $(docker port "$coordinator" 7443/tcp | head -n 1));" \
+  "following it (rounds: ${FL_ROUNDS:-5})"
 
 printed=0
 while :; do
@@ -75,5 +84,5 @@ fi
 echo "== finished: $printed rounds in ${total_s} s"
 # The global model on the held-out test split, which no client and no evaluation round has seen.
 dc run --rm --no-deps -T coordinator \
-  fl-client predict --model /var/lib/fedtext/model/final.safetensors --data /data/test.csv |
-  sed 's/^/test set /'
+  fl-client predict --model /var/lib/fedtext/model/final.safetensors --data /data/test.csv 2>/dev/null |
+  awk '/^accuracy:/ { print "test set " $0 }'

@@ -33,7 +33,7 @@ if ! pick_compose 2>/dev/null; then
 fi
 
 n=4
-rounds="${TEST_ROUNDS:-24}"
+rounds="${TEST_ROUNDS:-60}"
 round_timeout="${TEST_ROUND_TIMEOUT:-8}"
 min_accuracy="${TEST_MIN_ACCURACY:-0.5}"
 project="fedtext-test"
@@ -53,12 +53,13 @@ stamp() { echo "[$(($(date +%s) - t_start))s] $*"; }
 
 # ---- image and compose file -------------------------------------------------------------------------
 t0=$(date +%s)
-if ! ensure_image "$root" >"$root/target/deploy-image.log" 2>&1; then
-  cat "$root/target/deploy-image.log"
+mkdir -p "$root/target/deploy"
+if ! ensure_image "$root" >"$root/target/deploy/image.log" 2>&1; then
+  cat "$root/target/deploy/image.log"
   fail "runtime image built from the host binaries"
   exit 1
 fi
-pass "runtime image built from the host binaries in $(($(date +%s) - t0)) s: $(grep '^image ' "$root/target/deploy-image.log")"
+pass "runtime image built from the host binaries in $(($(date +%s) - t0)) s: $(grep '^image ' "$root/target/deploy/image.log")"
 check "deploy/docker-compose.yml is what \`deploy/gen-compose.sh 4\` writes" "$here/gen-compose.sh" --check
 image="${FEDTEXT_IMAGE:-fedtext:latest}"
 user="$(docker image inspect -f '{{.Config.User}}' "$image")"
@@ -87,13 +88,18 @@ trap 'exit 130' INT TERM
 
 stamp "${COMPOSE[*]} up: coordinator + $n clients, $rounds rounds, round deadline ${round_timeout}s"
 t_up=$(date +%s)
-if ! dc up -d >"$root/target/deploy-up.log" 2>&1; then
-  cat "$root/target/deploy-up.log"
+if ! dc up -d >"$root/target/deploy/up.log" 2>&1; then
+  cat "$root/target/deploy/up.log"
   fail "compose up"
   exit 1
 fi
-coordinator="$(dc ps -q coordinator)"
-cid() { dc ps -q "$1"; }
+# Container ids, taken while everything runs: `compose ps` v2 lists stopped containers only with -a.
+declare -A ids=()
+for service in coordinator $(seq -f 'client-%g' 1 "$n"); do
+  ids[$service]="$(dc ps -q "$service")"
+done
+coordinator="${ids[coordinator]}"
+cid() { echo "${ids[$1]}"; }
 network="$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "$(cid client-1)" | awk '{print $1}')"
 
 table() { coordinator_metrics "$coordinator" | metrics_table; }
@@ -133,12 +139,20 @@ check "the coordinator's HEALTHCHECK (grpc.health.v1 over TLS) reports healthy" 
 # ---- a client from outside: published port + join token --------------------------------------------
 port="$(docker port "$coordinator" 7443/tcp | head -n 1 | sed 's/.*://')"
 token="$(dc exec -T coordinator cat /var/lib/fedtext/join-token 2>/dev/null | tr -d '\r\n')"
-if [ -n "$port" ] && [ -n "$token" ] &&
-  FL_TOKEN="$token" "$root/target/release/fl-client" enroll --coordinator "https://localhost:$port" \
-    --state-dir "$ext_state" --name outside-host >"$root/target/deploy-enroll.log" 2>&1; then
+# The host's own fl-client when there is one; else the image, on the host's network.
+enroll_outside() {
+  if [ -x "$root/target/release/fl-client" ]; then
+    FL_TOKEN="$token" "$root/target/release/fl-client" enroll --coordinator "https://localhost:$port" \
+      --state-dir "$ext_state" --name outside-host
+  else
+    docker run --rm --network host -e FL_TOKEN="$token" "$image" fl-client enroll \
+      --coordinator "https://localhost:$port" --state-dir /tmp/outside --name outside-host
+  fi
+}
+if [ -n "$port" ] && [ -n "$token" ] && enroll_outside >"$root/target/deploy/enroll.log" 2>&1; then
   pass "a client outside compose enrolls at https://localhost:$port (published port) with the join token"
 else
-  cat "$root/target/deploy-enroll.log" 2>/dev/null
+  cat "$root/target/deploy/enroll.log" 2>/dev/null
   fail "a client outside compose enrolls through the published port with the join token"
 fi
 
@@ -151,12 +165,12 @@ else
 fi
 
 # ---- docker kill of a client mid-round ---------------------------------------------------------------
-r="$(wait_round_where 0 "p == $n" 120)" || r="$(last_round)"
+wait_round_where 0 "p == $n" 120 >/dev/null
 victim=client-2
-sleep 1 # the next round has started: the clients are training
-stamp "docker kill $victim after round $r"
+# Right after a round completes the next one starts: the clients are downloading and training.
+killed_at="$(wait_round_after "$(last_round)" 60 || last_round)"
 docker kill "$(cid $victim)" >/dev/null
-killed_at="$r"
+stamp "docker kill $victim as round $((killed_at + 1)) runs"
 if r2="$(wait_round_where "$killed_at" "p == $((n - 1))" $((round_timeout * 4 + 30)))"; then
   pass "after docker kill of $victim, round $r2 completes with the other $((n - 1)) clients"
 else
@@ -173,17 +187,21 @@ else
 fi
 
 # ---- docker restart of the coordinator mid-run -------------------------------------------------------
-sleep 1
-before="$(last_round)"
+before="$(wait_round_after "$(last_round)" 60 || last_round)"
 started_before="$(docker inspect -f '{{.State.StartedAt}}' "$coordinator")"
-stamp "docker restart coordinator after round $before"
+stamp "docker restart coordinator as round $((before + 1)) runs"
 docker restart "$coordinator" >/dev/null
 started_after="$(docker inspect -f '{{.State.StartedAt}}' "$coordinator")"
-resumed_log="$(docker logs --since "$started_after" "$coordinator" 2>&1 | grep -m 1 -i 'resum' || true)"
-if [ "$started_before" != "$started_after" ] && [ -n "$resumed_log" ]; then
-  pass "the coordinator restarted and resumed its state ($(sed 's/^.*\(resum[^ ]*\)/\1/' <<<"$resumed_log" | cut -c1-80))"
+resumed=0
+for _ in $(seq 1 60); do
+  resumed="$(docker logs "$coordinator" 2>&1 | grep -c 'resuming the federation')"
+  [ "$resumed" -gt 0 ] && break
+  sleep 1
+done
+if [ "$started_before" != "$started_after" ] && [ "$resumed" -gt 0 ]; then
+  pass "the coordinator restarted and resumed its federation from its state volume"
 else
-  fail "the coordinator restarted and logged that it resumed its federation"
+  fail "the coordinator restarted and logged that it resumed its federation (\"resuming the federation\")"
 fi
 if r4="$(wait_round_after "$before" 180)"; then
   # Round numbers without a gap or a repeat are checked at the end; here: the run goes on.
@@ -201,9 +219,8 @@ fi
 
 # ---- docker network disconnect of a client for longer than the deadline -----------------------------
 victim=client-3
-sleep 1
 outage=$((round_timeout * 2 + 5))
-cut_at="$(last_round)"
+cut_at="$(wait_round_after "$(last_round)" 60 || last_round)"
 stamp "docker network disconnect $network $victim for ${outage}s (round deadline ${round_timeout}s)"
 docker network disconnect "$network" "$(cid $victim)"
 sleep "$outage"
@@ -240,9 +257,8 @@ for i in $(seq 1 "$n"); do
   state="$(timeout 60 docker wait "$c" 2>/dev/null || echo timeout)"
   check "client-$i exits 0 when the federation ends (exit: $state)" test "$state" = 0
 done
-echo "rounds and accuracy:"
-coordinator_metrics "$coordinator" | format_rounds | sed 's/^/      /'
-table | awk '{ printf "      round %s participants %s\n", $1, $3 }' | paste -sd' ' | fold -w 110 -s | sed 's/^ */      /'
+echo "accuracy per round: $(table | awk '{ printf "%.3f ", $2 }')" | fold -w 104 -s | sed 's/^/      /'
+echo "participants per round: $(table | awk '{ printf "%s ", $3 }')" | fold -w 104 -s | sed 's/^/      /'
 stamp "compose run ${total_s} s from up to the end"
 
 if [ "$failures" = 0 ]; then

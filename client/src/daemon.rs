@@ -123,10 +123,21 @@ fn classify(status: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// True when a TLS error says that a certificate was refused: ours by the coordinator (an alert),
+/// or the coordinator's by us (it is not signed by our federation's CA). Retrying cannot fix either.
 fn is_certificate_alert(text: &str) -> bool {
-    ["BadCertificate", "UnknownCA", "CertificateRevoked", "CertificateUnknown", "DecryptError", "AccessDenied"]
-        .iter()
-        .any(|a| text.contains(a))
+    [
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateRevoked",
+        "CertificateUnknown",
+        "DecryptError",
+        "AccessDenied",
+        "invalid peer certificate",
+        "CertificateRequired",
+    ]
+    .iter()
+    .any(|a| text.contains(a))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -252,6 +263,9 @@ async fn do_round(
     if let Err(e) = model_spec.check_compatible(spec) {
         bail!("global model does not match the federation spec: {e}");
     }
+    if model_spec.federation != spec.federation {
+        bail!("global model is from another federation (CA {} instead of {})", model_spec.federation, spec.federation);
+    }
 
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let cancel = shutdown.child_token();
@@ -260,17 +274,18 @@ async fn do_round(
     let training = {
         let (progress, cancel) = (progress.clone(), cancel.clone());
         tokio::task::spawn_blocking(move || -> Result<_> {
+            let started = std::time::Instant::now();
             let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
             let stats =
                 train(&mut model, &data, &train_config, &cancel, |p, _| progress.store(p.to_bits(), Ordering::Relaxed));
             let delta = model.to_tensors().minus(&global);
-            Ok((stats, delta.encode(None)))
+            Ok((stats, delta.encode(None), started.elapsed().as_secs_f64()))
         })
     };
     let result = training.await.context("training task panicked");
     cancel.cancel();
     let _ = heartbeat.await;
-    let (stats, payload) = result??;
+    let (stats, payload, train_s) = result??;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }
@@ -280,6 +295,7 @@ async fn do_round(
         loss = format!("{:.4}", stats.loss),
         accuracy = format!("{:.4}", stats.accuracy),
         examples_per_s = format!("{:.0}", stats.examples_per_s),
+        train_s = format!("{train_s:.3}"),
         "local training done"
     );
 

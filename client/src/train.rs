@@ -136,6 +136,7 @@ pub fn train(
     let batch_size = config.batch_size.max(1) as usize;
     let total_steps = (config.epochs as usize * data.len().div_ceil(batch_size)).max(1);
     let mut done_steps = 0usize;
+    let mut processed = 0usize;
     let mut stats = TrainStats { examples: data.len(), ..Default::default() };
     let started = std::time::Instant::now();
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -182,8 +183,9 @@ pub fn train(
             loss_sum += loss.double_value(&[]) * labels.len() as f64;
             correct += logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Double).double_value(&[]);
             seen += labels.len();
+            processed += labels.len();
             done_steps += 1;
-            if done_steps % 16 == 0 {
+            if done_steps.is_multiple_of(16) {
                 stats.loss = loss_sum / seen as f64;
                 stats.accuracy = correct / seen as f64;
                 progress(done_steps as f32 / total_steps as f32, &stats);
@@ -193,8 +195,7 @@ pub fn train(
         stats.accuracy = correct / seen.max(1) as f64;
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    stats.examples_per_s =
-        (done_steps.min(total_steps) * batch_size).min(data.len() * config.epochs as usize) as f64 / secs;
+    stats.examples_per_s = processed as f64 / secs;
     progress(1.0, &stats);
     stats
 }

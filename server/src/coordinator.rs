@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
 use crate::evaluate::EvalSet;
-use crate::registry::{now_unix, RegistryStore};
+use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::state::StateDir;
 
 /// Round settings of a serve run.
@@ -31,8 +31,11 @@ pub struct RoundSettings {
     pub rounds: u32,
     /// Fewest updates that make a round; also the fewest connected clients to start one.
     pub min_clients: usize,
-    /// Clients sampled per round; 0 means every connected client.
+    /// Updates wanted per round; 0 means one from every connected client.
     pub clients_per_round: usize,
+    /// Over-sampling factor: sample this many times `clients_per_round` clients and close the
+    /// round as soon as `clients_per_round` updates are in (stragglers are then told to stop).
+    pub over_sample: f64,
     /// How long a round attempt waits for updates.
     pub round_timeout: Duration,
     /// Local training config sent with each round.
@@ -74,6 +77,7 @@ pub struct OpenRound {
     pub attempt: u32,
     /// The global model of this round.
     pub model: Arc<GlobalModel>,
+    task: pb::RoundTask,
     sampled: HashSet<String>,
     accepted: HashSet<String>,
     rejected: HashSet<String>,
@@ -186,6 +190,14 @@ impl Coordinator {
     /// connection id; `disconnect` with it removes exactly this stream.
     pub fn connect(&self, client_id: &str, tx: mpsc::Sender<Result<pb::Instruction, Status>>) -> u64 {
         let id = self.next_connection.fetch_add(1, Ordering::SeqCst);
+        // A sampled client that reconnects mid-round (it restarted, or its link dropped) gets
+        // the round's task again.
+        if let Some(r) = self.open.lock().expect("open round lock").as_ref() {
+            if r.sampled.contains(client_id) && !r.accepted.contains(client_id) && !r.rejected.contains(client_id) {
+                let task = pb::Instruction { kind: Some(pb::instruction::Kind::Round(r.task.clone())) };
+                let _ = tx.try_send(Ok(task));
+            }
+        }
         self.connections.lock().expect("connections lock").insert(client_id.to_string(), Connection { id, tx });
         self.changed.notify_waiters();
         id
@@ -205,6 +217,28 @@ impl Coordinator {
     fn connected_ids(&self) -> Vec<String> {
         let mut connections = self.connections.lock().expect("connections lock");
         connections.retain(|_, c| !c.tx.is_closed());
+        connections.keys().cloned().collect()
+    }
+
+    /// Connected clients that may be sampled; the work streams of clients revoked since they
+    /// connected are ended with the reason.
+    fn eligible_ids(&self) -> Vec<String> {
+        let revoked: HashSet<String> = match self.registry.read() {
+            Ok(reg) => reg.clients.iter().filter(|c| c.status == ClientStatus::Revoked).map(|c| c.id.clone()).collect(),
+            Err(e) => {
+                warn!("could not read the client registry: {e}");
+                HashSet::new()
+            }
+        };
+        let mut connections = self.connections.lock().expect("connections lock");
+        connections.retain(|id, c| {
+            if revoked.contains(id) {
+                let _ = c.tx.try_send(Err(Status::permission_denied(format!("client {id} is revoked"))));
+                info!(client = %id, "dropping the connection of a revoked client");
+                return false;
+            }
+            !c.tx.is_closed()
+        });
         connections.keys().cloned().collect()
     }
 
@@ -371,7 +405,7 @@ pub async fn run_rounds(
             // Wait for enough clients.
             let mut last_report = Instant::now() - Duration::from_secs(60);
             let connected = loop {
-                let ids = coord.connected_ids();
+                let ids = coord.eligible_ids();
                 if ids.len() >= settings.min_clients {
                     break ids;
                 }
@@ -415,11 +449,12 @@ async fn run_attempt(
 ) -> Option<ClosedRound> {
     let settings = &coord.settings;
     connected.shuffle(rng);
-    let k = if settings.clients_per_round == 0 {
+    let target = if settings.clients_per_round == 0 {
         connected.len()
     } else {
-        settings.clients_per_round.max(settings.min_clients)
+        settings.clients_per_round.max(settings.min_clients).min(connected.len())
     };
+    let k = ((target as f64 * settings.over_sample.max(1.0)).ceil() as usize).min(connected.len());
     connected.truncate(k);
     let sampled: HashSet<String> = connected.into_iter().collect();
     let model = coord.global();
@@ -449,6 +484,7 @@ async fn run_attempt(
         round,
         attempt,
         model,
+        task: task.clone(),
         sampled: sampled.clone(),
         accepted: HashSet::new(),
         rejected: HashSet::new(),
@@ -472,27 +508,30 @@ async fn run_attempt(
         }
     }
     loop {
-        let (answered, gone) = {
+        let (answered, accepted, gone) = {
             let open = coord.open.lock().expect("open round lock");
             let r = open.as_ref().expect("round is open");
             let answered = r.accepted.len() + r.rejected.len();
+            let accepted = r.accepted.len();
             let connected: HashSet<String> = coord.connected_ids().into_iter().collect();
             let gone = r
                 .sampled
                 .iter()
                 .filter(|c| !connected.contains(*c) && !r.accepted.contains(*c) && !r.rejected.contains(*c))
                 .count();
-            (answered, gone)
+            (answered, accepted, gone)
         };
-        // Closes when every sampled client answered, or every one that did not is gone.
+        // Closes when every sampled client answered, when enough updates are in (over-sampling),
+        // or when every client that did not answer is gone.
         if answered == sampled.len()
+            || (k > target && accepted >= target)
             || (gone > 0 && answered + gone == sampled.len() && answered >= coord.settings.min_clients)
         {
             break;
         }
         let now = Instant::now();
         if now >= deadline {
-            info!(round, attempt, answered, sampled = sampled.len(), "round deadline reached");
+            info!(round, attempt, answered, wanted = target, sampled = sampled.len(), "round deadline reached");
             break;
         }
         tokio::select! {

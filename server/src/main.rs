@@ -60,9 +60,12 @@ struct ServeArgs {
     /// Fewest updates that make a round, and fewest connected clients to start one.
     #[arg(long, env = "FL_MIN_CLIENTS", default_value_t = 2)]
     min_clients: usize,
-    /// Clients sampled per round (0: all connected).
+    /// Updates wanted per round (0: one from every connected client).
     #[arg(long, env = "FL_CLIENTS_PER_ROUND", default_value_t = 0)]
     clients_per_round: usize,
+    /// Sample this many times --clients-per-round and close the round when that many updates are in.
+    #[arg(long, default_value_t = 1.0)]
+    over_sample: f64,
     /// Seconds a round waits for updates before it closes (or is retried with too few).
     #[arg(long, env = "FL_ROUND_TIMEOUT", default_value_t = 300.0)]
     round_timeout: f64,
@@ -155,6 +158,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
@@ -198,6 +202,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             rounds: args.rounds,
             min_clients: args.min_clients,
             clients_per_round: args.clients_per_round,
+            over_sample: args.over_sample,
             round_timeout: Duration::from_secs_f64(args.round_timeout),
             local_epochs: args.local_epochs,
             batch_size: args.batch_size,
@@ -300,7 +305,7 @@ fn token(command: TokenCommand) -> Result<ExitCode> {
         }
         TokenCommand::List { state_dir } => {
             let (_, registry) = open_registry(&state_dir)?;
-            println!("{:<10} {:<14} {:<14} {:>6} {:>6} {:<8}", "ID", "CREATED", "EXPIRES", "USES", "MAX", "STATUS");
+            println!("{:<10} {:<14} {:<14} {:>6} {:>6} STATUS", "ID", "CREATED", "EXPIRES", "USES", "MAX");
             for t in registry.read()?.tokens {
                 let status = if t.revoked {
                     "revoked"
@@ -313,7 +318,7 @@ fn token(command: TokenCommand) -> Result<ExitCode> {
                 };
                 let max = t.max_uses.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<10} {:<14} {:<14} {:>6} {:>6} {:<8}",
+                    "{:<10} {:<14} {:<14} {:>6} {:>6} {}",
                     t.id,
                     format_time(Some(t.created_unix)),
                     format_time(t.expires_unix),
@@ -351,7 +356,7 @@ fn clients(command: ClientsCommand) -> Result<ExitCode> {
                 };
                 let name = if c.name.is_empty() { "-".to_string() } else { c.name.replace(char::is_whitespace, "_") };
                 println!(
-                    "{:<16} {:<20} {:<14} {:<14} {:>6} {:<8}",
+                    "{:<16} {:<20} {:<14} {:<14} {:>6} {}",
                     c.id,
                     name,
                     format_time(Some(c.enrolled_unix)),

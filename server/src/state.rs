@@ -196,10 +196,26 @@ impl StateDir {
 
     /// Commits a completed round: model, metrics line, then progress.
     pub fn commit_round(&self, round: u32, model_bytes: &[u8], metrics_line: &str, elapsed_s: f64) -> Result<()> {
-        write_atomic(&self.round_model_path(round), model_bytes, 0o644)?;
-        append_line(&self.metrics_path(), metrics_line)?;
+        let model_path = self.round_model_path(round);
+        write_atomic(&model_path, model_bytes, 0o644).with_context(|| format!("writing {}", model_path.display()))?;
+        crash_point("after-model", round);
+        append_line(&self.metrics_path(), metrics_line)
+            .with_context(|| format!("appending to {}", self.metrics_path().display()))?;
+        crash_point("after-metrics", round);
         let progress = Progress { completed_round: round, elapsed_s };
-        write_atomic(&self.path("progress.json"), &serde_json::to_vec(&progress)?, 0o644)?;
+        write_atomic(&self.path("progress.json"), &serde_json::to_vec(&progress)?, 0o644)
+            .with_context(|| format!("writing {}", self.path("progress.json").display()))?;
         Ok(())
+    }
+}
+
+/// Fault injection for the crash tests: `FL_FAULT_CRASH=after-model:3` aborts the process at that
+/// point of round 3's commit, as a power cut would. Unset in normal use.
+fn crash_point(point: &str, round: u32) {
+    if let Ok(spec) = std::env::var("FL_FAULT_CRASH") {
+        if spec == format!("{point}:{round}") {
+            eprintln!("FL_FAULT_CRASH: aborting at {spec}");
+            std::process::abort();
+        }
     }
 }

@@ -58,6 +58,12 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts `fl-coordinator serve` on 127.0.0.1:0 with `args`, and waits until it listens.
     pub fn start(state_dir: &Path, args: &[&str]) -> CoordinatorProcess {
+        Self::start_with(state_dir, "127.0.0.1:0", args, &[])
+    }
+
+    /// Starts `fl-coordinator serve` on `listen` with `args` and extra environment `env`, and
+    /// waits until it listens.
+    pub fn start_with(state_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
         let _ = std::fs::remove_file(state_dir.join("listen-addr"));
         let log = state_dir.with_extension(format!(
             "log{}",
@@ -65,9 +71,10 @@ impl CoordinatorProcess {
         ));
         let file = std::fs::File::create(&log).unwrap();
         let child = command("fl-coordinator")
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args(["serve", "--listen", listen, "--state-dir"])
             .arg(state_dir)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
             .spawn()
@@ -117,6 +124,38 @@ impl Drop for CoordinatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port that was free a moment ago, for a coordinator that must keep its address across
+/// restarts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `condition` every 20 ms until it holds, failing with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+/// Checks that a model file decodes and has finite weights.
+pub fn assert_model_valid(path: &Path) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, weights) = fl_client::model::decode_model(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        weights.tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())),
+        "{} has non-finite weights",
+        path.display()
+    );
 }
 
 /// Waits for a child to exit, up to `limit`.
@@ -194,13 +233,14 @@ pub fn enrolled_federation(
     root: &Path,
     rows: usize,
     clients: usize,
+    listen: &str,
     serve_args: &[&str],
 ) -> (CoordinatorProcess, Vec<PathBuf>) {
     gen_data(&root.join("data"), rows, clients);
     let eval = root.join("data/eval.csv");
     let mut args = vec!["--eval-data", eval.to_str().unwrap()];
     args.extend_from_slice(serve_args);
-    let coordinator = CoordinatorProcess::start(&root.join("coordinator"), &args);
+    let coordinator = CoordinatorProcess::start_with(&root.join("coordinator"), listen, &args, &[]);
     let dirs: Vec<PathBuf> = (1..=clients).map(|i| root.join(format!("client-{i}"))).collect();
     for (i, dir) in dirs.iter().enumerate() {
         let out = enroll(&coordinator.url(), &coordinator.token(), dir, &format!("client-{}", i + 1));

@@ -27,8 +27,13 @@ fn assert_rounds(metrics: &[serde_json::Value], rounds: u64) {
 #[test]
 fn three_clients_learn_over_mutual_tls_and_predict() {
     let root = tempfile::tempdir().unwrap();
-    let (mut coordinator, dirs) =
-        enrolled_federation(root.path(), 1500, 3, &["--rounds", "3", "--min-clients", "3", "--round-timeout", "60"]);
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        1500,
+        3,
+        "127.0.0.1:0",
+        &["--rounds", "3", "--min-clients", "3", "--round-timeout", "60"],
+    );
     let url = coordinator.url();
     let clients: Vec<ClientProcess> = dirs
         .iter()
@@ -124,8 +129,13 @@ fn client_without_certificate_is_refused() {
 #[test]
 fn a_client_killed_mid_round_does_not_stop_the_round() {
     let root = tempfile::tempdir().unwrap();
-    let (mut coordinator, dirs) =
-        enrolled_federation(root.path(), 3000, 3, &["--rounds", "3", "--min-clients", "2", "--round-timeout", "20"]);
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        3000,
+        3,
+        "127.0.0.1:0",
+        &["--rounds", "3", "--min-clients", "2", "--round-timeout", "20"],
+    );
     let url = coordinator.url();
     let mut clients: Vec<ClientProcess> = dirs
         .iter()

@@ -1,0 +1,275 @@
+//! Fault injection with real processes on loopback: the coordinator killed and restarted at every
+//! stage of a round, clients killed, paused past the deadline, revoked, or from another CA.
+//! Each test asserts the final state: rounds completed, metrics lines, model files.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fl_tests::*;
+
+/// Rounds 1..=n, each exactly once, and every model file valid.
+fn assert_final_state(state_dir: &Path, rounds: u64) {
+    let metrics = read_metrics(state_dir);
+    let numbers: Vec<u64> = metrics.iter().map(|m| m["round"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (1..=rounds).collect::<Vec<_>>(), "each round exactly once in metrics.jsonl");
+    for r in 1..=rounds {
+        assert_model_valid(&state_dir.join(format!("model/round-{r:04}.safetensors")));
+    }
+    assert_model_valid(&state_dir.join("model/final.safetensors"));
+    let last = metrics.last().unwrap()["accuracy"].as_f64().unwrap();
+    assert!(last > 0.4, "the model still learns (accuracy {last})");
+}
+
+fn start_clients(root: &Path, url: &str, dirs: &[std::path::PathBuf]) -> Vec<ClientProcess> {
+    dirs.iter()
+        .enumerate()
+        .map(|(i, d)| ClientProcess::start(url, d, &root.join(format!("data/shard-{}.csv", i + 1))))
+        .collect()
+}
+
+fn log_has_round(coordinator: &CoordinatorProcess, event: &str, round: u32) -> bool {
+    coordinator.log_text().lines().any(|l| l.contains(event) && l.contains(&format!("round={round} ")))
+}
+
+#[test]
+fn coordinator_killed_in_training_upload_and_checkpoint_resumes_without_loss() {
+    let root = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--rounds", "6", "--min-clients", "3", "--round-timeout", "60"];
+    let (mut coordinator, dirs) = enrolled_federation(root.path(), 2400, 3, &listen, &args);
+    let url = coordinator.url();
+    let state = coordinator.state_dir.clone();
+    let eval = root.path().join("data/eval.csv");
+    let mut full_args = vec!["--eval-data", eval.to_str().unwrap()];
+    full_args.extend_from_slice(&args);
+    let mut clients = start_clients(root.path(), &url, &dirs);
+    let mut faults = 0;
+
+    // Strike 1: kill -9 while the clients train round 2.
+    wait_until(Duration::from_secs(120), "round 2 to start", || log_has_round(&coordinator, "round started", 2));
+    coordinator.child.kill().unwrap();
+    coordinator.child.wait().unwrap();
+    faults += 1;
+    assert_eq!(read_metrics(&state).len(), 1);
+    coordinator = CoordinatorProcess::start_with(&state, &listen, &full_args, &[]);
+
+    // Strike 2: kill -9 while round 3's updates are being uploaded and folded.
+    wait_until(Duration::from_secs(120), "a round-3 update", || log_has_round(&coordinator, "update folded", 3));
+    coordinator.child.kill().unwrap();
+    coordinator.child.wait().unwrap();
+    faults += 1;
+    let done = read_metrics(&state).len();
+    assert!(done == 2 || done == 3, "round 3 is committed whole or not at all");
+
+    // Strikes 3 and 4: abort inside the checkpoint of rounds 4 and 5, between its writes.
+    for (point, round) in [("after-metrics", 4), ("after-model", 5)] {
+        let fault = format!("{point}:{round}");
+        coordinator = CoordinatorProcess::start_with(&state, &listen, &full_args, &[("FL_FAULT_CRASH", &fault)]);
+        let status = coordinator.wait(Duration::from_secs(180));
+        assert!(!status.success(), "the injected crash happened");
+        assert!(coordinator.log_text().contains(&format!("aborting at {fault}")));
+        faults += 1;
+    }
+    // Restart clean and finish: round 4's orphan metrics line was dropped and the round rerun.
+    coordinator = CoordinatorProcess::start_with(&state, &listen, &full_args, &[]);
+    let status = coordinator.wait(Duration::from_secs(180));
+    assert!(status.success(), "{}", coordinator.log_text());
+    assert_final_state(&state, 6);
+    for c in clients.iter_mut() {
+        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the end");
+        assert!(status.success(), "clients survive coordinator restarts without re-enrolling:\n{}", c.log_text());
+        assert!(c.log_text().matches("joined the federation").count() >= 5, "{}", c.log_text());
+    }
+    println!("reliability: coordinator crashes injected: {faults}, rounds completed: 6, state lost: 0");
+}
+
+#[test]
+fn a_third_of_the_clients_killed_mid_round() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        3000,
+        6,
+        "127.0.0.1:0",
+        &["--rounds", "4", "--min-clients", "3", "--round-timeout", "30"],
+    );
+    let url = coordinator.url();
+    let mut clients = start_clients(root.path(), &url, &dirs);
+    // Strike in the first round that sampled all six.
+    let mut struck = 0u64;
+    wait_until(Duration::from_secs(120), "a round with all 6 clients", || {
+        let log = coordinator.log_text();
+        let line = log.lines().find(|l| l.contains("round started") && l.contains("sampled=6"));
+        if let Some(l) = line {
+            struck = l.split("round=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        }
+        struck > 0
+    });
+    assert!(struck <= 3, "all six clients connected by round 3");
+    for c in clients.iter_mut().skip(4) {
+        c.child.kill().unwrap();
+    }
+    let status = coordinator.wait(Duration::from_secs(240));
+    assert!(status.success(), "{}", coordinator.log_text());
+    assert_final_state(&coordinator.state_dir, 4);
+    let metrics = coordinator.metrics();
+    let round = &metrics[struck as usize - 1];
+    assert_eq!(round["sampled"], 6);
+    assert_eq!(round["participants"], 4, "the struck round completes with the 4 survivors");
+    assert_eq!(metrics[3]["participants"], 4);
+    println!("reliability: clients killed: 2 of 6 in round {struck}, rounds completed: 4, state lost: 0");
+}
+
+#[test]
+fn a_client_paused_past_the_deadline_rejoins_later() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        1800,
+        3,
+        "127.0.0.1:0",
+        &["--rounds", "4", "--min-clients", "2", "--round-timeout", "6"],
+    );
+    let url = coordinator.url();
+    let mut clients = start_clients(root.path(), &url, &dirs);
+    wait_until(Duration::from_secs(120), "round 2 to start", || log_has_round(&coordinator, "round started", 2));
+    signal(&clients[2].child, "STOP");
+    std::thread::sleep(Duration::from_secs(9));
+    signal(&clients[2].child, "CONT");
+    let status = coordinator.wait(Duration::from_secs(240));
+    assert!(status.success(), "{}", coordinator.log_text());
+    assert_final_state(&coordinator.state_dir, 4);
+    let metrics = coordinator.metrics();
+    assert_eq!(metrics[1]["participants"], 2, "round 2 closed at its deadline without the paused client");
+    assert_eq!(metrics[3]["participants"], 3, "the paused client is back by round 4");
+    let status = wait_child(&mut clients[2].child, Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "{}", clients[2].log_text());
+}
+
+#[test]
+fn a_revoked_client_is_refused_at_once_and_for_good() {
+    let root = tempfile::tempdir().unwrap();
+    let (coordinator, dirs) = enrolled_federation(
+        root.path(),
+        1200,
+        2,
+        "127.0.0.1:0",
+        &["--rounds", "1000", "--min-clients", "1", "--round-timeout", "30"],
+    );
+    let url = coordinator.url();
+    let mut clients = start_clients(root.path(), &url, &dirs);
+    wait_until(Duration::from_secs(120), "round 2 to complete", || coordinator.metrics().len() >= 2);
+    let state = coordinator.state_dir.to_str().unwrap().to_string();
+    let list = run(command("fl-coordinator").args(["clients", "list", "--state-dir", &state]));
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    let mut lines = list.lines();
+    assert!(lines.next().unwrap().starts_with("ID"), "{list}");
+    let victim = lines.find(|l| l.contains("client-2")).unwrap().split_whitespace().next().unwrap().to_string();
+    let out = run(command("fl-coordinator").args(["clients", "revoke", &victim, "--state-dir", &state]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let status = wait_child(&mut clients[1].child, Duration::from_secs(60)).expect("revoked client stops");
+    assert!(!status.success());
+    assert!(clients[1].log_text().contains("revoked"), "{}", clients[1].log_text());
+    // Its next connection, with a certificate that is still valid, is refused too.
+    let again = run(command("fl-client")
+        .args(["run", "--coordinator", &url, "--state-dir"])
+        .arg(&dirs[1])
+        .arg("--data")
+        .arg(root.path().join("data/shard-2.csv")));
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("revoked"), "{}", String::from_utf8_lossy(&again.stderr));
+    let list = run(command("fl-coordinator").args(["clients", "list", "--state-dir", &state]));
+    let row = String::from_utf8_lossy(&list.stdout).lines().find(|l| l.starts_with(&victim)).unwrap().to_string();
+    assert!(row.ends_with("revoked"), "{row}");
+    // The other client carries on.
+    let before = coordinator.metrics().len();
+    wait_until(Duration::from_secs(60), "more rounds", || coordinator.metrics().len() > before + 1);
+    assert!(clients[0].child.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_client_of_another_federation_is_refused() {
+    fl_common::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let ours = CoordinatorProcess::start(&root.path().join("ours"), &["--labels", "a,b", "--rounds", "1"]);
+    let theirs = CoordinatorProcess::start(&root.path().join("theirs"), &["--labels", "a,b", "--rounds", "1"]);
+    let stranger = root.path().join("stranger");
+    assert!(enroll(&theirs.url(), &theirs.token(), &stranger, "stranger").status.success());
+    let csv = root.path().join("data.csv");
+    std::fs::write(&csv, "text,label\nhello,a\nbye,b\n").unwrap();
+
+    // The daemon refuses a coordinator that its CA did not sign, and stops for good.
+    let out = run(command("fl-client")
+        .args(["run", "--coordinator", &ours.url(), "--state-dir"])
+        .arg(&stranger)
+        .arg("--data")
+        .arg(&csv));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+
+    // A peer that trusts our CA but presents their certificate fails the TLS handshake.
+    let identity = fl_client::identity::ClientState::new(&stranger).load().unwrap();
+    let ca = std::fs::read_to_string(ours.state_dir.join("ca.pem")).unwrap();
+    let url = ours.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let channel = fl_client::enroll::connect(&url, &ca, Some(&identity.key)).await?;
+        let mut client = fl_proto::pb::federation_client::FederationClient::new(channel);
+        client.join(fl_proto::pb::JoinRequest { name: "x".into(), num_examples: 1 }).await?;
+        anyhow::Ok(())
+    });
+    assert!(result.is_err(), "a certificate from another CA is refused");
+    // And the coordinator still serves its own clients.
+    assert!(enroll(&ours.url(), &ours.token(), &root.path().join("member"), "member").status.success());
+}
+
+#[test]
+fn tokens_expire_run_out_and_are_revoked() {
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(&root.path().join("c"), &["--labels", "a,b", "--rounds", "1"]);
+    let state = coordinator.state_dir.to_str().unwrap().to_string();
+    let create = |extra: &[&str]| {
+        let out = run(command("fl-coordinator").args(["token", "create", "--state-dir", &state]).args(extra));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let enroll_err = |token: &str, dir: &str| {
+        let out = enroll(&coordinator.url(), token, &root.path().join(dir), dir);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let once = create(&["--uses", "1"]);
+    assert!(enroll_err(&once, "a1").0);
+    let (ok, err) = enroll_err(&once, "a2");
+    assert!(!ok && err.contains("used up"), "{err}");
+
+    let short = create(&["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    let (ok, err) = enroll_err(&short, "b1");
+    assert!(!ok && err.contains("expired"), "{err}");
+
+    let revoked = create(&[]);
+    let id = revoked.split('.').nth(1).unwrap();
+    assert!(run(command("fl-coordinator").args(["token", "revoke", id, "--state-dir", &state])).status.success());
+    let (ok, err) = enroll_err(&revoked, "c1");
+    assert!(!ok && err.contains("revoked"), "{err}");
+
+    let list = run(command("fl-coordinator").args(["token", "list", "--state-dir", &state]));
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.lines().next().unwrap().starts_with("ID"));
+    assert!(
+        list.contains("used-up") && list.contains("expired") && list.contains("revoked") && list.contains("active"),
+        "{list}"
+    );
+    // The registry never holds a secret in clear.
+    let registry = std::fs::read_to_string(coordinator.state_dir.join("registry.json")).unwrap();
+    assert!(!registry.contains(once.split('.').nth(2).unwrap()));
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["join-token", "ca.key", "server.key"] {
+        let mode = std::fs::metadata(coordinator.state_dir.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let mode = std::fs::metadata(root.path().join("a1/client.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "client key");
+}

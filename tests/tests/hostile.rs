@@ -1,0 +1,254 @@
+//! Hostile and broken input against a real coordinator process: every bad upload is refused with a
+//! reason, never touches the running sum, and the coordinator keeps serving.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use fl_client::daemon::upload_chunks;
+use fl_client::identity::{ClientState, Identity};
+use fl_client::model::decode_model;
+use fl_common::tensors::sha256_hex;
+use fl_common::TensorSet;
+use fl_proto::pb::{self, federation_client::FederationClient};
+use fl_tests::*;
+use tonic::transport::Channel;
+
+struct RawClient {
+    client: FederationClient<Channel>,
+    work: tonic::Streaming<pb::Instruction>,
+}
+
+impl RawClient {
+    async fn join(url: &str, identity: &Identity) -> RawClient {
+        let channel = fl_client::enroll::connect(url, &identity.ca_pem, Some(&identity.key)).await.unwrap();
+        let mut client = FederationClient::new(channel);
+        let mut work =
+            client.join(pb::JoinRequest { name: "raw".into(), num_examples: 10 }).await.unwrap().into_inner();
+        let welcome = work.message().await.unwrap().unwrap();
+        assert!(matches!(welcome.kind, Some(pb::instruction::Kind::Welcome(_))), "first message is the welcome");
+        RawClient { client, work }
+    }
+
+    async fn next_task(&mut self) -> pb::RoundTask {
+        loop {
+            let message =
+                tokio::time::timeout(Duration::from_secs(30), self.work.message()).await.unwrap().unwrap().unwrap();
+            if let Some(pb::instruction::Kind::Round(task)) = message.kind {
+                return task;
+            }
+        }
+    }
+
+    async fn global(&mut self, task: &pb::RoundTask) -> TensorSet {
+        let mut stream = self
+            .client
+            .fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        decode_model(&bytes).unwrap().1
+    }
+
+    async fn submit(&mut self, chunks: Vec<pb::UpdateChunk>) -> Result<pb::SubmitAck, tonic::Status> {
+        self.client.submit_update(tokio_stream::iter(chunks)).await.map(|r| r.into_inner())
+    }
+}
+
+fn header(task: &pb::RoundTask, payload: &[u8], examples: u64) -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        round: task.round,
+        attempt: task.attempt,
+        codec: "safetensors-f32".into(),
+        total_bytes: payload.len() as u64,
+        num_examples: examples,
+        train_loss: 1.0,
+        train_accuracy: 0.5,
+    }
+}
+
+/// A well-formed upload of `delta`.
+fn upload(task: &pb::RoundTask, delta: &TensorSet, examples: u64) -> Vec<pb::UpdateChunk> {
+    let payload = delta.encode(None);
+    let digest = sha256_hex(&payload);
+    upload_chunks(header(task, &payload, examples), payload, digest)
+}
+
+fn filled(global: &TensorSet, value: f32) -> TensorSet {
+    let mut delta = global.zeros_like();
+    for t in &mut delta.tensors {
+        t.data.iter_mut().for_each(|v| *v = value);
+    }
+    delta
+}
+
+fn expect_refused(result: Result<pb::SubmitAck, tonic::Status>, code: tonic::Code, reason: &str) {
+    let status = result.expect_err("the upload is refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(reason), "expected '{reason}' in '{}'", status.message());
+}
+
+#[test]
+fn hostile_uploads_are_refused_and_never_folded() {
+    fl_common::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(
+        &root.path().join("coordinator"),
+        &[
+            "--labels",
+            "a,b",
+            "--buckets",
+            "64",
+            "--embed-dim",
+            "4",
+            "--rounds",
+            "1",
+            "--min-clients",
+            "3",
+            "--round-timeout",
+            "20",
+            "--max-update-norm",
+            "50",
+        ],
+    );
+    let url = coordinator.url();
+    let identities: Vec<Identity> = (0..4)
+        .map(|i| {
+            let dir = root.path().join(format!("raw-{i}"));
+            let out = enroll(&url, &coordinator.token(), &dir, &format!("raw-{i}"));
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            ClientState::new(&dir).load().unwrap()
+        })
+        .collect();
+    let initial = std::fs::read(coordinator.state_dir.join("model/initial.safetensors")).unwrap();
+    let (_, initial) = decode_model(&initial).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut a = RawClient::join(&url, &identities[0]).await;
+        let mut b = RawClient::join(&url, &identities[1]).await;
+        let mut c = RawClient::join(&url, &identities[2]).await;
+
+        // Attempt 0: oversized chunk, chunks out of order, truncated upload.
+        let task = a.next_task().await;
+        let (_, _) = (b.next_task().await, c.next_task().await);
+        let global = a.global(&task).await;
+        assert_eq!(global, initial);
+        let good = upload(&task, &filled(&global, 0.1), 10);
+        let mut huge = good.clone();
+        huge.insert(
+            1,
+            pb::UpdateChunk {
+                kind: Some(pb::update_chunk::Kind::Data(pb::UpdateData { offset: 0, data: vec![0; 5 << 20] })),
+            },
+        );
+        let status = a.submit(huge).await.expect_err("oversized message refused");
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+            ),
+            "{status:?}"
+        );
+        let mut shuffled = upload(&task, &filled(&global, 0.1), 10);
+        if let Some(pb::update_chunk::Kind::Data(d)) = &mut shuffled[1].kind {
+            d.offset = 7;
+        }
+        expect_refused(b.submit(shuffled).await, tonic::Code::InvalidArgument, "out of order");
+        let mut truncated = upload(&task, &filled(&global, 0.1), 10);
+        truncated.pop();
+        expect_refused(c.submit(truncated).await, tonic::Code::InvalidArgument, "truncated");
+
+        // Attempt 1: non-finite values, wrong shapes, a norm above the bound.
+        let task = a.next_task().await;
+        let (_, _) = (b.next_task().await, c.next_task().await);
+        assert_eq!(task.attempt, 1, "a round without enough good updates is retried");
+        let mut nan = filled(&global, 0.0);
+        nan.tensors[0].data[0] = f32::NAN;
+        expect_refused(a.submit(upload(&task, &nan, 10)).await, tonic::Code::InvalidArgument, "non-finite");
+        let mut wrong_shape = filled(&global, 0.0);
+        wrong_shape.tensors[0].data.push(0.0);
+        wrong_shape.tensors[0].shape = vec![wrong_shape.tensors[0].data.len()];
+        expect_refused(b.submit(upload(&task, &wrong_shape, 10)).await, tonic::Code::InvalidArgument, "shape");
+        expect_refused(
+            c.submit(upload(&task, &filled(&global, 100.0), 10)).await,
+            tonic::Code::InvalidArgument,
+            "exceeds the bound",
+        );
+
+        // Attempt 2: a declared size beyond the limit, a digest mismatch, an unknown codec.
+        let task = a.next_task().await;
+        let (_, _) = (b.next_task().await, c.next_task().await);
+        let mut oversized = upload(&task, &filled(&global, 0.1), 10);
+        if let Some(pb::update_chunk::Kind::Header(h)) = &mut oversized[0].kind {
+            h.total_bytes = 1 << 40;
+        }
+        expect_refused(a.submit(oversized).await, tonic::Code::InvalidArgument, "exceeds the limit");
+        let mut forged = upload(&task, &filled(&global, 0.1), 10);
+        if let Some(pb::update_chunk::Kind::Trailer(t)) = &mut forged.last_mut().unwrap().kind {
+            t.sha256 = "00".repeat(32);
+        }
+        expect_refused(b.submit(forged).await, tonic::Code::InvalidArgument, "SHA-256");
+        let mut codec = upload(&task, &filled(&global, 0.1), 10);
+        if let Some(pb::update_chunk::Kind::Header(h)) = &mut codec[0].kind {
+            h.codec = "zip-bomb".into();
+        }
+        expect_refused(c.submit(codec).await, tonic::Code::InvalidArgument, "unsupported codec");
+
+        // Attempt 3: three good updates, plus a replay, a stale attempt and an unsampled client.
+        let task = a.next_task().await;
+        let (_, _) = (b.next_task().await, c.next_task().await);
+        let mut stale = task.clone();
+        stale.attempt = 2;
+        expect_refused(
+            a.submit(upload(&stale, &filled(&global, 0.1), 10)).await,
+            tonic::Code::FailedPrecondition,
+            "stale",
+        );
+        let mut late = RawClient::join(&url, &identities[3]).await;
+        expect_refused(
+            late.submit(upload(&task, &filled(&global, 0.1), 10)).await,
+            tonic::Code::PermissionDenied,
+            "not sampled",
+        );
+        let fetch = late.client.fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt }).await;
+        assert_eq!(fetch.err().map(|s| s.code()), Some(tonic::Code::PermissionDenied), "only sampled clients fetch");
+        let first = upload(&task, &filled(&global, 0.1), 10);
+        assert!(a.submit(first.clone()).await.unwrap().accepted);
+        expect_refused(a.submit(first).await, tonic::Code::FailedPrecondition, "duplicate");
+        // Garbage on the port while the round is open: plain HTTP, then random bytes.
+        for garbage in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3][..]] {
+            let addr = url.trim_start_matches("https://localhost:");
+            let mut tcp = std::net::TcpStream::connect(format!("127.0.0.1:{addr}")).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            tcp.write_all(garbage).unwrap();
+            let mut sink = Vec::new();
+            let _ = tcp.read_to_end(&mut sink);
+        }
+        assert!(b.submit(upload(&task, &filled(&global, 0.2), 30)).await.unwrap().accepted);
+        assert!(c.submit(upload(&task, &filled(&global, -0.1), 10)).await.unwrap().accepted);
+        println!("reliability: hostile uploads injected: 13, rejected: 13, garbage connections: 2");
+    });
+
+    let mut coordinator = coordinator;
+    let status = coordinator.wait(Duration::from_secs(60));
+    assert!(status.success(), "{}", coordinator.log_text());
+    let metrics = coordinator.metrics();
+    assert_eq!(metrics.len(), 1, "one line for the completed round, none for the failed attempts");
+    assert_eq!(metrics[0]["round"], 1);
+    assert_eq!(metrics[0]["attempt"], 3);
+    assert_eq!(metrics[0]["participants"], 3);
+    // Only the good updates were folded: global + (10*0.1 + 30*0.2 + 10*-0.1) / 50 = global + 0.12.
+    let (_, after) =
+        decode_model(&std::fs::read(coordinator.state_dir.join("model/round-0001.safetensors")).unwrap()).unwrap();
+    for (t, t0) in after.tensors.iter().zip(&initial.tensors) {
+        for (v, v0) in t.data.iter().zip(&t0.data) {
+            assert!((v - v0 - 0.12).abs() < 1e-5, "{} moved by {} instead of 0.12", t.name, v - v0);
+        }
+    }
+    let log = coordinator.log_text();
+    assert!(log.contains("TLS handshake failed"), "garbage connections are logged");
+}
