@@ -35,7 +35,7 @@ ensure_image() {
 compose_file_for() {
   local root="$1" n="$2"
   if [ "$n" = 4 ]; then
-    "$root/deploy/gen-compose.sh" --check >&2 || return 1
+    "$root/deploy/gen-compose.sh" --check >/dev/null || return 1
     echo "$root/deploy/docker-compose.yml"
   else
     mkdir -p "$root/target/deploy"

@@ -431,9 +431,13 @@ pub async fn run_rounds(
                 attempt,
                 accepted,
                 needed = settings.min_clients,
-                "round attempt failed: too few updates before the deadline; retrying"
+                "round attempt failed: too few good updates; retrying"
             );
             attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
         }
     }
     Ok(())

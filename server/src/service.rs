@@ -198,9 +198,15 @@ impl pb::federation_server::Federation for FederationService {
 
         // Spool the upload to disk, checking order, size and digest as it arrives.
         let spool_dir = self.coord.state.spool_dir();
-        std::fs::create_dir_all(&spool_dir).map_err(|e| Status::internal(format!("spool: {e}")))?;
+        let spool_failed = |coord: &Coordinator, e: std::io::Error| {
+            // Not the client's fault, but the update is lost: count it so the round does not wait for it.
+            tracing::error!(client = %client.id, round, "cannot spool the upload in {}: {e}", spool_dir.display());
+            coord.record_rejection(&client.id, round, attempt);
+            Status::unavailable(format!("coordinator cannot store the upload: {e}"))
+        };
+        std::fs::create_dir_all(&spool_dir).map_err(|e| spool_failed(&self.coord, e))?;
         let spool_path = spool_dir.join(format!("{}-r{round}-a{attempt}.part", client.id));
-        let mut spool = std::fs::File::create(&spool_path).map_err(|e| Status::internal(format!("spool: {e}")))?;
+        let mut spool = std::fs::File::create(&spool_path).map_err(|e| spool_failed(&self.coord, e))?;
         let _cleanup = RemoveOnDrop(spool_path.clone());
         let mut received: u64 = 0;
         let mut digest = sha2::Sha256::new();
@@ -235,7 +241,7 @@ impl pb::federation_server::Federation for FederationService {
                         ));
                     }
                     digest.update(&data.data);
-                    spool.write_all(&data.data).map_err(|e| Status::internal(format!("spool: {e}")))?;
+                    spool.write_all(&data.data).map_err(|e| spool_failed(&self.coord, e))?;
                 }
                 Some(pb::update_chunk::Kind::Trailer(t)) => {
                     if trailer.is_some() {

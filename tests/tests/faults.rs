@@ -7,15 +7,19 @@ use std::time::Duration;
 
 use fl_tests::*;
 
+fn assert_final_state_files(state_dir: &Path, rounds: u64) {
+    for r in 1..=rounds {
+        assert_model_valid(&state_dir.join(format!("model/round-{r:04}.safetensors")));
+    }
+    assert_model_valid(&state_dir.join("model/final.safetensors"));
+}
+
 /// Rounds 1..=n, each exactly once, and every model file valid.
 fn assert_final_state(state_dir: &Path, rounds: u64) {
     let metrics = read_metrics(state_dir);
     let numbers: Vec<u64> = metrics.iter().map(|m| m["round"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=rounds).collect::<Vec<_>>(), "each round exactly once in metrics.jsonl");
-    for r in 1..=rounds {
-        assert_model_valid(&state_dir.join(format!("model/round-{r:04}.safetensors")));
-    }
-    assert_model_valid(&state_dir.join("model/final.safetensors"));
+    assert_final_state_files(state_dir, rounds);
     let last = metrics.last().unwrap()["accuracy"].as_f64().unwrap();
     assert!(last > 0.4, "the model still learns (accuracy {last})");
 }
@@ -272,4 +276,102 @@ fn tokens_expire_run_out_and_are_revoked() {
     }
     let mode = std::fs::metadata(root.path().join("a1/client.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "client key");
+}
+
+#[test]
+fn a_client_restarted_mid_round_gets_the_task_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        1800,
+        3,
+        "127.0.0.1:0",
+        &["--rounds", "3", "--min-clients", "3", "--round-timeout", "60"],
+    );
+    let url = coordinator.url();
+    let mut clients = start_clients(root.path(), &url, &dirs);
+    wait_until(Duration::from_secs(120), "round 2 to start", || log_has_round(&coordinator, "round started", 2));
+    clients[0].child.kill().unwrap();
+    clients[0].child.wait().unwrap();
+    clients[0] = ClientProcess::start(&url, &dirs[0], &root.path().join("data/shard-1.csv"));
+    let status = coordinator.wait(Duration::from_secs(240));
+    assert!(status.success(), "{}", coordinator.log_text());
+    assert_final_state(&coordinator.state_dir, 3);
+    assert!(coordinator.metrics().iter().all(|m| m["participants"] == 3), "the restarted client answered round 2");
+    assert!(wait_child(&mut clients[0].child, Duration::from_secs(30)).unwrap().success());
+}
+
+/// Mounts a small tmpfs at `dir`, or returns false where that is not allowed (not root).
+fn mount_small_tmpfs(dir: &Path, size: &str) -> bool {
+    std::fs::create_dir_all(dir).unwrap();
+    std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+struct Unmount(std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_is_reported_and_the_federation_recovers() {
+    let root = tempfile::tempdir().unwrap();
+    let disk = root.path().join("disk");
+    if !mount_small_tmpfs(&disk, "4m") {
+        eprintln!("SKIPPED disk_full_is_reported_and_the_federation_recovers: mounting a tmpfs needs root");
+        return;
+    }
+    let _unmount = Unmount(disk.clone());
+    gen_data(&root.path().join("data"), 900, 2);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let state = disk.join("coordinator");
+    let eval = root.path().join("data/eval.csv");
+    let args = [
+        "--eval-data",
+        eval.to_str().unwrap(),
+        "--buckets",
+        "4096",
+        "--embed-dim",
+        "16",
+        "--rounds",
+        "2",
+        "--min-clients",
+        "2",
+    ];
+    let mut coordinator = CoordinatorProcess::start_with(&state, &listen, &args, &[]);
+    let url = coordinator.url();
+    let dirs = [root.path().join("client-1"), root.path().join("client-2")];
+    for d in &dirs {
+        assert!(enroll(&url, &coordinator.token(), d, "c").status.success());
+    }
+    // Fill the disk: uploads cannot be spooled, so rounds fail and are retried, loudly.
+    let filler = disk.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 8 << 20]);
+    let mut clients = start_clients(root.path(), &url, &dirs);
+    wait_until(Duration::from_secs(120), "the disk-full error", || {
+        let log = coordinator.log_text();
+        log.contains("No space left on device") && log.contains("round attempt failed")
+    });
+    assert!(read_metrics(&state).is_empty(), "no metrics line for an uncommitted round");
+    // A client enrolling onto a full disk fails clearly rather than half-writing its identity.
+    let out = enroll(&url, &coordinator.token(), &disk.join("client-x"), "x");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    // Space comes back: the federation goes on by itself and completes.
+    std::fs::remove_file(&filler).unwrap();
+    assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.log_text());
+    let rounds: Vec<u64> = read_metrics(&state).iter().map(|m| m["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2]);
+    assert_final_state_files(&state, 2);
+    for c in clients.iter_mut() {
+        assert!(wait_child(&mut c.child, Duration::from_secs(30)).unwrap().success(), "{}", c.log_text());
+    }
 }
