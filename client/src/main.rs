@@ -167,8 +167,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Predict { model, text, data } => {
-            let classifier =
-                Classifier::load(&model, default_device()).with_context(|| format!("loading {}", model.display()))?;
+            let classifier = Classifier::load(&model, default_device())?;
             if let Some(text) = text {
                 print!("{}", describe_prediction(&classifier, &text));
             } else if let Some(path) = data {

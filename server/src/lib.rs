@@ -60,14 +60,14 @@ impl ModelArgs {
         }
     }
 
-    /// Refuses flags that would change an existing federation's model.
-    fn check_against(&self, spec: &ModelSpec) -> Result<()> {
+    /// Lists the given flags that differ from `spec`.
+    fn conflicts_with(&self, spec: &ModelSpec) -> Vec<String> {
         let mut conflicts = Vec::new();
         if let Some(k) = self.kind.filter(|k| *k != spec.kind) {
-            conflicts.push(format!("--model {k} (federation: {})", spec.kind));
+            conflicts.push(format!("--model {k} (model: {})", spec.kind));
         }
         if let Some(l) = self.labels.as_ref().filter(|l| **l != spec.labels) {
-            conflicts.push(format!("--labels {} (federation: {})", l.join(","), spec.labels.join(",")));
+            conflicts.push(format!("--labels {} (model: {})", l.join(","), spec.labels.join(",")));
         }
         for (flag, given, stored) in [
             ("--buckets", self.buckets, spec.buckets),
@@ -75,16 +75,10 @@ impl ModelArgs {
             ("--ngrams", self.ngrams, spec.ngrams),
         ] {
             if let Some(v) = given.filter(|v| *v != stored) {
-                conflicts.push(format!("{flag} {v} (federation: {stored})"));
+                conflicts.push(format!("{flag} {v} (model: {stored})"));
             }
         }
-        if !conflicts.is_empty() {
-            bail!(
-                "these flags would change the existing federation's model: {}; use a new --state-dir for a new federation",
-                conflicts.join(", ")
-            );
-        }
-        Ok(())
+        conflicts
     }
 }
 
@@ -103,6 +97,8 @@ pub struct ServeConfig {
     pub tls_sans: Vec<String>,
     /// Seed of the initial model.
     pub seed: u64,
+    /// A model file to start a new federation from instead of random weights.
+    pub init_model: Option<PathBuf>,
 }
 
 /// How `serve` ended.
@@ -121,21 +117,53 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
     let mut new_token = None;
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
-        config.model.check_against(&record.spec)?;
+        let conflicts = config.model.conflicts_with(&record.spec);
+        if !conflicts.is_empty() {
+            bail!(
+                "these flags would change the existing federation's model: {}; use a new --state-dir for a new federation",
+                conflicts.join(", ")
+            );
+        }
+        if config.init_model.is_some() {
+            tracing::warn!("--init-model is ignored: the federation already exists and resumes from its last round");
+        }
         info!(dir = %state.root().display(), "resuming the federation");
         (record, ca)
     } else {
-        let labels = match (&config.model.labels, &config.eval_data) {
-            (Some(l), _) => l.clone(),
-            (None, Some(path)) => fl_client::data::read_labelled_csv(path)?.distinct_labels(),
-            (None, None) => bail!("a new federation needs its labels: give --labels a,b,c or --eval-data CSV"),
+        let (spec, init_weights) = match &config.init_model {
+            Some(path) => {
+                let (spec, weights) = load_init_model(path)?;
+                let conflicts = config.model.conflicts_with(&spec);
+                if !conflicts.is_empty() {
+                    bail!(
+                        "--init-model {}: the model does not fit the flags: {}",
+                        path.display(),
+                        conflicts.join(", ")
+                    );
+                }
+                (spec, Some(weights))
+            }
+            None => {
+                let labels = match (&config.model.labels, &config.eval_data) {
+                    (Some(l), _) => l.clone(),
+                    (None, Some(path)) => fl_client::data::read_labelled_csv(path)?.distinct_labels(),
+                    (None, None) => bail!("a new federation needs its labels: give --labels a,b,c or --eval-data CSV"),
+                };
+                if labels.len() < 2 {
+                    bail!("a classifier needs at least 2 labels, got {labels:?}");
+                }
+                (config.model.new_spec(labels), None)
+            }
         };
-        if labels.len() < 2 {
-            bail!("a classifier needs at least 2 labels, got {labels:?}");
+        // Check the eval data before anything is created, so a bad file leaves no half-made federation.
+        if let Some(path) = &config.eval_data {
+            EvalSet::load(path, &spec)?;
         }
-        let spec = config.model.new_spec(labels);
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
-        let initial = Classifier::new(record.spec.clone(), tch::Device::Cpu, config.seed)?;
+        let initial = match init_weights {
+            Some(weights) => Classifier::from_tensors(record.spec.clone(), &weights, tch::Device::Cpu)?,
+            None => Classifier::new(record.spec.clone(), tch::Device::Cpu, config.seed)?,
+        };
         fl_common::files::write_atomic(&state.round_model_path(0), &initial.to_model_bytes(), 0o644)?;
         let token = JoinToken::generate(&record.spec.federation);
         RegistryStore::open(state.root())?.update(|r| r.add_token(&token, None, None, now_unix()))?;
@@ -195,6 +223,18 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(outcome)
+}
+
+/// Reads a starting model: a model file from a previous federation or from central training.
+fn load_init_model(path: &std::path::Path) -> Result<(ModelSpec, fl_common::TensorSet)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading --init-model {}", path.display()))?;
+    let (mut spec, weights) = decode_model(&bytes)
+        .map_err(|e| anyhow::anyhow!("--init-model {}: not a valid model file: {e}", path.display()))?;
+    spec.federation.clear();
+    // Building the model checks that the weights fit the architecture.
+    Classifier::from_tensors(spec.clone(), &weights, tch::Device::Cpu)
+        .with_context(|| format!("--init-model {}", path.display()))?;
+    Ok((spec, weights))
 }
 
 async fn run_server(

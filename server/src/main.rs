@@ -105,6 +105,10 @@ struct ServeArgs {
     /// Largest accepted L2 norm of an update.
     #[arg(long, default_value_t = 1.0e4)]
     max_update_norm: f64,
+    /// Start a new federation from this model file (from a previous federation or from
+    /// `fl-client train`) instead of random weights; its architecture and labels must fit the flags.
+    #[arg(long, env = "FL_INIT_MODEL")]
+    init_model: Option<PathBuf>,
     /// Names in the server certificate (DNS names or IPs) [default: localhost, 127.0.0.1].
     #[arg(long = "tls-san")]
     tls_san: Vec<String>,
@@ -213,6 +217,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         },
         tls_sans: sans,
         seed: args.seed,
+        init_model: args.init_model.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

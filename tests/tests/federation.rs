@@ -177,3 +177,45 @@ fn a_bad_csv_stops_the_client_before_it_connects() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.csv: line 3"), "{stderr}");
 }
+
+#[test]
+fn init_model_is_checked_and_truncated_models_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    gen_data(&root.path().join("data"), 600, 1);
+    // A model of a first federation (its initial weights are a complete model file).
+    let first = CoordinatorProcess::start(
+        &root.path().join("first"),
+        &["--labels", "x,y,z", "--buckets", "512", "--rounds", "1"],
+    );
+    let model = first.state_dir.join("model/initial.safetensors");
+    let serve = |dir: &str, extra: &[&str]| {
+        run(command("fl-coordinator")
+            .args(["serve", "--listen", "127.0.0.1:0", "--rounds", "1", "--state-dir"])
+            .arg(root.path().join(dir))
+            .arg("--init-model")
+            .arg(&model)
+            .args(extra))
+    };
+    let out = serve("b", &["--buckets", "1024"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not fit the flags: --buckets 1024 (model: 512)"), "{stderr}");
+    assert!(!root.path().join("b/federation.json").exists(), "nothing is created on a mismatch");
+    let out = serve("c", &["--model", "bilstm"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model bilstm (model: fasttext)"));
+    let eval = root.path().join("data/eval.csv");
+    let out = serve("d", &["--eval-data", eval.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown label"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bytes = std::fs::read(&model).unwrap();
+    let truncated = root.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(command("fl-client").args(["predict", "--text", "hello", "--model"]).arg(&truncated));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("truncated.safetensors: not a valid model file"), "{stderr}");
+    let garbage = root.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a model").unwrap();
+    let out = run(command("fl-client").args(["predict", "--text", "hello", "--model"]).arg(&garbage));
+    assert!(!out.status.success());
+}
