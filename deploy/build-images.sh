@@ -36,6 +36,8 @@ if ! docker build -f "$here/Dockerfile" --target runtime-prebuilt --build-arg BA
   exit 1
 fi
 t_build="$(elapsed "$t2")"
+# The image this one replaced is left untagged; drop it (only untagged images with our label).
+docker image prune -f --filter "label=org.opencontainers.image.title=fedtext" >/dev/null 2>&1 || true
 
 size="$(docker image inspect -f '{{.Size}}' "$image")"
 base_size="$(docker image inspect -f '{{.Size}}' "$base")"

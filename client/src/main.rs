@@ -118,7 +118,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // Retrying cannot fix a refused identity or data that does not fit the federation:
+            // a distinct status lets supervisors stop restarting (systemd RestartPreventExitStatus=2).
+            if e.downcast_ref::<daemon::FatalError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -173,7 +173,7 @@ fn a_revoked_client_is_refused_at_once_and_for_good() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let status = wait_child(&mut clients[1].child, Duration::from_secs(60)).expect("revoked client stops");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "a refused identity exits with status 2");
     assert!(clients[1].log_text().contains("revoked"), "{}", clients[1].log_text());
     // Its next connection, with a certificate that is still valid, is refused too.
     let again = run(command("fl-client")
