@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     pub name: String,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// libtorch intra-op threads for local training.
+    pub threads: i32,
     /// Directory for nothing yet; kept for future local state.
     pub state_dir: PathBuf,
 }
@@ -196,7 +198,7 @@ async fn session(
             Some(pb::instruction::Kind::Round(task)) => {
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
-                match do_round(&mut client, channel.clone(), &spec, data, task, shutdown).await {
+                match do_round(&mut client, channel.clone(), &spec, data, task, config.threads, shutdown).await {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
                     Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
@@ -247,6 +249,7 @@ async fn do_round(
     spec: &ModelSpec,
     data: Arc<EncodedDataset>,
     task: pb::RoundTask,
+    threads: i32,
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
     let (round, attempt) = (task.round, task.attempt);
@@ -274,6 +277,9 @@ async fn do_round(
     let training = {
         let (progress, cancel) = (progress.clone(), cancel.clone());
         tokio::task::spawn_blocking(move || -> Result<_> {
+            // libtorch's thread count is per OS thread: set it on the thread that trains, or a
+            // fresh blocking thread uses every core and several clients on one host oversubscribe.
+            tch::set_num_threads(threads);
             let started = std::time::Instant::now();
             let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
             let stats =

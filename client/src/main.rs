@@ -162,6 +162,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 identity,
                 data: Arc::new(rows),
                 max_backoff: Duration::from_secs_f64(max_backoff),
+                threads,
                 state_dir,
             };
             let shutdown = CancellationToken::new();

@@ -1,0 +1,52 @@
+//! Local training throughput of the fastText model at the benchmark's shape: 65,536 buckets, 64
+//! dimensions, unigrams and bigrams, 10 classes, Adam lr 0.01, batch 32, one thread.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use fl_client::datagen::{GeneratorConfig, TextGenerator};
+use fl_client::model::Classifier;
+use fl_client::train::{train, EncodedDataset, OptimizerKind, TrainConfig};
+use fl_common::{ModelKind, ModelSpec};
+use tokio_util::sync::CancellationToken;
+
+fn spec(labels: Vec<String>) -> ModelSpec {
+    ModelSpec {
+        kind: ModelKind::Fasttext,
+        labels,
+        buckets: 65_536,
+        embed_dim: 64,
+        ngrams: 2,
+        layers: 0,
+        hidden: 0,
+        heads: 0,
+        max_len: 0,
+        dropout: 0.0,
+        pooling: String::new(),
+        federation: String::new(),
+    }
+}
+
+fn local_epoch(c: &mut Criterion) {
+    tch::set_num_threads(1);
+    let generator = TextGenerator::new(GeneratorConfig { signal: 0.05, ..Default::default() });
+    let rows = generator.rows(1675, 1);
+    let spec = spec(generator.labels());
+    let model = Classifier::new(spec.clone(), tch::Device::Cpu, 1).unwrap();
+    let texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
+    let data = EncodedDataset::encode(&model, &texts, rows.iter().map(|r| r.label as i64).collect());
+    let global = model.to_tensors();
+    let config = TrainConfig { epochs: 1, batch_size: 32, lr: 0.01, optimizer: OptimizerKind::Adam, seed: 3 };
+    let cancel = CancellationToken::new();
+    let mut group = c.benchmark_group("fasttext_4.2M");
+    group.sample_size(10);
+    group.bench_function("one local epoch, 1675 rows", |b| {
+        b.iter(|| {
+            let mut local = Classifier::from_tensors(spec.clone(), &global, tch::Device::Cpu).unwrap();
+            train(&mut local, &data, &config, &cancel, |_, _| {})
+        })
+    });
+    group.bench_function("delta and encode", |b| b.iter(|| model.to_tensors().minus(&global).encode(None).len()));
+    group.finish();
+}
+
+criterion_group!(benches, local_epoch);
+criterion_main!(benches);
