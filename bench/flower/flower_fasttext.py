@@ -15,10 +15,15 @@ Everything else mirrors our federation (bench/federation.sh):
   strategy   FedAvg over all clients, weighted by example counts; centralized evaluation of the
              new global model on test.csv after each round (plus Flower's usual round 0)
 
---optimizer adam (default) is what a PyTorch user writes: torch.optim.Adam over all parameters,
-so every step updates (and every round ships) the whole 65,536 x 64 table. --optimizer
-sparse-adam is the algorithm our client implements: EmbeddingBag(sparse=True) with SparseAdam
-(lazy row-wise moments) for the table and Adam for the linear layer.
+Optimizers (--optimizer):
+  adam-fused   (default) torch.optim.Adam(model.parameters(), lr, fused=True): plain dense Adam,
+               as a PyTorch user writes it, in PyTorch's fastest CPU implementation (about 5x
+               faster here than the default `foreach` one for this 4.2M-parameter table)
+  adam         torch.optim.Adam(model.parameters(), lr): the same math, PyTorch's default kernel
+  sparse-adam  what our client implements: EmbeddingBag(sparse=True) with SparseAdam (lazy,
+               row-wise moments) for the table and Adam for the linear layer
+With dense Adam every step updates the whole 65,536 x 64 table (rows not in the batch keep
+moving on their momentum); with sparse Adam only the rows a batch touches change.
 
 Usage:
   flower_fasttext.py run --data DIR [--clients 4] [--rounds 20] [--out DIR] [--optimizer adam]
@@ -38,6 +43,7 @@ import time
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 MASK64 = (1 << 64) - 1
+OPTIMIZERS = ["adam-fused", "adam", "sparse-adam"]
 
 
 # ---------------------------------------------------------------- tokenizer (port of tokenizer.rs)
@@ -171,7 +177,7 @@ def train_round(model, docs, y, a, rnd):
         opts = [torch.optim.SparseAdam([model.embedding.weight], lr=a.lr),
                 torch.optim.Adam(model.linear.parameters(), lr=a.lr)]
     else:
-        opts = [torch.optim.Adam(model.parameters(), lr=a.lr)]
+        opts = [torch.optim.Adam(model.parameters(), lr=a.lr, fused=a.optimizer == "adam-fused")]
     n = len(docs)
     g = torch.Generator().manual_seed(a.seed * 100_003 + rnd)
     perm = torch.randperm(n, generator=g).tolist()
@@ -288,7 +294,7 @@ def free_port():
 
 
 def run_main(a):
-    t0 = time.time()
+    t0 = a.t0 or time.time()
     out = a.out or os.path.join(a.data, "flower")
     os.makedirs(out, exist_ok=True)
     _, test_labels = read_csv(os.path.join(a.data, "test.csv"))
@@ -385,6 +391,7 @@ def main():
     r.add_argument("--clients", type=int, default=4)
     r.add_argument("--rounds", type=int, default=20)
     r.add_argument("--out", help="logs, metrics.jsonl, summary.json (default DATA/flower)")
+    r.add_argument("--t0", type=float, help="launch time (epoch seconds) to count from (default: now)")
     for q in (r, sub.add_parser("server"), sub.add_parser("client")):
         q.add_argument("--buckets", type=int, default=65536)
         q.add_argument("--dim", type=int, default=64)
@@ -400,7 +407,7 @@ def main():
         else:
             q.add_argument("--lr", type=float, default=0.01)
             q.add_argument("--batch-size", type=int, default=32)
-            q.add_argument("--optimizer", choices=["adam", "sparse-adam"], default="adam")
+            q.add_argument("--optimizer", choices=OPTIMIZERS, default="adam-fused")
         if q.prog.endswith("client"):
             q.add_argument("--data", required=True)
             q.add_argument("--seed", type=int, required=True)
@@ -413,7 +420,7 @@ def main():
     m.add_argument("--dim", type=int, default=64)
     m.add_argument("--lr", type=float, default=0.01)
     m.add_argument("--batch-size", type=int, default=32)
-    m.add_argument("--optimizer", choices=["adam", "sparse-adam"], default="adam")
+    m.add_argument("--optimizer", choices=OPTIMIZERS, default="adam-fused")
     sub.add_parser("self-test", help="check the tokenizer port against tokenizer.rs's pinned values")
     a = p.parse_args()
     if a.cmd == "self-test":

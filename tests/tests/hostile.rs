@@ -252,3 +252,31 @@ fn hostile_uploads_are_refused_and_never_folded() {
     let log = coordinator.log_text();
     assert!(log.contains("TLS handshake failed"), "garbage connections are logged");
 }
+
+#[test]
+fn tls_1_2_is_refused() {
+    fl_common::tls::install_crypto_provider();
+    let root = tempfile::tempdir().unwrap();
+    let coordinator = CoordinatorProcess::start(&root.path().join("c"), &["--labels", "a,b", "--rounds", "1"]);
+    let ca = std::fs::read_to_string(coordinator.state_dir.join("ca.pem")).unwrap();
+    let port: u16 = coordinator.url().rsplit(':').next().unwrap().parse().unwrap();
+    let handshake = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in fl_common::tls::parse_certs(&ca).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(fl_common::tls::crypto_provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            connector.connect("localhost".try_into().unwrap(), tcp).await.map(|_| ())
+        })
+    };
+    assert!(handshake(&[&rustls::version::TLS13]).is_ok(), "TLS 1.3 is served");
+    let err = handshake(&[&rustls::version::TLS12]).expect_err("TLS 1.2 is refused");
+    assert!(err.to_string().contains("ProtocolVersion") || err.to_string().contains("protocol"), "{err}");
+}
