@@ -6,7 +6,7 @@ export LIBTORCH
 export RUSTFLAGS := -C link-arg=-Wl,-rpath,$(LIBTORCH)/lib
 CLIENTS ?= 4
 
-.PHONY: build demo test bench compose-demo compose-test lint
+.PHONY: build demo test bench bench-criterion compose-demo compose-test lint
 
 build:
 	cargo build --release --bins
@@ -21,6 +21,10 @@ test:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+
+bench-criterion:
+	cargo bench -p fl-server --bench aggregation
+	cargo bench -p fl-client --bench local_training
 
 bench: build
 	bench/federation.sh

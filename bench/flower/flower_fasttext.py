@@ -26,7 +26,7 @@ With dense Adam every step updates the whole 65,536 x 64 table (rows not in the 
 moving on their momentum); with sparse Adam only the rows a batch touches change.
 
 Usage:
-  flower_fasttext.py run --data DIR [--clients 4] [--rounds 20] [--out DIR] [--optimizer adam]
+  flower_fasttext.py run --data DIR [--clients 4] [--rounds 20] [--out DIR] [--optimizer adam-fused|adam|sparse-adam]
 The `server` and `client` subcommands are what `run` starts.
 """
 
@@ -210,6 +210,7 @@ def client_main(a):
     texts, y = read_csv(a.data)
     docs, y = encode(tok, texts, y, labels)
     model = build_model(a.buckets, a.dim, len(labels), a.optimizer == "sparse-adam")
+    print(f"data and model ready {time.time() - a.t0:.2f} s after launch", flush=True)
 
     class FastTextClient(fl.client.NumPyClient):
         def get_parameters(self, config):
@@ -233,6 +234,7 @@ def client_main(a):
             break
         except OSError:
             time.sleep(0.02)
+    print(f"server reachable {time.time() - a.t0:.2f} s after launch", flush=True)
     fl.client.start_client(server_address=a.address, client=FastTextClient().to_client(), insecure=True)
 
 
@@ -280,6 +282,7 @@ def server_main(a):
         min_available_clients=a.clients, evaluate_fn=evaluate_fn,
         initial_parameters=ndarrays_to_parameters(get_weights(model)),
         on_fit_config_fn=lambda rnd: {"round": rnd})
+    print(f"flower server starting {time.time() - t0:.2f} s after launch", flush=True)
     fl.server.start_server(server_address=a.address, strategy=strategy,
                            config=fl.server.ServerConfig(num_rounds=a.rounds, round_timeout=600))
     metrics.close()
@@ -301,11 +304,15 @@ def run_main(a):
     labels = ",".join(sorted(set(test_labels)))  # as the coordinator: the eval data's labels, sorted
     address = f"127.0.0.1:{free_port()}"
     me = [sys.executable, os.path.abspath(__file__)]
-    common = ["--address", address, "--labels", labels, "--buckets", str(a.buckets), "--dim", str(a.dim)]
+    # Flower's telemetry posts to a web service at start and exit (up to 60 s timeouts); an
+    # offline deployment turns it off, and so do we, so that no blocked request is timed.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    common = ["--address", address, "--labels", labels, "--buckets", str(a.buckets), "--dim", str(a.dim),
+              "--t0", repr(t0)]
     metrics = os.path.join(out, "metrics.jsonl")
     server = subprocess.Popen(
         me + ["server", *common, "--rounds", str(a.rounds), "--clients", str(a.clients),
-              "--eval-data", os.path.join(a.data, "test.csv"), "--t0", repr(t0), "--metrics", metrics],
+              "--eval-data", os.path.join(a.data, "test.csv"), "--metrics", metrics],
         stdout=subprocess.PIPE, stderr=open(os.path.join(out, "server.log"), "w"), text=True)
     clients = []
     for i in range(1, a.clients + 1):
@@ -398,11 +405,11 @@ def main():
         if q is not r:
             q.add_argument("--address", required=True)
             q.add_argument("--labels", required=True)
+            q.add_argument("--t0", type=float, required=True)
         if q.prog.endswith("server"):
             q.add_argument("--rounds", type=int, required=True)
             q.add_argument("--clients", type=int, required=True)
             q.add_argument("--eval-data", required=True)
-            q.add_argument("--t0", type=float, required=True)
             q.add_argument("--metrics", required=True)
         else:
             q.add_argument("--lr", type=float, default=0.01)

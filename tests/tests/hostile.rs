@@ -230,7 +230,7 @@ fn hostile_uploads_are_refused_and_never_folded() {
         }
         assert!(b.submit(upload(&task, &filled(&global, 0.2), 30)).await.unwrap().accepted);
         assert!(c.submit(upload(&task, &filled(&global, -0.1), 10)).await.unwrap().accepted);
-        println!("reliability: hostile uploads injected: 13, rejected: 13, garbage connections: 2");
+        println!("reliability: hostile requests: 13 (12 uploads, 1 model fetch), refused: 13, garbage connections: 2");
     });
 
     let mut coordinator = coordinator;

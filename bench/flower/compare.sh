@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Same-machine comparison with Flower 1.42 + PyTorch: generates the data once, runs the Flower
+# baseline (bench/flower/flower_fasttext.py: server + 4 client processes over loopback gRPC),
+# then our federation (bench/federation.sh) on the same data and flags, and prints a table.
+# Usage: bench/flower/compare.sh [SIGNAL] [ROUNDS=20] [TARGET=0.42]
+# Environment: ROWS (6700), CLIENTS (4), FLOWER_OPTIMIZER (adam-fused; or adam, sparse-adam),
+#   WORK (target/flower-compare), MAX_LOAD (wait before each run until the 1-minute load average
+#   is below it; default: no wait), LOAD_WAIT_S (longest such wait, 600), SKIP_FLOWER / SKIP_OURS=1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SIGNAL=${1:-0.05}
+ROUNDS=${2:-20}
+TARGET=${3:-0.42}
+ROWS=${ROWS:-6700}
+CLIENTS=${CLIENTS:-4}
+OPT=${FLOWER_OPTIMIZER:-adam-fused}
+WORK=${WORK:-target/flower-compare}
+VENV=${FEDTEXT_CACHE:-$HOME/.cache/fedtext}/flower-venv
+BIN=target/release
+[ -x $BIN/fl-client ] && [ -x $BIN/fl-coordinator ] || { echo "build the release binaries first" >&2; exit 1; }
+bench/flower/setup.sh >&2
+rm -rf "$WORK"; mkdir -p "$WORK"
+
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+wait_load() {
+  [ -n "${MAX_LOAD:-}" ] || return 0
+  local waited=0
+  while awk -v m="$MAX_LOAD" '{exit !($1 >= m)}' /proc/loadavg && [ $waited -lt "${LOAD_WAIT_S:-600}" ]; do
+    sleep 5; waited=$((waited + 5))
+  done
+  [ $waited -gt 0 ] && echo "waited ${waited}s for the load to drop below $MAX_LOAD" >&2 || true
+}
+
+# The same arguments federation.sh passes to the generator (seed 11), so both runs see identical files.
+$BIN/fl-client gen-data --out "$WORK/data" --rows "$ROWS" --shards "$CLIENTS" --signal "$SIGNAL" --seed 11 >/dev/null
+echo "signal $SIGNAL, rows $ROWS, clients $CLIENTS, rounds $ROUNDS, target $TARGET, flower optimizer $OPT"
+
+if [ -z "${SKIP_FLOWER:-}" ]; then
+  wait_load
+  echo "== flower (load before: $(load))"
+  "$VENV/bin/python" bench/flower/flower_fasttext.py run --t0 "$(date +%s.%N)" --data "$WORK/data" \
+    --clients "$CLIENTS" --rounds "$ROUNDS" --out "$WORK/flower" --optimizer "$OPT" | tee "$WORK/flower.out"
+  echo "== flower done (load after: $(load))"
+  echo "$(load)" >"$WORK/flower.load"
+fi
+if [ -z "${SKIP_OURS:-}" ]; then
+  wait_load
+  echo "== ours (load before: $(load))"
+  BENCH_DIR="$WORK/ours" SIGNAL="$SIGNAL" ROWS="$ROWS" bench/federation.sh "$CLIENTS" "$ROUNDS" "$TARGET" | tee "$WORK/ours.out"
+  echo "== ours done (load after: $(load))"
+  OURS="$WORK/ours/c$CLIENTS-r$ROUNDS"
+  # Our launch: federation.sh takes its start time just before it spawns the coordinator, whose
+  # log file the shell creates at that moment; its birth time is the launch.
+  date -d "$(stat -c %w "$OURS/logs/coordinator.log")" +%s.%N >"$WORK/ours.t0"
+  for f in "$WORK"/data/*.csv; do cmp -s "$f" "$OURS/data/$(basename "$f")" || { echo "data differ: $f" >&2; exit 1; }; done
+  echo "data: federation.sh generated files identical to $WORK/data"
+fi
+
+python3 - "$WORK" "$CLIENTS" "$ROUNDS" "$TARGET" <<'PY'
+import json, os, re, sys
+from datetime import datetime
+work, clients, rounds, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+rows = {}
+f = f"{work}/flower/summary.json"
+if os.path.exists(f):
+    s = json.load(open(f))
+    rows["Flower"] = dict(curve=[(r["round"], r["accuracy"], r["elapsed_s"]) for r in s["rounds"]],
+                          wall=s["wall_s"], round_s=[r["round_s"] for r in s["rounds"]])
+d = f"{work}/ours/c{clients}-r{rounds}"
+if os.path.exists(f"{d}/coord/metrics.jsonl"):
+    t0 = float(open(f"{work}/ours.t0").read())
+    m = {x["round"]: x for x in map(json.loads, open(f"{d}/coord/metrics.jsonl"))}
+    done = {}
+    for line in open(f"{d}/logs/coordinator.log"):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        g = re.match(r"(\S+Z)\s.*round completed round=(\d+)", line)
+        if g:
+            done[int(g.group(2))] = datetime.fromisoformat(g.group(1).replace("Z", "+00:00")).timestamp() - t0
+    wall = float(re.search(r"wall time, launch to end: ([0-9.]+) s", open(f"{work}/ours.out").read()).group(1))
+    rows["ours"] = dict(curve=[(r, m[r]["accuracy"], done[r]) for r in sorted(m)], wall=wall,
+                        round_s=[m[r]["round_s"] for r in sorted(m)])
+out = []
+for name, r in rows.items():
+    first = next(((n, a, t) for n, a, t in r["curve"] if a >= target), None)
+    last = r["curve"][-1] if r["curve"] else (0, float("nan"), float("nan"))
+    r.update(first=first, last=last, per_round=sum(r["round_s"]) / max(1, len(r["round_s"])))
+    out.append(f"{name} accuracy per round: " + " ".join(f"{a:.3f}" for _, a, _ in r["curve"]))
+    out.append(f"{name} seconds from launch per round: " + " ".join(f"{t:.1f}" for _, _, t in r["curve"]))
+fmt = "{:<8} {:>16} {:>12} {:>16} {:>10} {:>12}"
+out.append("")
+out.append(fmt.format("system", f"s to acc>={target}", "that round", f"acc at round {rounds}", "wall s", "s per round"))
+for name, r in rows.items():
+    f_ = r["first"]
+    out.append(fmt.format(name, f"{f_[2]:.1f}" if f_ else "not reached", str(f_[0]) if f_ else "-",
+                          f"{r['last'][1]:.3f}" if r["last"][0] == rounds else f"n/a (r{r['last'][0]})",
+                          f"{r['wall']:.1f}", f"{r['per_round']:.2f}"))
+if len(rows) == 2:
+    fl, us = rows["Flower"], rows["ours"]
+    ratio = lambda a, b: f"{a / b:.2f}" if b else "n/a"
+    out.append(fmt.format("ours/Fl", ratio(us["first"][2], fl["first"][2]) if us["first"] and fl["first"] else "n/a",
+                          "", "", ratio(us["wall"], fl["wall"]), ratio(us["per_round"], fl["per_round"])))
+print("\n".join(out))
+open(f"{work}/table.txt", "w").write("\n".join(out) + "\n")
+PY
