@@ -2,7 +2,6 @@
 //! the local data, and upload only the weight delta. Reconnects with backoff; an identity the
 //! coordinator refuses ends it.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +38,6 @@ pub struct DaemonConfig {
     pub max_backoff: Duration,
     /// libtorch intra-op threads for local training.
     pub threads: i32,
-    /// Directory for nothing yet; kept for future local state.
-    pub state_dir: PathBuf,
 }
 
 /// Why the daemon stopped.
@@ -329,17 +326,24 @@ async fn do_round(
     }
 }
 
-/// The messages of an upload: header, data in [`CHUNK_BYTES`] pieces, trailer.
-pub fn upload_chunks(header: pb::UpdateHeader, payload: Vec<u8>, sha256: String) -> Vec<pb::UpdateChunk> {
+/// The messages of an upload: header, data in [`CHUNK_BYTES`] pieces, trailer. Data chunks are cut
+/// from `payload` as the stream is polled, so one chunk at a time is copied.
+pub fn upload_chunks(
+    header: pb::UpdateHeader,
+    payload: Vec<u8>,
+    sha256: String,
+) -> impl Iterator<Item = pb::UpdateChunk> + Send + 'static {
     use pb::update_chunk::Kind;
-    let mut out = vec![pb::UpdateChunk { kind: Some(Kind::Header(header)) }];
-    for (i, piece) in payload.chunks(CHUNK_BYTES).enumerate() {
-        out.push(pb::UpdateChunk {
+    let pieces = payload.len().div_ceil(CHUNK_BYTES);
+    let data = (0..pieces).map(move |i| {
+        let piece = &payload[i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(payload.len())];
+        pb::UpdateChunk {
             kind: Some(Kind::Data(pb::UpdateData { offset: (i * CHUNK_BYTES) as u64, data: piece.to_vec() })),
-        });
-    }
-    out.push(pb::UpdateChunk { kind: Some(Kind::Trailer(pb::UpdateTrailer { sha256 })) });
-    out
+        }
+    });
+    std::iter::once(pb::UpdateChunk { kind: Some(Kind::Header(header)) })
+        .chain(data)
+        .chain(std::iter::once(pb::UpdateChunk { kind: Some(Kind::Trailer(pb::UpdateTrailer { sha256 })) }))
 }
 
 async fn heartbeat_loop(

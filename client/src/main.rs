@@ -163,7 +163,6 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 data: Arc::new(rows),
                 max_backoff: Duration::from_secs_f64(max_backoff),
                 threads,
-                state_dir,
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;

@@ -74,7 +74,7 @@ fn header(task: &pb::RoundTask, payload: &[u8], examples: u64) -> pb::UpdateHead
 fn upload(task: &pb::RoundTask, delta: &TensorSet, examples: u64) -> Vec<pb::UpdateChunk> {
     let payload = delta.encode(None);
     let digest = sha256_hex(&payload);
-    upload_chunks(header(task, &payload, examples), payload, digest)
+    upload_chunks(header(task, &payload, examples), payload, digest).collect()
 }
 
 fn filled(global: &TensorSet, value: f32) -> TensorSet {
