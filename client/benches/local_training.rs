@@ -8,28 +8,11 @@ use fl_client::train::{train, EncodedDataset, OptimizerKind, TrainConfig};
 use fl_common::{ModelKind, ModelSpec};
 use tokio_util::sync::CancellationToken;
 
-fn spec(labels: Vec<String>) -> ModelSpec {
-    ModelSpec {
-        kind: ModelKind::Fasttext,
-        labels,
-        buckets: 65_536,
-        embed_dim: 64,
-        ngrams: 2,
-        layers: 0,
-        hidden: 0,
-        heads: 0,
-        max_len: 0,
-        dropout: 0.0,
-        pooling: String::new(),
-        federation: String::new(),
-    }
-}
-
 fn local_epoch(c: &mut Criterion) {
     tch::set_num_threads(1);
     let generator = TextGenerator::new(GeneratorConfig { signal: 0.05, ..Default::default() });
     let rows = generator.rows(1675, 1);
-    let spec = spec(generator.labels());
+    let spec = ModelSpec::with_defaults(ModelKind::Fasttext, generator.labels());
     let model = Classifier::new(spec.clone(), tch::Device::Cpu, 1).unwrap();
     let texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
     let data = EncodedDataset::encode(&model, &texts, rows.iter().map(|r| r.label as i64).collect());

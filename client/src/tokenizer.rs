@@ -42,6 +42,11 @@ impl HashedNgramTokenizer {
         HashedNgramTokenizer { buckets, ngrams }
     }
 
+    /// Longest n-gram hashed.
+    pub fn ngrams(&self) -> u32 {
+        self.ngrams
+    }
+
     /// The id of one n-gram given as its words.
     pub fn ngram_id(&self, ngram: &[String]) -> i64 {
         let joined = ngram.join(" ");

@@ -111,47 +111,86 @@ struct SparseRowAdam {
     step: i32,
 }
 
-/// Trains `model` in place. `progress` is called with the fraction done, now and then.
-pub fn train(
-    model: &mut Classifier,
-    data: &EncodedDataset,
-    config: &TrainConfig,
-    cancel: &CancellationToken,
-    mut progress: impl FnMut(f32, &TrainStats),
-) -> TrainStats {
-    let device = model.device();
-    tch::manual_seed(config.seed as i64);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let embedding = model.embedding();
-    let mut dense_opt = match config.optimizer {
-        OptimizerKind::Adam => nn::Adam::default().build(&model.vs, config.lr),
-        OptimizerKind::Sgd => nn::Sgd::default().build(&model.vs, config.lr),
+/// Progress within one epoch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EpochStats {
+    /// Steps (batches) done.
+    pub steps: usize,
+    /// Examples seen.
+    pub examples: usize,
+    /// Mean training loss over the examples seen.
+    pub loss: f64,
+    /// Training accuracy over the examples seen.
+    pub accuracy: f64,
+    /// True if the epoch stopped early because it was cancelled.
+    pub cancelled: bool,
+}
+
+/// Training state that lasts across epochs: the optimizers' moments and the shuffling RNG.
+/// [`train`] runs one for a federated round; central training keeps one for the whole run.
+pub struct Trainer {
+    config: TrainConfig,
+    embedding: Tensor,
+    dense_opt: nn::Optimizer,
+    row_adam: Option<SparseRowAdam>,
+    rng: rand::rngs::StdRng,
+    row_of: HashMap<i64, i64>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("config", &self.config).finish_non_exhaustive()
     }
-    .expect("optimizer builds");
-    let mut row_adam = (config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam {
-        m: embedding.zeros_like(),
-        v: embedding.zeros_like(),
-        step: 0,
-    });
-    let batch_size = config.batch_size.max(1) as usize;
-    let total_steps = (config.epochs as usize * data.len().div_ceil(batch_size)).max(1);
-    let mut done_steps = 0usize;
-    let mut processed = 0usize;
-    let mut stats = TrainStats { examples: data.len(), ..Default::default() };
-    let started = std::time::Instant::now();
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    let mut row_of: HashMap<i64, i64> = HashMap::new();
-    'epochs: for _epoch in 0..config.epochs {
-        order.shuffle(&mut rng);
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
-        for chunk in order.chunks(batch_size) {
+}
+
+impl Trainer {
+    /// Optimizers for `model`'s weights; seeds libtorch (dropout) and the shuffling with `config.seed`.
+    pub fn new(model: &Classifier, config: &TrainConfig) -> Trainer {
+        tch::manual_seed(config.seed as i64);
+        let embedding = model.embedding();
+        let dense_opt = match config.optimizer {
+            OptimizerKind::Adam => nn::Adam::default().build(&model.vs, config.lr),
+            OptimizerKind::Sgd => nn::Sgd::default().build(&model.vs, config.lr),
+        }
+        .expect("optimizer builds");
+        let row_adam = (config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam {
+            m: embedding.zeros_like(),
+            v: embedding.zeros_like(),
+            step: 0,
+        });
+        Trainer {
+            config: config.clone(),
+            embedding,
+            dense_opt,
+            row_adam,
+            rng: rand::rngs::StdRng::seed_from_u64(config.seed),
+            row_of: HashMap::new(),
+        }
+    }
+
+    /// One pass over `data` in a fresh random order. `progress` is called after every step.
+    pub fn epoch(
+        &mut self,
+        model: &Classifier,
+        data: &EncodedDataset,
+        cancel: &CancellationToken,
+        mut progress: impl FnMut(&EpochStats),
+    ) -> EpochStats {
+        let device = model.device();
+        let lr = self.config.lr;
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        order.shuffle(&mut self.rng);
+        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+        let mut stats = EpochStats::default();
+        for chunk in order.chunks(self.config.batch_size.max(1) as usize) {
             if cancel.is_cancelled() {
                 stats.cancelled = true;
-                break 'epochs;
+                break;
             }
             // Map the batch's token ids onto the rows it touches.
-            row_of.clear();
+            self.row_of.clear();
             let mut rows: Vec<i64> = Vec::new();
+            let row_of = &mut self.row_of;
             let docs: Vec<Vec<i64>> = chunk
                 .iter()
                 .map(|&i| {
@@ -170,32 +209,60 @@ pub fn train(
             let batch = Batch::new(&docs, device);
             let target = Tensor::from_slice(&labels).to_device(device);
             let row_ids = Tensor::from_slice(&rows).to_device(device);
-            let table = embedding.index_select(0, &row_ids).detach().set_requires_grad(true);
+            let table = self.embedding.index_select(0, &row_ids).detach().set_requires_grad(true);
 
             let logits = model.forward_with_table(&table, &batch, true);
             let loss = logits.cross_entropy_for_logits(&target);
-            dense_opt.zero_grad();
+            self.dense_opt.zero_grad();
             loss.backward();
-            dense_opt.step();
+            self.dense_opt.step();
             let grad = table.grad();
-            tch::no_grad(|| update_rows(&embedding, &row_ids, &grad, config.lr, row_adam.as_mut()));
+            tch::no_grad(|| update_rows(&self.embedding, &row_ids, &grad, lr, self.row_adam.as_mut()));
 
             loss_sum += loss.double_value(&[]) * labels.len() as f64;
             correct += logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Double).double_value(&[]);
-            seen += labels.len();
-            processed += labels.len();
-            done_steps += 1;
-            if done_steps.is_multiple_of(16) {
-                stats.loss = loss_sum / seen as f64;
-                stats.accuracy = correct / seen as f64;
-                progress(done_steps as f32 / total_steps as f32, &stats);
-            }
+            stats.steps += 1;
+            stats.examples += labels.len();
+            stats.loss = loss_sum / stats.examples as f64;
+            stats.accuracy = correct / stats.examples as f64;
+            progress(&stats);
         }
-        stats.loss = loss_sum / seen.max(1) as f64;
-        stats.accuracy = correct / seen.max(1) as f64;
+        stats
     }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    stats.examples_per_s = processed as f64 / secs;
+}
+
+/// Trains `model` in place. `progress` is called with the fraction done, now and then.
+pub fn train(
+    model: &mut Classifier,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    cancel: &CancellationToken,
+    mut progress: impl FnMut(f32, &TrainStats),
+) -> TrainStats {
+    let mut trainer = Trainer::new(model, config);
+    let batch_size = config.batch_size.max(1) as usize;
+    let total_steps = (config.epochs as usize * data.len().div_ceil(batch_size)).max(1);
+    let mut stats = TrainStats { examples: data.len(), ..Default::default() };
+    let started = std::time::Instant::now();
+    let (mut steps_before, mut examples_done) = (0usize, 0usize);
+    for _epoch in 0..config.epochs {
+        let epoch = trainer.epoch(model, data, cancel, |e| {
+            if (steps_before + e.steps).is_multiple_of(16) {
+                stats.loss = e.loss;
+                stats.accuracy = e.accuracy;
+                progress((steps_before + e.steps) as f32 / total_steps as f32, &stats);
+            }
+        });
+        steps_before += epoch.steps;
+        examples_done += epoch.examples;
+        if epoch.cancelled {
+            stats.cancelled = true;
+            break;
+        }
+        stats.loss = epoch.loss;
+        stats.accuracy = epoch.accuracy;
+    }
+    stats.examples_per_s = examples_done as f64 / started.elapsed().as_secs_f64().max(1e-9);
     progress(1.0, &stats);
     stats
 }

@@ -74,7 +74,104 @@ pub struct ModelSpec {
     pub federation: String,
 }
 
+/// Largest values [`ModelSpec::validate`] accepts: a model file must not be able to ask for an
+/// allocation that takes the machine down.
+const MAX_BUCKETS: u32 = 1 << 24;
+const MAX_WIDTH: u32 = 4096;
+const MAX_LAYERS: u32 = 48;
+const MAX_LEN: u32 = 4096;
+const MAX_TABLE_ELEMENTS: u64 = 1 << 28;
+
 impl ModelSpec {
+    /// A spec with this kind's default hyper-parameters, chosen to train well on a few thousand
+    /// short texts within minutes on two CPU cores. Callers override single fields from flags.
+    ///
+    /// fastText keeps the historical 65 536 buckets, 64 dims and bigrams. The sequence models read
+    /// unigrams in order (`ngrams` 1) and cut texts at 64 words.
+    pub fn with_defaults(kind: ModelKind, labels: Vec<String>) -> ModelSpec {
+        let base = ModelSpec {
+            kind,
+            labels,
+            buckets: 65_536,
+            embed_dim: 64,
+            ngrams: 2,
+            layers: 0,
+            hidden: 0,
+            heads: 0,
+            max_len: 0,
+            dropout: 0.0,
+            pooling: String::new(),
+            federation: String::new(),
+        };
+        match kind {
+            ModelKind::Fasttext => base,
+            ModelKind::Bilstm => {
+                ModelSpec { buckets: 32_768, ngrams: 1, layers: 1, hidden: 64, max_len: 64, dropout: 0.1, ..base }
+            }
+            ModelKind::Transformer => ModelSpec {
+                buckets: 32_768,
+                ngrams: 1,
+                layers: 2,
+                hidden: 128,
+                heads: 4,
+                max_len: 64,
+                dropout: 0.1,
+                pooling: "mean".into(),
+                ..base
+            },
+        }
+    }
+
+    /// Checks that the hyper-parameters make a buildable model of this kind, within sane sizes.
+    /// `hidden` is the LSTM state size (bilstm) or the feed-forward width (transformer); the
+    /// bilstm ignores `heads` and `pooling`.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        check(self.labels.len() >= 2, format!("needs at least 2 labels, has {}", self.labels.len()));
+        let mut distinct = self.labels.clone();
+        distinct.sort();
+        distinct.dedup();
+        check(distinct.len() == self.labels.len(), "labels must be distinct".into());
+        check(self.labels.iter().all(|l| !l.is_empty()), "labels must not be empty".into());
+        check((1..=MAX_BUCKETS).contains(&self.buckets), format!("buckets must be 1..={MAX_BUCKETS}"));
+        check((1..=MAX_WIDTH).contains(&self.embed_dim), format!("embed_dim must be 1..={MAX_WIDTH}"));
+        check(
+            u64::from(self.buckets) * u64::from(self.embed_dim) <= MAX_TABLE_ELEMENTS,
+            format!("buckets x embed_dim must be at most {MAX_TABLE_ELEMENTS}"),
+        );
+        match self.kind {
+            ModelKind::Fasttext => check((1..=8).contains(&self.ngrams), "ngrams must be 1..=8".into()),
+            ModelKind::Bilstm | ModelKind::Transformer => {
+                check(self.ngrams == 1, format!("{} reads words in order: ngrams must be 1", self.kind));
+                check((1..=MAX_LAYERS).contains(&self.layers), format!("layers must be 1..={MAX_LAYERS}"));
+                check((1..=MAX_WIDTH * 4).contains(&self.hidden), format!("hidden must be 1..={}", MAX_WIDTH * 4));
+                check((1..=MAX_LEN).contains(&self.max_len), format!("max_len must be 1..={MAX_LEN}"));
+                check((0.0..1.0).contains(&self.dropout), "dropout must be in [0, 1)".into());
+            }
+        }
+        if self.kind == ModelKind::Transformer {
+            check(self.heads >= 1, "heads must be at least 1".into());
+            check(
+                self.heads >= 1 && self.embed_dim.is_multiple_of(self.heads),
+                format!("embed_dim {} must be divisible by heads {}", self.embed_dim, self.heads),
+            );
+            check(
+                self.pooling == "mean" || self.pooling == "cls",
+                format!("pooling must be 'mean' or 'cls', not '{}'", self.pooling),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("invalid {} spec: {}", self.kind, problems.join("; ")))
+        }
+    }
+
     /// Number of classes.
     pub fn num_classes(&self) -> usize {
         self.labels.len()
@@ -102,5 +199,44 @@ impl ModelSpec {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
+    #[test]
+    fn defaults_are_valid_and_fasttext_keeps_its_historical_shape() {
+        for kind in [ModelKind::Fasttext, ModelKind::Bilstm, ModelKind::Transformer] {
+            let spec = ModelSpec::with_defaults(kind, labels());
+            assert_eq!(spec.validate(), Ok(()), "{kind}");
+            assert_eq!(spec.kind, kind);
+        }
+        let ft = ModelSpec::with_defaults(ModelKind::Fasttext, labels());
+        assert_eq!((ft.buckets, ft.embed_dim, ft.ngrams), (65_536, 64, 2));
+        assert_eq!((ft.layers, ft.hidden, ft.heads, ft.max_len, ft.dropout), (0, 0, 0, 0, 0.0));
+        assert!(ft.pooling.is_empty());
+    }
+
+    #[test]
+    fn validate_names_each_problem() {
+        let mut spec = ModelSpec::with_defaults(ModelKind::Transformer, labels());
+        spec.heads = 3;
+        spec.pooling = "max".into();
+        spec.ngrams = 2;
+        let err = spec.validate().unwrap_err();
+        assert!(err.contains("divisible by heads 3"), "{err}");
+        assert!(err.contains("pooling"), "{err}");
+        assert!(err.contains("ngrams must be 1"), "{err}");
+        let mut spec = ModelSpec::with_defaults(ModelKind::Bilstm, vec!["x".into(), "x".into()]);
+        spec.dropout = 1.0;
+        spec.buckets = u32::MAX;
+        let err = spec.validate().unwrap_err();
+        assert!(err.contains("distinct") && err.contains("dropout") && err.contains("buckets"), "{err}");
     }
 }

@@ -39,25 +39,35 @@ pub struct ModelArgs {
     pub embed_dim: Option<u32>,
     /// Longest n-gram.
     pub ngrams: Option<u32>,
+    /// Recurrent or encoder layers (bilstm, transformer).
+    pub layers: Option<u32>,
+    /// LSTM hidden size, or Transformer feed-forward width.
+    pub hidden: Option<u32>,
+    /// Attention heads (transformer).
+    pub heads: Option<u32>,
+    /// Longest token sequence (bilstm, transformer).
+    pub max_len: Option<u32>,
+    /// Dropout probability (bilstm, transformer).
+    pub dropout: Option<f32>,
+    /// Transformer pooling: mean or cls.
+    pub pooling: Option<String>,
 }
 
 impl ModelArgs {
-    /// The spec of a new federation.
-    fn new_spec(&self, labels: Vec<String>) -> ModelSpec {
-        ModelSpec {
-            kind: self.kind.unwrap_or(ModelKind::Fasttext),
-            labels,
-            buckets: self.buckets.unwrap_or(65_536),
-            embed_dim: self.embed_dim.unwrap_or(64),
-            ngrams: self.ngrams.unwrap_or(2),
-            layers: 0,
-            hidden: 0,
-            heads: 0,
-            max_len: 0,
-            dropout: 0.0,
-            pooling: String::new(),
-            federation: String::new(),
-        }
+    /// The spec of a new federation: the kind's defaults, then the given flags.
+    fn new_spec(&self, labels: Vec<String>) -> Result<ModelSpec> {
+        let mut spec = ModelSpec::with_defaults(self.kind.unwrap_or(ModelKind::Fasttext), labels);
+        spec.buckets = self.buckets.unwrap_or(spec.buckets);
+        spec.embed_dim = self.embed_dim.unwrap_or(spec.embed_dim);
+        spec.ngrams = self.ngrams.unwrap_or(spec.ngrams);
+        spec.layers = self.layers.unwrap_or(spec.layers);
+        spec.hidden = self.hidden.unwrap_or(spec.hidden);
+        spec.heads = self.heads.unwrap_or(spec.heads);
+        spec.max_len = self.max_len.unwrap_or(spec.max_len);
+        spec.dropout = self.dropout.unwrap_or(spec.dropout);
+        spec.pooling = self.pooling.clone().unwrap_or(spec.pooling);
+        spec.validate().map_err(|e| anyhow::anyhow!("invalid model flags: {e}"))?;
+        Ok(spec)
     }
 
     /// Lists the given flags that differ from `spec`.
@@ -73,10 +83,20 @@ impl ModelArgs {
             ("--buckets", self.buckets, spec.buckets),
             ("--embed-dim", self.embed_dim, spec.embed_dim),
             ("--ngrams", self.ngrams, spec.ngrams),
+            ("--layers", self.layers, spec.layers),
+            ("--hidden", self.hidden, spec.hidden),
+            ("--heads", self.heads, spec.heads),
+            ("--max-len", self.max_len, spec.max_len),
         ] {
             if let Some(v) = given.filter(|v| *v != stored) {
                 conflicts.push(format!("{flag} {v} (model: {stored})"));
             }
+        }
+        if let Some(d) = self.dropout.filter(|d| *d != spec.dropout) {
+            conflicts.push(format!("--dropout {d} (model: {})", spec.dropout));
+        }
+        if let Some(p) = self.pooling.as_ref().filter(|p| **p != spec.pooling) {
+            conflicts.push(format!("--pooling {p} (model: {})", spec.pooling));
         }
         conflicts
     }
@@ -152,7 +172,7 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
                 if labels.len() < 2 {
                     bail!("a classifier needs at least 2 labels, got {labels:?}");
                 }
-                (config.model.new_spec(labels), None)
+                (config.model.new_spec(labels)?, None)
             }
         };
         // Check the eval data before anything is created, so a bad file leaves no half-made federation.

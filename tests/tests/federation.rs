@@ -219,3 +219,44 @@ fn init_model_is_checked_and_truncated_models_are_refused() {
     let out = run(command("fl-client").args(["predict", "--text", "hello", "--model"]).arg(&garbage));
     assert!(!out.status.success());
 }
+
+fn sequence_model_learns_federated(kind: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        1800,
+        3,
+        "127.0.0.1:0",
+        &["--model", kind, "--rounds", "3", "--min-clients", "3", "--local-epochs", "2", "--round-timeout", "120"],
+    );
+    let url = coordinator.url();
+    let clients: Vec<ClientProcess> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| ClientProcess::start(&url, d, &root.path().join(format!("data/shard-{}.csv", i + 1))))
+        .collect();
+    let status = coordinator.wait(Duration::from_secs(300));
+    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
+    let metrics = coordinator.metrics();
+    assert_rounds(&metrics, 3);
+    let accuracy = metrics.last().unwrap()["accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5, "{kind}: 10 classes, chance is 0.1; got {accuracy}");
+    let model = coordinator.state_dir.join("model/final.safetensors");
+    let out = run(command("fl-client")
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(root.path().join("data/test.csv")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(clients);
+}
+
+#[test]
+fn bilstm_learns_in_a_federation() {
+    sequence_model_learns_federated("bilstm");
+}
+
+#[test]
+fn transformer_learns_in_a_federation() {
+    sequence_model_learns_federated("transformer");
+}

@@ -1,5 +1,7 @@
 //! fastText-style classifier: hashed n-gram embeddings, mean-pooled, then a linear layer.
 
+use std::ops::Range;
+
 use fl_common::ModelSpec;
 use tch::{nn, nn::Module, Tensor};
 
@@ -34,6 +36,14 @@ impl FastText {
 impl Architecture for FastText {
     fn token_ids(&self, tokenizer: &HashedNgramTokenizer, text: &str) -> Vec<i64> {
         tokenizer.ids(text)
+    }
+
+    fn token_spans(&self, tokenizer: &HashedNgramTokenizer, text: &str) -> Vec<Range<usize>> {
+        // The same order as `HashedNgramTokenizer::ids`: all unigrams, then all bigrams, ...
+        let words = crate::tokenizer::words(text).len();
+        (1..=tokenizer.ngrams() as usize)
+            .flat_map(|n| (0..(words + 1).saturating_sub(n)).map(move |i| i..i + n))
+            .collect()
     }
 
     fn forward(&self, table: &Tensor, batch: &Batch, _train: bool) -> Tensor {

@@ -3,11 +3,15 @@
 //!
 //! Every architecture starts with an embedding table indexed by hashed token ids. Its forward
 //! pass takes that table as an argument, so that training can pass only the rows a batch touches
-//! and update just those rows (see `train`).
+//! and update just those rows (see `train`), and so that explanations can scale each token's
+//! embedding on its own (see `explain`).
 
+mod bilstm;
 mod fasttext;
+mod transformer;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use fl_common::tensors::{TensorError, META_SPEC};
@@ -16,7 +20,9 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::tokenizer::HashedNgramTokenizer;
 
+pub use bilstm::BiLstm;
 pub use fasttext::FastText;
+pub use transformer::Transformer;
 
 /// Name of the embedding table in every architecture.
 pub const EMBEDDING: &str = "embedding.weight";
@@ -86,9 +92,45 @@ impl Batch {
 pub trait Architecture: std::fmt::Debug + Send {
     /// Token ids of one text, as this architecture reads it.
     fn token_ids(&self, tokenizer: &HashedNgramTokenizer, text: &str) -> Vec<i64>;
-    /// Logits `[batch, classes]`. `table` holds the embedding rows that `batch.ids` index: the
-    /// whole table, or only the rows that a training batch touches.
+    /// For each id of [`Architecture::token_ids`], the words of the text it stands for, as a
+    /// range of indices into [`crate::tokenizer::words`] (one word, or the words of an n-gram).
+    fn token_spans(&self, tokenizer: &HashedNgramTokenizer, text: &str) -> Vec<Range<usize>>;
+    /// Logits `[batch, classes]`. `table` holds the embedding rows that `batch.ids` (and
+    /// `batch.padded`) index: the whole table, or only the rows that a training batch touches.
+    /// Dropout is active only when `train` is true.
     fn forward(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor;
+    /// Attention weights of the last layer averaged over heads, `[batch, positions, positions]`
+    /// (query by key), for architectures that attend; positions are as in
+    /// [`Architecture::attention_positions`].
+    fn last_attention(&self, _table: &Tensor, _batch: &Batch) -> Option<Tensor> {
+        None
+    }
+    /// Names of the positions of [`Architecture::last_attention`] for a document of `tokens` tokens.
+    fn attention_positions(&self, tokens: usize) -> Vec<Option<usize>> {
+        (0..tokens).map(Some).collect()
+    }
+}
+
+/// Word ids in text order, cut at `max_len`: what the sequence models read.
+fn sequence_ids(tokenizer: &HashedNgramTokenizer, text: &str, max_len: u32) -> Vec<i64> {
+    let mut ids = tokenizer.word_ids(text);
+    ids.truncate(max_len as usize);
+    ids
+}
+
+/// One word per id, for [`sequence_ids`].
+fn sequence_spans(text: &str, max_len: u32) -> Vec<Range<usize>> {
+    let n = crate::tokenizer::words(text).len().min(max_len as usize);
+    (0..n).map(|i| i..i + 1).collect()
+}
+
+/// Attention weights over the positions of one text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    /// What each position is: the index of a word of the text, or `None` for the CLS vector.
+    pub positions: Vec<Option<usize>>,
+    /// `weights[query][key]`; each row sums to one.
+    pub weights: Vec<Vec<f32>>,
 }
 
 /// A text classifier: architecture, weights and spec.
@@ -103,18 +145,20 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// A freshly initialised model; the same seed gives the same weights.
+    /// A freshly initialised model; the same seed gives the same weights. The spec is
+    /// validated first, so that a bad spec from a file or the network is an error, not a panic.
     pub fn new(spec: ModelSpec, device: Device, seed: u64) -> Result<Classifier, ModelError> {
+        spec.validate().map_err(|reason| ModelError::Invalid { path: "<spec>".into(), reason })?;
+        // libtorch's generator is global: hold it from seeding to the last initialised weight, so
+        // that models built on other threads meanwhile do not change these weights.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _init = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(device);
         let net: Box<dyn Architecture> = match spec.kind {
             ModelKind::Fasttext => Box::new(FastText::new(&vs.root(), &spec)),
-            other => {
-                return Err(ModelError::Invalid {
-                    path: "<spec>".into(),
-                    reason: format!("model kind '{other}' is not built into this binary"),
-                })
-            }
+            ModelKind::Bilstm => Box::new(BiLstm::new(&vs.root(), &spec)),
+            ModelKind::Transformer => Box::new(Transformer::new(&vs.root(), &spec)),
         };
         let tokenizer = HashedNgramTokenizer::new(spec.buckets, spec.ngrams);
         Ok(Classifier { spec, vs, net, tokenizer })
@@ -140,6 +184,27 @@ impl Classifier {
     /// Token ids of a text as the architecture reads it.
     pub fn token_ids(&self, text: &str) -> Vec<i64> {
         self.net.token_ids(&self.tokenizer, text)
+    }
+
+    /// For each id of [`Classifier::token_ids`], the range of words of the text it stands for.
+    pub fn token_spans(&self, text: &str) -> Vec<Range<usize>> {
+        self.net.token_spans(&self.tokenizer, text)
+    }
+
+    /// Number of weights.
+    pub fn num_parameters(&self) -> usize {
+        self.vs.variables().values().map(|t| t.numel()).sum()
+    }
+
+    /// The last layer's attention of one text, averaged over heads; `None` for architectures
+    /// without attention.
+    pub fn attention(&self, text: &str) -> Option<Attention> {
+        let _guard = tch::no_grad_guard();
+        let ids = self.token_ids(text);
+        let batch = Batch::new(std::slice::from_ref(&ids), self.device());
+        let weights = self.net.last_attention(&self.embedding(), &batch)?;
+        let weights = Vec::<Vec<f32>>::try_from(&weights.get(0).to_device(Device::Cpu)).ok()?;
+        Some(Attention { positions: self.net.attention_positions(ids.len()), weights })
     }
 
     /// The embedding table variable.
@@ -268,4 +333,45 @@ pub fn decode_model(bytes: &[u8]) -> Result<(ModelSpec, TensorSet), String> {
 /// The device to train on: the first CUDA device if there is one, else the CPU.
 pub fn default_device() -> Device {
     Device::cuda_if_available()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(kind: ModelKind) -> ModelSpec {
+        let mut spec = ModelSpec::with_defaults(kind, vec!["x".into(), "y".into(), "z".into()]);
+        spec.buckets = 1024;
+        spec
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_a_model_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = ["a short text", "and a somewhat longer one with more words in it", ""];
+        for kind in [ModelKind::Fasttext, ModelKind::Bilstm, ModelKind::Transformer] {
+            let mut specs = vec![small(kind)];
+            if kind == ModelKind::Transformer {
+                specs.push(ModelSpec { pooling: "cls".into(), layers: 1, ..small(kind) });
+            }
+            for spec in specs {
+                let model = Classifier::new(spec.clone(), Device::Cpu, 9).unwrap();
+                let path = dir.path().join(format!("{kind}-{}.safetensors", spec.pooling));
+                model.save(&path).unwrap();
+                let loaded = Classifier::load(&path, Device::Cpu).unwrap();
+                assert_eq!(loaded.spec, spec);
+                assert_eq!(loaded.to_tensors(), model.to_tensors(), "{kind}");
+                assert_eq!(loaded.predict_proba(&texts), model.predict_proba(&texts), "{kind}");
+                assert!(model.vs.variables().contains_key(EMBEDDING));
+            }
+        }
+    }
+
+    #[test]
+    fn an_invalid_spec_is_an_error_not_a_panic() {
+        let mut spec = small(ModelKind::Transformer);
+        spec.heads = 5;
+        let err = Classifier::new(spec, Device::Cpu, 0).unwrap_err();
+        assert!(err.to_string().contains("divisible"), "{err}");
+    }
 }
