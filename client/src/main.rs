@@ -1,4 +1,5 @@
-//! `fl-client`: enroll with a coordinator, serve federated rounds, predict, generate data.
+//! `fl-client`: enroll with a coordinator, serve federated rounds, train centrally, predict and
+//! explain, generate data.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,12 +8,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use fl_client::central::{default_train_config, train_central, CentralConfig, Progress, SpecOverrides};
 use fl_client::daemon::{self, DaemonConfig, DaemonExit};
 use fl_client::data::read_labelled_csv;
 use fl_client::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
+use fl_client::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_client::identity::ClientState;
 use fl_client::model::{default_device, Classifier};
 use fl_client::predict::{describe_prediction, evaluate_rows};
+use fl_client::train::OptimizerKind;
+use fl_common::ModelKind;
+use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -60,17 +66,102 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         max_backoff: f64,
     },
-    /// Predict with a model file: one text, or accuracy and confusion matrix on a labelled CSV.
+    /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
+    /// optionally explain each prediction.
     Predict {
         /// Model file (safetensors with metadata), e.g. STATE/model/final.safetensors.
         #[arg(long)]
         model: PathBuf,
-        /// Text to classify.
+        /// Text to classify (repeat for several).
         #[arg(long, conflicts_with = "data", required_unless_present = "data")]
-        text: Option<String>,
-        /// Labelled CSV to evaluate.
+        text: Vec<String>,
+        /// Labelled CSV to evaluate (with --explain: explain every row, then evaluate).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Print the words that pushed each prediction most towards and away from its label.
+        #[arg(long)]
+        explain: bool,
+        /// Explanation method: occlusion (probability drop when the word is removed) or ig
+        /// (integrated gradients on the embeddings).
+        #[arg(long, default_value = "occlusion", requires = "explain")]
+        method: Method,
+        /// Integrated-gradients steps (more is more exact; --method ig).
+        #[arg(long, default_value_t = 64, requires = "explain")]
+        steps: usize,
+        /// Words shown on each side.
+        #[arg(long, default_value_t = 5, requires = "explain")]
+        top: usize,
+        /// Transformer only: print the last layer's attention weights, averaged over heads.
+        #[arg(long)]
+        attention: bool,
+    },
+    /// Train a model centrally on one labelled CSV, with the same code as a federated round: the
+    /// centralized baseline, or a starting model for `fl-coordinator serve --init-model`.
+    Train {
+        /// Labelled CSV (`text,label`).
+        #[arg(long)]
+        data: PathBuf,
+        /// Architecture: fasttext, bilstm or transformer.
+        #[arg(long, default_value = "fasttext")]
+        model: ModelKind,
+        /// Where to write the model file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Passes over the training rows [default: per architecture].
+        #[arg(long)]
+        epochs: Option<u32>,
+        /// Learning rate [default: per architecture].
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Examples per step.
+        #[arg(long)]
+        batch_size: Option<u32>,
+        /// Optimizer: adam or sgd.
+        #[arg(long, default_value = "adam")]
+        optimizer: OptimizerKind,
+        /// Fraction of the rows held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        validation: f64,
+        /// Write the weights after the last epoch instead of those of the epoch with the best
+        /// validation accuracy.
+        #[arg(long)]
+        keep_last: bool,
+        /// Labels in output order, comma-separated [default: the CSV's labels, sorted].
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// libtorch intra-op threads (default: all cores).
+        #[arg(long, env = "FL_THREADS")]
+        threads: Option<i32>,
+        /// Seed of the weights, the split, the shuffling and dropout.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Hash buckets [default: per architecture].
+        #[arg(long)]
+        buckets: Option<u32>,
+        /// Embedding width, the model width of the transformer [default: per architecture].
+        #[arg(long)]
+        embed_dim: Option<u32>,
+        /// Longest n-gram (fasttext).
+        #[arg(long)]
+        ngrams: Option<u32>,
+        /// LSTM or encoder layers.
+        #[arg(long)]
+        layers: Option<u32>,
+        /// LSTM hidden size or transformer feed-forward width.
+        #[arg(long)]
+        hidden: Option<u32>,
+        /// Attention heads (transformer).
+        #[arg(long)]
+        heads: Option<u32>,
+        /// Longest word sequence read (bilstm, transformer).
+        #[arg(long)]
+        max_len: Option<u32>,
+        /// Dropout probability (bilstm, transformer).
+        #[arg(long)]
+        dropout: Option<f32>,
+        /// Transformer pooling: mean or cls.
+        #[arg(long)]
+        pooling: Option<String>,
     },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
     GenData {
@@ -172,14 +263,156 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 DaemonExit::Shutdown => Ok(ExitCode::from(130)),
             }
         }
-        Command::Predict { model, text, data } => {
-            let classifier = Classifier::load(&model, default_device())?;
-            if let Some(text) = text {
-                print!("{}", describe_prediction(&classifier, &text));
-            } else if let Some(path) = data {
+        Command::Predict { model, text, data, explain: explaining, method, steps, top, attention } => {
+            // Explanations differentiate through the model in evaluation mode, which cuDNN's LSTM
+            // cannot do; single texts are cheap on the CPU.
+            let device = if explaining || attention { tch::Device::Cpu } else { default_device() };
+            let classifier = Classifier::load(&model, device)?;
+            anyhow::ensure!(
+                !attention || classifier.spec.kind == ModelKind::Transformer,
+                "--attention needs a transformer model; {} is a {}",
+                model.display(),
+                classifier.spec.kind
+            );
+            let method = match method {
+                Method::IntegratedGradients { .. } => Method::IntegratedGradients { steps },
+                other => other,
+            };
+            let describe = |text: &str| {
+                if explaining {
+                    print!("{}", describe_explanation(&classifier, &explain(&classifier, text, method), top));
+                } else {
+                    print!("{}", describe_prediction(&classifier, text));
+                }
+                if attention {
+                    print!("{}", describe_attention(&classifier, text).unwrap_or_default());
+                }
+            };
+            if let Some(path) = data {
                 let rows = read_labelled_csv(&path)?;
+                if explaining || attention {
+                    for (text, label) in rows.texts.iter().zip(&rows.labels) {
+                        println!(
+                            "text: {text}
+true label: {label}"
+                        );
+                        describe(text);
+                        println!();
+                    }
+                }
                 print!("{}", evaluate_rows(&classifier, &rows)?);
+            } else {
+                for (i, t) in text.iter().enumerate() {
+                    if text.len() > 1 || explaining || attention {
+                        println!("{}text: {t}", if i > 0 { "\n" } else { "" });
+                    }
+                    describe(t);
+                }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train {
+            data,
+            model,
+            out,
+            epochs,
+            lr,
+            batch_size,
+            optimizer,
+            validation,
+            keep_last,
+            labels,
+            threads,
+            seed,
+            buckets,
+            embed_dim,
+            ngrams,
+            layers,
+            hidden,
+            heads,
+            max_len,
+            dropout,
+            pooling,
+        } => {
+            anyhow::ensure!((0.0..1.0).contains(&validation), "--validation must be in [0, 1)");
+            let rows = read_labelled_csv(&data)?;
+            let labels = labels.unwrap_or_else(|| rows.distinct_labels());
+            let overrides =
+                SpecOverrides { buckets, embed_dim, ngrams, layers, hidden, heads, max_len, dropout, pooling };
+            let spec = overrides.spec(model, labels).map_err(anyhow::Error::msg)?;
+            let mut train = default_train_config(model);
+            train.epochs = epochs.unwrap_or(train.epochs);
+            train.lr = lr.unwrap_or(train.lr);
+            train.batch_size = batch_size.unwrap_or(train.batch_size);
+            train.optimizer = optimizer;
+            train.seed = seed;
+            let threads =
+                threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
+            tch::set_num_threads(threads);
+            tch::set_num_interop_threads(1);
+            let device = default_device();
+            let config = CentralConfig { spec, train, validation, keep_best: !keep_last };
+            let cancel = CancellationToken::new();
+            let rt = runtime()?;
+            rt.spawn(stop_on_signal(cancel.clone()));
+            let started = std::time::Instant::now();
+            let mut bar = ProgressBar::hidden();
+            let mut rows_per_epoch = 0u64;
+            let outcome = train_central(&rows, &config, device, &cancel, |p| match p {
+                Progress::Start { train_rows, validation_rows } => {
+                    eprintln!(
+                        "training {} on {train_rows} rows ({validation_rows} held out), {} epochs, lr {}, batch {}, {threads} threads, {device:?}",
+                        config.spec.kind, config.train.epochs, config.train.lr, config.train.batch_size
+                    );
+                    rows_per_epoch = train_rows as u64;
+                    bar = ProgressBar::new(rows_per_epoch * u64::from(config.train.epochs));
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{elapsed_precise} [{bar:30}] {pos}/{len} examples, epoch {prefix}, {msg} (eta {eta})",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                }
+                Progress::Step { epoch, stats, examples_per_s } => {
+                    bar.set_prefix(epoch.to_string());
+                    bar.set_position(u64::from(epoch - 1) * rows_per_epoch + stats.examples as u64);
+                    bar.set_message(format!("loss {:.4}, {examples_per_s:.0} examples/s", stats.loss));
+                }
+                Progress::Epoch(r) => {
+                    let validation = match (r.validation_accuracy, r.validation_loss) {
+                        (Some(a), Some(l)) => format!(", validation accuracy {a:.4} loss {l:.4}"),
+                        _ => String::new(),
+                    };
+                    // Printed even when stderr is not a terminal and the bar stays hidden.
+                    bar.suspend(|| {
+                        println!(
+                            "epoch {}: train loss {:.4} accuracy {:.4}{validation}, {:.0} examples/s",
+                            r.epoch, r.train_loss, r.train_accuracy, r.examples_per_s
+                        )
+                    });
+                }
+            })?;
+            bar.finish_and_clear();
+            if outcome.cancelled {
+                eprintln!("interrupted; no model written");
+                return Ok(ExitCode::from(130));
+            }
+            outcome.model.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            let kept = outcome.epochs.iter().find(|r| r.epoch == outcome.kept_epoch);
+            let mean_speed =
+                outcome.epochs.iter().map(|r| r.examples_per_s).sum::<f64>() / outcome.epochs.len().max(1) as f64;
+            println!(
+                "wrote {} ({} model, {} parameters, weights of epoch {}{}) in {:.1} s, {mean_speed:.0} training examples/s",
+                out.display(),
+                config.spec.kind,
+                outcome.model.num_parameters(),
+                outcome.kept_epoch,
+                kept.and_then(|r| r.validation_accuracy)
+                    .map(|a| format!(", validation accuracy {a:.4}"))
+                    .unwrap_or_default(),
+                started.elapsed().as_secs_f64(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::GenData { out, rows, eval_rows, test_rows, classes, shards, partition: how, alpha, signal, seed } => {
