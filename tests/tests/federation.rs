@@ -260,3 +260,46 @@ fn bilstm_learns_in_a_federation() {
 fn transformer_learns_in_a_federation() {
     sequence_model_learns_federated("transformer");
 }
+
+#[test]
+fn a_centrally_trained_model_seeds_a_federation() {
+    let root = tempfile::tempdir().unwrap();
+    gen_data(&root.path().join("data"), 1500, 2);
+    let start = root.path().join("central.safetensors");
+    let out = run(command("fl-client")
+        .args(["train", "--model", "fasttext", "--epochs", "2", "--threads", "1", "--data"])
+        .arg(root.path().join("data/train.csv"))
+        .arg("--out")
+        .arg(&start));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eval = root.path().join("data/eval.csv");
+    let mut coordinator = CoordinatorProcess::start(
+        &root.path().join("coordinator"),
+        &[
+            "--init-model",
+            start.to_str().unwrap(),
+            "--eval-data",
+            eval.to_str().unwrap(),
+            "--rounds",
+            "1",
+            "--min-clients",
+            "2",
+        ],
+    );
+    let url = coordinator.url();
+    let mut clients = Vec::new();
+    for i in 1..=2 {
+        let dir = root.path().join(format!("client-{i}"));
+        assert!(enroll(&url, &coordinator.token(), &dir, "c").status.success());
+        clients.push(ClientProcess::start(&url, &dir, &root.path().join(format!("data/shard-{i}.csv"))));
+    }
+    assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.log_text());
+    let weights = |path: &std::path::Path| fl_client::model::decode_model(&std::fs::read(path).unwrap()).unwrap();
+    let (central_spec, central) = weights(&start);
+    let (initial_spec, initial) = weights(&coordinator.state_dir.join("model/initial.safetensors"));
+    assert_eq!(initial, central, "the federation starts from the trained weights");
+    assert_eq!(initial_spec.labels, central_spec.labels);
+    assert!(!initial_spec.federation.is_empty(), "the starting model now belongs to this federation");
+    let accuracy = coordinator.metrics()[0]["accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.6, "{accuracy}");
+}
