@@ -37,17 +37,20 @@ echo "signal $SIGNAL, rows $ROWS, clients $CLIENTS, rounds $ROUNDS, target $TARG
 
 if [ -z "${SKIP_FLOWER:-}" ]; then
   wait_load
-  echo "== flower (load before: $(load))"
-  "$VENV/bin/python" bench/flower/flower_fasttext.py run --t0 "$(date +%s.%N)" --data "$WORK/data" \
+  lb=$(load); echo "== flower (load before: $lb)"
+  python3 bench/flower/cputime.py "$WORK/flower.cpu" \
+    "$VENV/bin/python" bench/flower/flower_fasttext.py run --t0 "$(date +%s.%N)" --data "$WORK/data" \
     --clients "$CLIENTS" --rounds "$ROUNDS" --out "$WORK/flower" --optimizer "$OPT" | tee "$WORK/flower.out"
-  echo "== flower done (load after: $(load))"
-  echo "$(load)" >"$WORK/flower.load"
+  la=$(load); echo "== flower done (load after: $la)"
+  echo "$lb / $la" >"$WORK/flower.load"
 fi
 if [ -z "${SKIP_OURS:-}" ]; then
   wait_load
-  echo "== ours (load before: $(load))"
-  BENCH_DIR="$WORK/ours" SIGNAL="$SIGNAL" ROWS="$ROWS" bench/federation.sh "$CLIENTS" "$ROUNDS" "$TARGET" | tee "$WORK/ours.out"
-  echo "== ours done (load after: $(load))"
+  lb=$(load); echo "== ours (load before: $lb)"
+  BENCH_DIR="$WORK/ours" SIGNAL="$SIGNAL" ROWS="$ROWS" \
+    python3 bench/flower/cputime.py "$WORK/ours.cpu" bench/federation.sh "$CLIENTS" "$ROUNDS" "$TARGET" | tee "$WORK/ours.out"
+  la=$(load); echo "== ours done (load after: $la)"
+  echo "$lb / $la" >"$WORK/ours.load"
   OURS="$WORK/ours/c$CLIENTS-r$ROUNDS"
   # Our launch: federation.sh takes its start time just before it spawns the coordinator, whose
   # log file the shell creates at that moment; its birth time is the launch.
@@ -81,24 +84,40 @@ if os.path.exists(f"{d}/coord/metrics.jsonl"):
                         round_s=[m[r]["round_s"] for r in sorted(m)])
 out = []
 for name, r in rows.items():
-    first = next(((n, a, t) for n, a, t in r["curve"] if a >= target), None)
-    last = r["curve"][-1] if r["curve"] else (0, float("nan"), float("nan"))
-    r.update(first=first, last=last, per_round=sum(r["round_s"]) / max(1, len(r["round_s"])))
-    out.append(f"{name} accuracy per round: " + " ".join(f"{a:.3f}" for _, a, _ in r["curve"]))
-    out.append(f"{name} seconds from launch per round: " + " ".join(f"{t:.1f}" for _, _, t in r["curve"]))
-fmt = "{:<8} {:>16} {:>12} {:>16} {:>10} {:>12}"
+    c = r["curve"]
+    first = next(((n, a, t) for n, a, t in c if a >= target), None)
+    last = c[-1] if c else (0, float("nan"), float("nan"))
+    steady = (c[-1][2] - c[0][2]) / (len(c) - 1) if len(c) > 1 else float("nan")
+    r.update(first=first, last=last, per_round=sum(r["round_s"]) / max(1, len(r["round_s"])), steady=steady)
+    out.append(f"{name} accuracy per round: " + " ".join(f"{a:.3f}" for _, a, _ in c))
+    out.append(f"{name} seconds from launch per round: " + " ".join(f"{t:.1f}" for _, _, t in c))
+for name, f in (("Flower", "flower.cpu"), ("ours", "ours.cpu")):
+    if name in rows:
+        u, s_ = map(float, open(f"{work}/{f}").read().split()) if os.path.exists(f"{work}/{f}") else (float("nan"),) * 2
+        rows[name]["cpu"] = u + s_
+fmt = "{:<8} {:>14} {:>6} {:>9} {:>13} {:>9} {:>11} {:>11} {:>8}"
 out.append("")
-out.append(fmt.format("system", f"s to acc>={target}", "that round", f"acc at round {rounds}", "wall s", "s per round"))
+out.append(fmt.format("system", f"s to >={target}", "round", f"acc r{rounds}", f"s to r{rounds}",
+                      "wall s", "s/round", "s/round 2+", "CPU s"))
 for name, r in rows.items():
     f_ = r["first"]
     out.append(fmt.format(name, f"{f_[2]:.1f}" if f_ else "not reached", str(f_[0]) if f_ else "-",
-                          f"{r['last'][1]:.3f}" if r["last"][0] == rounds else f"n/a (r{r['last'][0]})",
-                          f"{r['wall']:.1f}", f"{r['per_round']:.2f}"))
+                          f"{r['last'][1]:.3f}" if r["last"][0] == rounds else f"(r{r['last'][0]})",
+                          f"{r['last'][2]:.1f}", f"{r['wall']:.1f}", f"{r['per_round']:.2f}", f"{r['steady']:.2f}", f"{r['cpu']:.1f}"))
 if len(rows) == 2:
     fl, us = rows["Flower"], rows["ours"]
     ratio = lambda a, b: f"{a / b:.2f}" if b else "n/a"
     out.append(fmt.format("ours/Fl", ratio(us["first"][2], fl["first"][2]) if us["first"] and fl["first"] else "n/a",
-                          "", "", ratio(us["wall"], fl["wall"]), ratio(us["per_round"], fl["per_round"])))
+                          "", "", ratio(us["last"][2], fl["last"][2]), ratio(us["wall"], fl["wall"]),
+                          ratio(us["per_round"], fl["per_round"]), ratio(us["steady"], fl["steady"]), ratio(us["cpu"], fl["cpu"])))
+out.append("")
+out.append("s to >=T: launch to the first round whose centralized test accuracy is >= T; s to rN: launch to "
+           "round N's result; wall s: launch to server exit; s/round: mean round time; s/round 2+: "
+           "(t(rN) - t(r1)) / (N - 1); CPU s: user + system time of all the run's processes "
+           "(for ours it includes data generation by federation.sh, ~0.1 s)")
+for name, f in (("Flower", "flower.load"), ("ours", "ours.load")):
+    if os.path.exists(f"{work}/{f}"):
+        out.append(f"{name}: load average before / after: " + open(f"{work}/{f}").read().strip())
 print("\n".join(out))
 open(f"{work}/table.txt", "w").write("\n".join(out) + "\n")
 PY

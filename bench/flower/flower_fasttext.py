@@ -286,6 +286,7 @@ def server_main(a):
     fl.server.start_server(server_address=a.address, strategy=strategy,
                            config=fl.server.ServerConfig(num_rounds=a.rounds, round_timeout=600))
     metrics.close()
+    print(f"flower server stopped {time.time() - t0:.2f} s after launch", flush=True)
 
 
 # ---------------------------------------------------------------- launcher
