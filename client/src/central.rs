@@ -36,7 +36,7 @@ pub enum CentralError {
 /// of 10 classes within a few minutes on two CPU cores (see BENCHMARKS-models.md).
 pub fn default_train_config(kind: ModelKind) -> TrainConfig {
     let (epochs, lr) = match kind {
-        ModelKind::Fasttext => (5, 0.01),
+        ModelKind::Fasttext => (5, 0.002),
         ModelKind::Bilstm => (6, 0.003),
         ModelKind::Transformer => (8, 0.001),
     };

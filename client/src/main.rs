@@ -400,10 +400,12 @@ true label: {label}"
             }
             outcome.model.save(&out).with_context(|| format!("writing {}", out.display()))?;
             let kept = outcome.epochs.iter().find(|r| r.epoch == outcome.kept_epoch);
-            let mean_speed =
-                outcome.epochs.iter().map(|r| r.examples_per_s).sum::<f64>() / outcome.epochs.len().max(1) as f64;
+            // The median epoch: one epoch slowed down by other work on the machine does not move it.
+            let mut speeds: Vec<f64> = outcome.epochs.iter().map(|r| r.examples_per_s).collect();
+            speeds.sort_by(f64::total_cmp);
+            let median_speed = speeds.get(speeds.len() / 2).copied().unwrap_or(0.0);
             println!(
-                "wrote {} ({} model, {} parameters, weights of epoch {}{}) in {:.1} s, {mean_speed:.0} training examples/s",
+                "wrote {} ({} model, {} parameters, weights of epoch {}{}) in {:.1} s; median epoch: {:.0} examples/s",
                 out.display(),
                 config.spec.kind,
                 outcome.model.num_parameters(),
@@ -412,6 +414,7 @@ true label: {label}"
                     .map(|a| format!(", validation accuracy {a:.4}"))
                     .unwrap_or_default(),
                 started.elapsed().as_secs_f64(),
+                median_speed,
             );
             Ok(ExitCode::SUCCESS)
         }
