@@ -3,8 +3,8 @@
 #   seconds per round, coordinator overhead per round beyond client training, bytes up and down
 #   per round, wall time to reach a target accuracy, and the coordinator's peak RSS.
 # Usage: bench/federation.sh [CLIENTS] [ROUNDS] [TARGET_ACCURACY]
-# Environment: ROWS (6700), SIGNAL (generator difficulty, 0.2), BUCKETS (65536), DIM (64),
-#   BENCH_DIR (target/bench), EXTRA_SERVE_ARGS.
+# Environment: ROWS (6700), SIGNAL (generator difficulty, 0.2), MODEL (fasttext), BUCKETS (65536),
+#   DIM (64) for fasttext, LR (0.01), EPOCHS (1), BENCH_DIR (target/bench), EXTRA_SERVE_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${1:-4}
@@ -13,7 +13,7 @@ TARGET=${3:-0.42}
 ROWS=${ROWS:-6700}
 SIGNAL=${SIGNAL:-0.2}
 BIN=target/release
-DIR=${BENCH_DIR:-target/bench}/c$CLIENTS-r$ROUNDS
+DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS
 [ -x $BIN/fl-coordinator ] || { echo "run make build first" >&2; exit 1; }
 rm -rf "$DIR"; mkdir -p "$DIR/logs"
 pids=()
@@ -23,9 +23,15 @@ trap cleanup EXIT
 $BIN/fl-client gen-data --out "$DIR/data" --rows "$ROWS" --shards "$CLIENTS" --signal "$SIGNAL" --seed 11 >/dev/null
 start=$(date +%s.%N)
 # shellcheck disable=SC2086
+MODEL=${MODEL:-fasttext}
+if [ "$MODEL" = fasttext ]; then
+  MODEL_ARGS="--buckets ${BUCKETS:-65536} --embed-dim ${DIM:-64} --ngrams 2"
+else
+  MODEL_ARGS=""
+fi
 $BIN/fl-coordinator serve --listen 127.0.0.1:0 --state-dir "$DIR/coord" --rounds "$ROUNDS" \
-  --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --buckets "${BUCKETS:-65536}" \
-  --embed-dim "${DIM:-64}" --ngrams 2 --lr 0.01 --batch-size 32 --local-epochs 1 --optimizer adam \
+  --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --model "$MODEL" $MODEL_ARGS \
+  --lr "${LR:-0.01}" --batch-size 32 --local-epochs "${EPOCHS:-1}" --optimizer adam \
   --round-timeout 600 ${EXTRA_SERVE_ARGS:-} >"$DIR/logs/coordinator.log" 2>&1 &
 coord=$!
 pids+=("$coord")
@@ -61,12 +67,13 @@ for f in glob.glob(f"{d}/logs/client-*.log"):
         if "local training done" in line and g:
             r = int(g.group(1)); train[r] = max(train.get(r, 0.0), float(g.group(2)))
 n = len(m)
+m0model = json.load(open(f"{d}/coord/federation.json"))["spec"]["kind"]
 round_s = sum(x["round_s"] for x in m) / n
 overhead = sum(x["round_s"] - train.get(x["round"], 0.0) for x in m) / n
 coord_log = open(f"{d}/logs/coordinator.log").read()
 # Wall time from the coordinator's launch to the metrics line of each round.
 first = next((x for x in m if x["accuracy"] >= target), None)
-print(f"clients {clients}, rounds {n}/{rounds}, data rows per client ~{m[0]['examples']//max(1,m[0]['participants'])}")
+print(f"model {m0model}, clients {clients}, rounds {n}/{rounds}, data rows per client ~{m[0]['examples']//max(1,m[0]['participants'])}")
 print(f"accuracy per round: " + " ".join(f"{x['accuracy']:.3f}" for x in m))
 print(f"final accuracy: {m[-1]['accuracy']:.4f}")
 print(f"seconds per round (mean round_s): {round_s:.3f}")
