@@ -5,7 +5,9 @@
 # Usage: bench/flower/compare.sh [SIGNAL] [ROUNDS=20] [TARGET=0.42]
 # Environment: ROWS (6700), CLIENTS (4), FLOWER_OPTIMIZER (adam-fused; or adam, sparse-adam),
 #   WORK (target/flower-compare), MAX_LOAD (wait before each run until the 1-minute load average
-#   is below it; default: no wait), LOAD_WAIT_S (longest such wait, 600), SKIP_FLOWER / SKIP_OURS=1.
+#   is below it; default: no wait), LOAD_WAIT_S (longest such wait, 600), NICE (run both systems
+#   at this niceness, e.g. -10 as root, so that other jobs on the machine disturb them less; the
+#   same for both), SKIP_FLOWER / SKIP_OURS=1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIGNAL=${1:-0.05}
@@ -22,6 +24,7 @@ bench/flower/setup.sh >&2
 rm -rf "$WORK"; mkdir -p "$WORK"
 
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+PRIO=(); [ -n "${NICE:-}" ] && PRIO=(nice -n "$NICE")
 wait_load() {
   [ -n "${MAX_LOAD:-}" ] || return 0
   local waited=0
@@ -33,12 +36,14 @@ wait_load() {
 
 # The same arguments federation.sh passes to the generator (seed 11), so both runs see identical files.
 $BIN/fl-client gen-data --out "$WORK/data" --rows "$ROWS" --shards "$CLIENTS" --signal "$SIGNAL" --seed 11 >/dev/null
-echo "signal $SIGNAL, rows $ROWS, clients $CLIENTS, rounds $ROUNDS, target $TARGET, flower optimizer $OPT"
+echo "signal $SIGNAL, rows $ROWS, clients $CLIENTS, rounds $ROUNDS, target $TARGET, flower optimizer $OPT, nice ${NICE:-0}"
+ident() { echo "$(sha256sum "$1" | cut -c1-12) $(date -r "$1" +%H:%M:%S)"; }
+echo "binaries: fl-coordinator $(ident $BIN/fl-coordinator), fl-client $(ident $BIN/fl-client); HEAD $(git rev-parse --short HEAD 2>/dev/null || echo '?')" | tee "$WORK/binaries"
 
 if [ -z "${SKIP_FLOWER:-}" ]; then
   wait_load
   lb=$(load); echo "== flower (load before: $lb)"
-  python3 bench/flower/cputime.py "$WORK/flower.cpu" \
+  "${PRIO[@]}" python3 bench/flower/cputime.py "$WORK/flower.cpu" \
     "$VENV/bin/python" bench/flower/flower_fasttext.py run --t0 "$(date +%s.%N)" --data "$WORK/data" \
     --clients "$CLIENTS" --rounds "$ROUNDS" --out "$WORK/flower" --optimizer "$OPT" | tee "$WORK/flower.out"
   la=$(load); echo "== flower done (load after: $la)"
@@ -47,11 +52,13 @@ fi
 if [ -z "${SKIP_OURS:-}" ]; then
   wait_load
   lb=$(load); echo "== ours (load before: $lb)"
-  BENCH_DIR="$WORK/ours" SIGNAL="$SIGNAL" ROWS="$ROWS" \
-    python3 bench/flower/cputime.py "$WORK/ours.cpu" bench/federation.sh "$CLIENTS" "$ROUNDS" "$TARGET" | tee "$WORK/ours.out"
+  BENCH_DIR="$WORK/ours" SIGNAL="$SIGNAL" ROWS="$ROWS" MODEL=fasttext LR=0.01 EPOCHS=1 \
+    "${PRIO[@]}" python3 bench/flower/cputime.py "$WORK/ours.cpu" bench/federation.sh "$CLIENTS" "$ROUNDS" "$TARGET" | tee "$WORK/ours.out"
   la=$(load); echo "== ours done (load after: $la)"
   echo "$lb / $la" >"$WORK/ours.load"
-  OURS="$WORK/ours/c$CLIENTS-r$ROUNDS"
+  # federation.sh's run folder: BENCH_DIR/c4-r20 in older versions, BENCH_DIR/fasttext-c4-r20 now.
+  OURS=$(ls -d "$WORK"/ours/*c"$CLIENTS"-r"$ROUNDS" | head -n 1)
+  echo "$OURS" >"$WORK/ours.dir"
   # Our launch: federation.sh takes its start time just before it spawns the coordinator, whose
   # log file the shell creates at that moment; its birth time is the launch.
   date -d "$(stat -c %w "$OURS/logs/coordinator.log")" +%s.%N >"$WORK/ours.t0"
@@ -59,6 +66,8 @@ if [ -z "${SKIP_OURS:-}" ]; then
   echo "data: federation.sh generated files identical to $WORK/data"
 fi
 
+now="binaries: fl-coordinator $(ident $BIN/fl-coordinator), fl-client $(ident $BIN/fl-client)"
+case "$(cat "$WORK/binaries")" in "$now"*) ;; *) echo "WARNING: the binaries changed during the run: $now" | tee -a "$WORK/binaries" >&2;; esac
 python3 - "$WORK" "$CLIENTS" "$ROUNDS" "$TARGET" <<'PY'
 import json, os, re, sys
 from datetime import datetime
@@ -69,8 +78,8 @@ if os.path.exists(f):
     s = json.load(open(f))
     rows["Flower"] = dict(curve=[(r["round"], r["accuracy"], r["elapsed_s"]) for r in s["rounds"]],
                           wall=s["wall_s"], round_s=[r["round_s"] for r in s["rounds"]])
-d = f"{work}/ours/c{clients}-r{rounds}"
-if os.path.exists(f"{d}/coord/metrics.jsonl"):
+d = open(f"{work}/ours.dir").read().strip() if os.path.exists(f"{work}/ours.dir") else ""
+if d and os.path.exists(f"{d}/coord/metrics.jsonl"):
     t0 = float(open(f"{work}/ours.t0").read())
     m = {x["round"]: x for x in map(json.loads, open(f"{d}/coord/metrics.jsonl"))}
     done = {}
@@ -115,6 +124,7 @@ out.append("s to >=T: launch to the first round whose centralized test accuracy 
            "round N's result; wall s: launch to server exit; s/round: mean round time; s/round 2+: "
            "(t(rN) - t(r1)) / (N - 1); CPU s: user + system time of all the run's processes "
            "(for ours it includes data generation by federation.sh, ~0.1 s)")
+out.append(open(f"{work}/binaries").read().strip())
 for name, f in (("Flower", "flower.load"), ("ours", "ours.load")):
     if os.path.exists(f"{work}/{f}"):
         out.append(f"{name}: load average before / after: " + open(f"{work}/{f}").read().strip())
