@@ -43,26 +43,36 @@ pub fn default_train_config(kind: ModelKind) -> TrainConfig {
     TrainConfig { epochs, batch_size: 32, lr, optimizer: OptimizerKind::Adam, seed: 42 }
 }
 
-/// Architecture flags; `None` keeps the kind's default from [`ModelSpec::with_defaults`].
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Architecture flags; `None` keeps the kind's default from [`ModelSpec::with_defaults`]. Shared
+/// by `fl-client train` and `fl-coordinator serve`.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct SpecOverrides {
-    /// Hash buckets.
+    /// Hash buckets [default: 65536 for fasttext, 32768 otherwise].
+    #[arg(long)]
     pub buckets: Option<u32>,
-    /// Embedding width (the model width of the transformer).
+    /// Embedding width, the model width of the transformer [default: 64].
+    #[arg(long)]
     pub embed_dim: Option<u32>,
-    /// Longest n-gram (fastText).
+    /// Longest n-gram (2 = unigrams and bigrams) [default: 2 for fasttext, 1 otherwise].
+    #[arg(long)]
     pub ngrams: Option<u32>,
-    /// LSTM or encoder layers.
+    /// LSTM or encoder layers [default: 1].
+    #[arg(long)]
     pub layers: Option<u32>,
-    /// LSTM hidden size or transformer feed-forward width.
+    /// LSTM hidden size or transformer feed-forward width [default: 64 / 128].
+    #[arg(long)]
     pub hidden: Option<u32>,
-    /// Attention heads.
+    /// Attention heads (transformer) [default: 4].
+    #[arg(long)]
     pub heads: Option<u32>,
-    /// Longest word sequence read.
+    /// Longest word sequence read (bilstm, transformer) [default: 64].
+    #[arg(long)]
     pub max_len: Option<u32>,
-    /// Dropout probability.
+    /// Dropout probability (bilstm, transformer) [default: 0.3].
+    #[arg(long)]
     pub dropout: Option<f32>,
-    /// Transformer pooling, "mean" or "cls".
+    /// Transformer pooling: mean or cls [default: mean].
+    #[arg(long, value_parser = ["mean", "cls"])]
     pub pooling: Option<String>,
 }
 

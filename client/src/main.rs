@@ -135,33 +135,8 @@ enum Command {
         /// Seed of the weights, the split, the shuffling and dropout.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Hash buckets [default: per architecture].
-        #[arg(long)]
-        buckets: Option<u32>,
-        /// Embedding width, the model width of the transformer [default: per architecture].
-        #[arg(long)]
-        embed_dim: Option<u32>,
-        /// Longest n-gram (fasttext).
-        #[arg(long)]
-        ngrams: Option<u32>,
-        /// LSTM or encoder layers.
-        #[arg(long)]
-        layers: Option<u32>,
-        /// LSTM hidden size or transformer feed-forward width.
-        #[arg(long)]
-        hidden: Option<u32>,
-        /// Attention heads (transformer).
-        #[arg(long)]
-        heads: Option<u32>,
-        /// Longest word sequence read (bilstm, transformer).
-        #[arg(long)]
-        max_len: Option<u32>,
-        /// Dropout probability (bilstm, transformer).
-        #[arg(long)]
-        dropout: Option<f32>,
-        /// Transformer pooling: mean or cls.
-        #[arg(long)]
-        pooling: Option<String>,
+        #[command(flatten)]
+        arch: SpecOverrides,
     },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
     GenData {
@@ -324,22 +299,12 @@ true label: {label}"
             labels,
             threads,
             seed,
-            buckets,
-            embed_dim,
-            ngrams,
-            layers,
-            hidden,
-            heads,
-            max_len,
-            dropout,
-            pooling,
+            arch,
         } => {
             anyhow::ensure!((0.0..1.0).contains(&validation), "--validation must be in [0, 1)");
             let rows = read_labelled_csv(&data)?;
             let labels = labels.unwrap_or_else(|| rows.distinct_labels());
-            let overrides =
-                SpecOverrides { buckets, embed_dim, ngrams, layers, hidden, heads, max_len, dropout, pooling };
-            let spec = overrides.spec(model, labels).map_err(anyhow::Error::msg)?;
+            let spec = arch.spec(model, labels).map_err(anyhow::Error::msg)?;
             let mut train = default_train_config(model);
             train.epochs = epochs.unwrap_or(train.epochs);
             train.lr = lr.unwrap_or(train.lr);

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use fl_client::central::SpecOverrides;
 use fl_client::model::{decode_model, Classifier};
 use fl_common::token::JoinToken;
 use fl_common::{ModelKind, ModelSpec};
@@ -33,41 +34,16 @@ pub struct ModelArgs {
     pub kind: Option<ModelKind>,
     /// Labels, in order.
     pub labels: Option<Vec<String>>,
-    /// Hash buckets.
-    pub buckets: Option<u32>,
-    /// Embedding width.
-    pub embed_dim: Option<u32>,
-    /// Longest n-gram.
-    pub ngrams: Option<u32>,
-    /// Recurrent or encoder layers (bilstm, transformer).
-    pub layers: Option<u32>,
-    /// LSTM hidden size, or Transformer feed-forward width.
-    pub hidden: Option<u32>,
-    /// Attention heads (transformer).
-    pub heads: Option<u32>,
-    /// Longest token sequence (bilstm, transformer).
-    pub max_len: Option<u32>,
-    /// Dropout probability (bilstm, transformer).
-    pub dropout: Option<f32>,
-    /// Transformer pooling: mean or cls.
-    pub pooling: Option<String>,
+    /// Architecture flags.
+    pub arch: SpecOverrides,
 }
 
 impl ModelArgs {
     /// The spec of a new federation: the kind's defaults, then the given flags.
     fn new_spec(&self, labels: Vec<String>) -> Result<ModelSpec> {
-        let mut spec = ModelSpec::with_defaults(self.kind.unwrap_or(ModelKind::Fasttext), labels);
-        spec.buckets = self.buckets.unwrap_or(spec.buckets);
-        spec.embed_dim = self.embed_dim.unwrap_or(spec.embed_dim);
-        spec.ngrams = self.ngrams.unwrap_or(spec.ngrams);
-        spec.layers = self.layers.unwrap_or(spec.layers);
-        spec.hidden = self.hidden.unwrap_or(spec.hidden);
-        spec.heads = self.heads.unwrap_or(spec.heads);
-        spec.max_len = self.max_len.unwrap_or(spec.max_len);
-        spec.dropout = self.dropout.unwrap_or(spec.dropout);
-        spec.pooling = self.pooling.clone().unwrap_or(spec.pooling);
-        spec.validate().map_err(|e| anyhow::anyhow!("invalid model flags: {e}"))?;
-        Ok(spec)
+        self.arch
+            .spec(self.kind.unwrap_or(ModelKind::Fasttext), labels)
+            .map_err(|e| anyhow::anyhow!("invalid model flags: {e}"))
     }
 
     /// Lists the given flags that differ from `spec`.
@@ -79,23 +55,24 @@ impl ModelArgs {
         if let Some(l) = self.labels.as_ref().filter(|l| **l != spec.labels) {
             conflicts.push(format!("--labels {} (model: {})", l.join(","), spec.labels.join(",")));
         }
+        let arch = &self.arch;
         for (flag, given, stored) in [
-            ("--buckets", self.buckets, spec.buckets),
-            ("--embed-dim", self.embed_dim, spec.embed_dim),
-            ("--ngrams", self.ngrams, spec.ngrams),
-            ("--layers", self.layers, spec.layers),
-            ("--hidden", self.hidden, spec.hidden),
-            ("--heads", self.heads, spec.heads),
-            ("--max-len", self.max_len, spec.max_len),
+            ("--buckets", arch.buckets, spec.buckets),
+            ("--embed-dim", arch.embed_dim, spec.embed_dim),
+            ("--ngrams", arch.ngrams, spec.ngrams),
+            ("--layers", arch.layers, spec.layers),
+            ("--hidden", arch.hidden, spec.hidden),
+            ("--heads", arch.heads, spec.heads),
+            ("--max-len", arch.max_len, spec.max_len),
         ] {
             if let Some(v) = given.filter(|v| *v != stored) {
                 conflicts.push(format!("{flag} {v} (model: {stored})"));
             }
         }
-        if let Some(d) = self.dropout.filter(|d| *d != spec.dropout) {
+        if let Some(d) = arch.dropout.filter(|d| *d != spec.dropout) {
             conflicts.push(format!("--dropout {d} (model: {})", spec.dropout));
         }
-        if let Some(p) = self.pooling.as_ref().filter(|p| **p != spec.pooling) {
+        if let Some(p) = arch.pooling.as_ref().filter(|p| **p != spec.pooling) {
             conflicts.push(format!("--pooling {p} (model: {})", spec.pooling));
         }
         conflicts

@@ -78,33 +78,8 @@ struct ServeArgs {
     /// Model architecture: fasttext, bilstm or transformer [default: fasttext].
     #[arg(long)]
     model: Option<ModelKind>,
-    /// Hash buckets of the tokenizer [default: 65536 for fasttext, 32768 otherwise].
-    #[arg(long)]
-    buckets: Option<u32>,
-    /// Embedding width [default: 64].
-    #[arg(long)]
-    embed_dim: Option<u32>,
-    /// Longest n-gram (2 = unigrams and bigrams) [default: 2 for fasttext, 1 otherwise].
-    #[arg(long)]
-    ngrams: Option<u32>,
-    /// Layers of the bilstm or transformer [default: 1 / 2].
-    #[arg(long)]
-    layers: Option<u32>,
-    /// LSTM hidden size, or transformer feed-forward width [default: 64 / 128].
-    #[arg(long)]
-    hidden: Option<u32>,
-    /// Transformer attention heads [default: 4].
-    #[arg(long)]
-    heads: Option<u32>,
-    /// Longest token sequence of the bilstm or transformer [default: 64].
-    #[arg(long)]
-    max_len: Option<u32>,
-    /// Dropout of the bilstm or transformer [default: 0.1].
-    #[arg(long)]
-    dropout: Option<f32>,
-    /// Transformer pooling: mean or cls [default: mean].
-    #[arg(long, value_parser = ["mean", "cls"])]
-    pooling: Option<String>,
+    #[command(flatten)]
+    arch: fl_client::central::SpecOverrides,
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]
     local_epochs: u32,
@@ -212,19 +187,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         if args.tls_san.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { args.tls_san.clone() };
     let config = ServeConfig {
         state_dir: args.state_dir.clone(),
-        model: ModelArgs {
-            kind: args.model,
-            labels: args.labels.clone(),
-            buckets: args.buckets,
-            embed_dim: args.embed_dim,
-            ngrams: args.ngrams,
-            layers: args.layers,
-            hidden: args.hidden,
-            heads: args.heads,
-            max_len: args.max_len,
-            dropout: args.dropout,
-            pooling: args.pooling.clone(),
-        },
+        model: ModelArgs { kind: args.model, labels: args.labels.clone(), arch: args.arch.clone() },
         eval_data: args.eval_data.clone(),
         settings: RoundSettings {
             rounds: args.rounds,
