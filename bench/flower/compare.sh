@@ -2,7 +2,7 @@
 # Same-machine comparison with Flower 1.42 + PyTorch: generates the data once, runs the Flower
 # baseline (bench/flower/flower_fasttext.py: server + 4 client processes over loopback gRPC),
 # then our federation (bench/federation.sh) on the same data and flags, and prints a table.
-# Usage: bench/flower/compare.sh [SIGNAL] [ROUNDS=20] [TARGET=0.42]
+# Usage: bench/flower/compare.sh [SIGNAL=0.08] [ROUNDS=20] [TARGET=0.42]   (see RESULTS.md for why 0.08)
 # Environment: ROWS (6700), CLIENTS (4), FLOWER_OPTIMIZER (adam-fused; or adam, sparse-adam),
 #   WORK (target/flower-compare), MAX_LOAD (wait before each run until the 1-minute load average
 #   is below it; default: no wait), LOAD_WAIT_S (longest such wait, 600), NICE (run both systems
@@ -10,7 +10,7 @@
 #   same for both), SKIP_FLOWER / SKIP_OURS=1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SIGNAL=${1:-0.05}
+SIGNAL=${1:-0.08}
 ROUNDS=${2:-20}
 TARGET=${3:-0.42}
 ROWS=${ROWS:-6700}
