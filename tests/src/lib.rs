@@ -227,6 +227,14 @@ impl Drop for ClientProcess {
     }
 }
 
+/// Starts one client per enrolled state dir, each on its own shard (`root/data/shard-N.csv`).
+pub fn start_clients(root: &Path, url: &str, dirs: &[PathBuf]) -> Vec<ClientProcess> {
+    dirs.iter()
+        .enumerate()
+        .map(|(i, d)| ClientProcess::start(url, d, &root.join(format!("data/shard-{}.csv", i + 1))))
+        .collect()
+}
+
 /// A small federation: data in `root/data`, a coordinator in `root/coordinator`, and
 /// `clients` enrolled clients (not started).
 pub fn enrolled_federation(

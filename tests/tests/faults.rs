@@ -24,13 +24,6 @@ fn assert_final_state(state_dir: &Path, rounds: u64) {
     assert!(last > 0.4, "the model still learns (accuracy {last})");
 }
 
-fn start_clients(root: &Path, url: &str, dirs: &[std::path::PathBuf]) -> Vec<ClientProcess> {
-    dirs.iter()
-        .enumerate()
-        .map(|(i, d)| ClientProcess::start(url, d, &root.join(format!("data/shard-{}.csv", i + 1))))
-        .collect()
-}
-
 fn log_has_round(coordinator: &CoordinatorProcess, event: &str, round: u32) -> bool {
     coordinator.log_text().lines().any(|l| l.contains(event) && l.contains(&format!("round={round} ")))
 }

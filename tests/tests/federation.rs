@@ -35,11 +35,7 @@ fn three_clients_learn_over_mutual_tls_and_predict() {
         &["--rounds", "3", "--min-clients", "3", "--round-timeout", "60"],
     );
     let url = coordinator.url();
-    let clients: Vec<ClientProcess> = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| ClientProcess::start(&url, d, &root.path().join(format!("data/shard-{}.csv", i + 1))))
-        .collect();
+    let clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
     let status = coordinator.wait(Duration::from_secs(240));
     assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
     for mut c in clients {
@@ -137,11 +133,7 @@ fn a_client_killed_mid_round_does_not_stop_the_round() {
         &["--rounds", "3", "--min-clients", "2", "--round-timeout", "20"],
     );
     let url = coordinator.url();
-    let mut clients: Vec<ClientProcess> = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| ClientProcess::start(&url, d, &root.path().join(format!("data/shard-{}.csv", i + 1))))
-        .collect();
+    let mut clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
     // Kill client 3 while it trains its first round.
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while !clients[2].log_text().contains("joined the federation") || !coordinator.log_text().contains("round started")
@@ -230,11 +222,7 @@ fn sequence_model_learns_federated(kind: &str) {
         &["--model", kind, "--rounds", "3", "--min-clients", "3", "--local-epochs", "2", "--round-timeout", "120"],
     );
     let url = coordinator.url();
-    let clients: Vec<ClientProcess> = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| ClientProcess::start(&url, d, &root.path().join(format!("data/shard-{}.csv", i + 1))))
-        .collect();
+    let clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
     let status = coordinator.wait(Duration::from_secs(300));
     assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
     let metrics = coordinator.metrics();
