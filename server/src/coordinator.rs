@@ -15,6 +15,7 @@ use fl_common::tensors::CODEC_SAFETENSORS_F32;
 use fl_common::{ModelSpec, TensorSet};
 use fl_proto::pb;
 use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{info, warn};
@@ -657,5 +658,3 @@ pub async fn drain(coord: &Arc<Coordinator>, limit: Duration) {
         coord.wait_change(Duration::from_millis(100)).await;
     }
 }
-
-use rand::SeedableRng;
