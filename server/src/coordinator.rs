@@ -536,7 +536,28 @@ async fn run_attempt(
         }
         let now = Instant::now();
         if now >= deadline {
-            info!(round, attempt, answered, wanted = target, sampled = sampled.len(), "round deadline reached");
+            // Say how far the clients that did not answer got, from their heartbeats.
+            let stragglers: Vec<String> = {
+                let open = coord.open.lock().expect("open round lock");
+                let r = open.as_ref().expect("round is open");
+                r.sampled
+                    .iter()
+                    .filter(|c| !r.accepted.contains(*c) && !r.rejected.contains(*c))
+                    .map(|c| match r.progress.get(c) {
+                        Some(p) => format!("{c}:{:.0}%", p * 100.0),
+                        None => format!("{c}:silent"),
+                    })
+                    .collect()
+            };
+            info!(
+                round,
+                attempt,
+                answered,
+                wanted = target,
+                sampled = sampled.len(),
+                stragglers = stragglers.join(","),
+                "round deadline reached"
+            );
             break;
         }
         tokio::select! {
