@@ -61,6 +61,6 @@ MODEL="$DEMO/coordinator/model/final.safetensors"
 SENTENCE=$(sed -n 2p "$DEMO/data/test.csv" | cut -d, -f1)
 echo "== predicting with $MODEL"
 echo "text: $SENTENCE"
-$BIN/fl-client predict --model "$MODEL" --text "$SENTENCE" | head -4
+$BIN/fl-client predict --model "$MODEL" --text "$SENTENCE"
 echo "== held-out test set"
-$BIN/fl-client predict --model "$MODEL" --data "$DEMO/data/test.csv" | head -1
+$BIN/fl-client predict --model "$MODEL" --data "$DEMO/data/test.csv"

@@ -51,14 +51,15 @@ impl std::fmt::Display for Evaluation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "accuracy: {:.4}", self.accuracy)?;
         writeln!(f, "confusion matrix (rows: true label, columns: predicted):")?;
-        let width = self.labels.iter().map(|l| l.len()).max().unwrap_or(5).max(5);
+        let row_names: Vec<String> = self.labels.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect();
+        let width = row_names.iter().map(|n| n.chars().count()).max().unwrap_or(5).max(5);
         write!(f, "{:>width$}", "")?;
         for (i, _) in self.labels.iter().enumerate() {
             write!(f, " {:>5}", i)?;
         }
         writeln!(f)?;
         for (i, row) in self.confusion.iter().enumerate() {
-            write!(f, "{:>width$}", format!("{i}:{}", self.labels[i]))?;
+            write!(f, "{:>width$}", row_names[i])?;
             for c in row {
                 write!(f, " {c:>5}")?;
             }
