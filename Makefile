@@ -24,7 +24,7 @@ lint:
 
 bench-criterion:
 	cargo bench -p fl-server --bench aggregation
-	cargo bench -p fl-client --bench local_training
+	cargo bench -p fl-model --bench local_training
 
 bench: build
 	bench/federation.sh

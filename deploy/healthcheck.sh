@@ -25,4 +25,4 @@ done <<EOF_ARGS
 $args
 EOF_ARGS
 [ "$is_coordinator" = 1 ] || exit 0
-exec fl-coordinator health --coordinator "https://localhost:$port" --ca "$state/ca.pem"
+exec fl-health --coordinator "https://localhost:$port" --ca "$state/ca.pem"

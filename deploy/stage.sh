@@ -16,7 +16,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 bin_dir="${1:-$root/target/release}"
 out="${2:-$root/target/deploy/context}"
-binaries=(fl-coordinator fl-client)
+binaries=(fl-coordinator fl-client fl-health)
 
 for b in "${binaries[@]}"; do
   [ -x "$bin_dir/$b" ] || { echo "stage.sh: $bin_dir/$b is missing; run \`make build\` first" >&2; exit 1; }

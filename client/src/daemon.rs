@@ -14,11 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::data::LabelledTexts;
-use crate::enroll::connect;
+use fl_common::decode_model;
+use fl_common::tls::connect;
+use fl_model::data::LabelledTexts;
+use fl_model::model::{default_device, Classifier};
+use fl_model::train::{train, EncodedDataset, TrainConfig};
+
 use crate::identity::Identity;
-use crate::model::{decode_model, default_device, Classifier};
-use crate::train::{train, EncodedDataset, TrainConfig};
 
 /// Bytes per chunk of an upload.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -160,6 +162,7 @@ async fn session(
     let channel = match connect(&config.coordinator, &config.identity.ca_pem, Some(&config.identity.key)).await {
         Ok(c) => c,
         Err(e) => {
+            let e = anyhow::Error::from(e);
             let chain = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
             if is_certificate_alert(&chain) {
                 bail!(FatalError(format!("the coordinator rejected this client's certificate ({chain})")));

@@ -7,17 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use fl_client::central::{default_train_config, train_central, CentralConfig, Progress, SpecOverrides};
+use clap::{Parser, Subcommand, ValueEnum};
 use fl_client::daemon::{self, DaemonConfig, DaemonExit};
-use fl_client::data::read_labelled_csv;
-use fl_client::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
-use fl_client::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_client::identity::ClientState;
-use fl_client::model::{default_device, Classifier};
-use fl_client::predict::{describe_prediction, evaluate_rows};
-use fl_client::train::OptimizerKind;
-use fl_common::ModelKind;
+use fl_common::{ModelKind, SpecOverrides};
+use fl_model::central::{default_train_config, train_central, CentralConfig, Progress};
+use fl_model::data::read_labelled_csv;
+use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
+use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
+use fl_model::model::{default_device, Classifier};
+use fl_model::predict::{describe_prediction, evaluate_rows};
+use fl_model::train::OptimizerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
@@ -83,8 +83,8 @@ enum Command {
         explain: bool,
         /// Explanation method: occlusion (probability drop when the word is removed) or ig
         /// (integrated gradients on the embeddings).
-        #[arg(long, default_value = "occlusion", requires = "explain")]
-        method: Method,
+        #[arg(long, value_enum, default_value_t = MethodArg::Occlusion, requires = "explain")]
+        method: MethodArg,
         /// Integrated-gradients steps (more is more exact; --method ig).
         #[arg(long, default_value_t = 64, requires = "explain")]
         steps: usize,
@@ -158,9 +158,9 @@ enum Command {
         /// Number of client shards (shard-1.csv ...).
         #[arg(long, default_value_t = 3)]
         shards: usize,
-        /// iid or dirichlet.
-        #[arg(long, default_value = "iid")]
-        partition: String,
+        /// How rows are dealt to the shards.
+        #[arg(long, value_enum, default_value_t = PartitionArg::Iid)]
+        partition: PartitionArg,
         /// Dirichlet concentration (smaller is more skewed).
         #[arg(long, default_value_t = 0.5)]
         alpha: f64,
@@ -173,13 +173,27 @@ enum Command {
     },
 }
 
+/// `--method` of `predict --explain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MethodArg {
+    /// Probability drop when the word is removed.
+    Occlusion,
+    /// Integrated gradients on the embeddings (`--steps`).
+    #[value(alias = "integrated-gradients")]
+    Ig,
+}
+
+/// `--partition` of `gen-data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PartitionArg {
+    /// Shuffled and dealt evenly.
+    Iid,
+    /// Per class, shares drawn from a Dirichlet distribution (`--alpha`).
+    Dirichlet,
+}
+
 fn main() -> ExitCode {
-    fl_common::tls::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    fl_common::cli::init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -200,6 +214,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    if matches!(cli.command, Command::Predict { .. } | Command::Train { .. } | Command::GenData { .. }) {
+        fl_common::cli::die_quietly_on_closed_stdout();
+    }
     match cli.command {
         Command::Enroll { coordinator, token, state_dir, name } => {
             let state = ClientState::new(&state_dir);
@@ -232,7 +249,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;
-            rt.spawn(stop_on_signal(shutdown.clone()));
+            rt.spawn(fl_common::cli::cancel_on_signal(shutdown.clone()));
             match rt.block_on(daemon::run(config, shutdown))? {
                 DaemonExit::FederationFinished => Ok(ExitCode::SUCCESS),
                 DaemonExit::Shutdown => Ok(ExitCode::from(130)),
@@ -250,8 +267,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 classifier.spec.kind
             );
             let method = match method {
-                Method::IntegratedGradients { .. } => Method::IntegratedGradients { steps },
-                other => other,
+                MethodArg::Ig => Method::IntegratedGradients { steps },
+                MethodArg::Occlusion => Method::Occlusion,
             };
             let describe = |text: &str| {
                 if explaining {
@@ -319,7 +336,7 @@ true label: {label}"
             let config = CentralConfig { spec, train, validation, keep_best: !keep_last };
             let cancel = CancellationToken::new();
             let rt = runtime()?;
-            rt.spawn(stop_on_signal(cancel.clone()));
+            rt.spawn(fl_common::cli::cancel_on_signal(cancel.clone()));
             let started = std::time::Instant::now();
             let mut bar = ProgressBar::hidden();
             let mut rows_per_epoch = 0u64;
@@ -384,10 +401,9 @@ true label: {label}"
             Ok(ExitCode::SUCCESS)
         }
         Command::GenData { out, rows, eval_rows, test_rows, classes, shards, partition: how, alpha, signal, seed } => {
-            let how = match how.as_str() {
-                "iid" => Partition::Iid,
-                "dirichlet" => Partition::Dirichlet(alpha),
-                other => anyhow::bail!("unknown partition '{other}' (expected iid or dirichlet)"),
+            let how = match how {
+                PartitionArg::Iid => Partition::Iid,
+                PartitionArg::Dirichlet => Partition::Dirichlet(alpha),
             };
             anyhow::ensure!((2..=16).contains(&classes), "--classes must be 2 to 16");
             anyhow::ensure!(shards >= 1, "--shards must be at least 1");
@@ -395,7 +411,7 @@ true label: {label}"
             let labels = generator.labels();
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let train = generator.rows(rows, seed.wrapping_add(1));
-            let write = |name: &str, rows: &[fl_client::datagen::Row]| {
+            let write = |name: &str, rows: &[fl_model::datagen::Row]| {
                 let path = out.join(name);
                 write_csv(&path, rows, &labels).with_context(|| format!("writing {}", path.display()))
             };
@@ -417,13 +433,4 @@ true label: {label}"
 
 fn default_name() -> String {
     std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "client".into())
-}
-
-async fn stop_on_signal(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    token.cancel();
 }

@@ -1,11 +1,14 @@
-//! Types, codecs, file and TLS helpers shared by the coordinator (`fl-coordinator`) and the
-//! client daemon (`fl-client`).
+//! Types, codecs, file and TLS helpers shared by the coordinator (`fl-server`, `fl-coordinator`),
+//! the client daemon (`fl-client`) and the ML library (`fl-model`). Nothing here needs libtorch.
 
+pub mod cli;
 pub mod files;
+pub mod model_file;
 pub mod model_spec;
 pub mod tensors;
 pub mod tls;
 pub mod token;
 
-pub use model_spec::{ModelKind, ModelSpec};
+pub use model_file::{decode_model, encode_model, ModelFileError};
+pub use model_spec::{ModelKind, ModelSpec, SpecError, SpecOverrides};
 pub use tensors::{NamedTensor, TensorSet};

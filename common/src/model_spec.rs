@@ -3,6 +3,25 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a spec does not make a model, or does not fit another.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    /// The hyper-parameters do not make a buildable model; each problem is named.
+    #[error("invalid {kind} spec: {}", problems.join("; "))]
+    Invalid {
+        /// The architecture.
+        kind: ModelKind,
+        /// One line per problem.
+        problems: Vec<String>,
+    },
+    /// The labels of two specs differ.
+    #[error("labels differ: {0:?} vs {1:?}")]
+    Labels(Vec<String>, Vec<String>),
+    /// The architectures of two specs differ.
+    #[error("architecture differs: {0} vs {1}")]
+    Architecture(String, String),
+}
+
 /// The architecture of the text classifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -127,7 +146,7 @@ impl ModelSpec {
     /// Checks that the hyper-parameters make a buildable model of this kind, within sane sizes.
     /// `hidden` is the LSTM state size (bilstm) or the feed-forward width (transformer); the
     /// bilstm ignores `heads` and `pooling`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         let mut problems = Vec::new();
         let mut check = |ok: bool, problem: String| {
             if !ok {
@@ -170,7 +189,7 @@ impl ModelSpec {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(format!("invalid {} spec: {}", self.kind, problems.join("; ")))
+            Err(SpecError::Invalid { kind: self.kind, problems })
         }
     }
 
@@ -185,22 +204,100 @@ impl ModelSpec {
     }
 
     /// Checks that two specs describe the same architecture with the same labels (weights may differ).
-    pub fn check_compatible(&self, other: &ModelSpec) -> Result<(), String> {
+    pub fn check_compatible(&self, other: &ModelSpec) -> Result<(), SpecError> {
         let mut a = self.clone();
         let mut b = other.clone();
         a.federation.clear();
         b.federation.clear();
         if a.labels != b.labels {
-            return Err(format!("labels differ: {:?} vs {:?}", a.labels, b.labels));
+            return Err(SpecError::Labels(a.labels, b.labels));
         }
         if a != b {
-            return Err(format!(
-                "architecture differs: {} vs {}",
+            return Err(SpecError::Architecture(
                 serde_json::to_string(&a).unwrap_or_default(),
-                serde_json::to_string(&b).unwrap_or_default()
+                serde_json::to_string(&b).unwrap_or_default(),
             ));
         }
         Ok(())
+    }
+}
+
+/// Architecture flags; `None` keeps the kind's default from [`ModelSpec::with_defaults`]. The one
+/// definition that `fl-client train` and `fl-coordinator serve` both flatten into their flags.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct SpecOverrides {
+    /// Hash buckets [default: 65536 for fasttext, 32768 otherwise].
+    #[arg(long)]
+    pub buckets: Option<u32>,
+    /// Embedding width, the model width of the transformer [default: 64].
+    #[arg(long)]
+    pub embed_dim: Option<u32>,
+    /// Longest n-gram (2 = unigrams and bigrams) [default: 2 for fasttext, 1 otherwise].
+    #[arg(long)]
+    pub ngrams: Option<u32>,
+    /// LSTM or encoder layers [default: 1].
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// LSTM hidden size or transformer feed-forward width [default: 64 / 128].
+    #[arg(long)]
+    pub hidden: Option<u32>,
+    /// Attention heads (transformer) [default: 4].
+    #[arg(long)]
+    pub heads: Option<u32>,
+    /// Longest word sequence read (bilstm, transformer) [default: 64].
+    #[arg(long)]
+    pub max_len: Option<u32>,
+    /// Dropout probability (bilstm, transformer) [default: 0.3].
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Transformer pooling: mean or cls [default: mean].
+    #[arg(long, value_parser = ["mean", "cls"])]
+    pub pooling: Option<String>,
+}
+
+impl SpecOverrides {
+    /// The kind's default spec with these fields replaced, validated.
+    pub fn spec(&self, kind: ModelKind, labels: Vec<String>) -> Result<ModelSpec, SpecError> {
+        let mut spec = ModelSpec::with_defaults(kind, labels);
+        let set = |field: &mut u32, value: Option<u32>| *field = value.unwrap_or(*field);
+        set(&mut spec.buckets, self.buckets);
+        set(&mut spec.embed_dim, self.embed_dim);
+        set(&mut spec.ngrams, self.ngrams);
+        set(&mut spec.layers, self.layers);
+        set(&mut spec.hidden, self.hidden);
+        set(&mut spec.heads, self.heads);
+        set(&mut spec.max_len, self.max_len);
+        spec.dropout = self.dropout.unwrap_or(spec.dropout);
+        if let Some(p) = &self.pooling {
+            spec.pooling = p.clone();
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The flags given here that differ from `spec`, as `--flag given (model: stored)`.
+    pub fn conflicts_with(&self, spec: &ModelSpec) -> Vec<String> {
+        let mut conflicts = Vec::new();
+        for (flag, given, stored) in [
+            ("--buckets", self.buckets, spec.buckets),
+            ("--embed-dim", self.embed_dim, spec.embed_dim),
+            ("--ngrams", self.ngrams, spec.ngrams),
+            ("--layers", self.layers, spec.layers),
+            ("--hidden", self.hidden, spec.hidden),
+            ("--heads", self.heads, spec.heads),
+            ("--max-len", self.max_len, spec.max_len),
+        ] {
+            if let Some(v) = given.filter(|v| *v != stored) {
+                conflicts.push(format!("{flag} {v} (model: {stored})"));
+            }
+        }
+        if let Some(d) = self.dropout.filter(|d| *d != spec.dropout) {
+            conflicts.push(format!("--dropout {d} (model: {})", spec.dropout));
+        }
+        if let Some(p) = self.pooling.as_ref().filter(|p| **p != spec.pooling) {
+            conflicts.push(format!("--pooling {p} (model: {})", spec.pooling));
+        }
+        conflicts
     }
 }
 
@@ -231,14 +328,14 @@ mod tests {
         spec.heads = 3;
         spec.pooling = "max".into();
         spec.ngrams = 2;
-        let err = spec.validate().unwrap_err();
+        let err = spec.validate().unwrap_err().to_string();
         assert!(err.contains("divisible by heads 3"), "{err}");
         assert!(err.contains("pooling"), "{err}");
         assert!(err.contains("ngrams must be 1"), "{err}");
         let mut spec = ModelSpec::with_defaults(ModelKind::Bilstm, vec!["x".into(), "x".into()]);
         spec.dropout = 1.0;
         spec.buckets = u32::MAX;
-        let err = spec.validate().unwrap_err();
+        let err = spec.validate().unwrap_err().to_string();
         assert!(err.contains("distinct") && err.contains("dropout") && err.contains("buckets"), "{err}");
     }
 }

@@ -153,14 +153,6 @@ impl TensorSet {
         }
         Ok((TensorSet::new(tensors), metadata))
     }
-
-    /// Decodes a payload named by `codec`.
-    pub fn decode_codec(codec: &str, bytes: &[u8]) -> Result<(TensorSet, HashMap<String, String>), TensorError> {
-        match codec {
-            CODEC_SAFETENSORS_F32 => Self::decode(bytes),
-            other => Err(TensorError::Codec(other.to_string())),
-        }
-    }
 }
 
 /// Hex SHA-256 of a byte string.

@@ -214,6 +214,52 @@ pub fn client_tls(ca_pem: &str, identity: Option<&CertifiedKey>, domain: &str) -
     config
 }
 
+/// Why a channel to the coordinator could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL is not `https://HOST[:PORT]`.
+    #[error("bad coordinator URL '{url}': {reason}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The connection or the TLS handshake failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Host and port of an `https://HOST:PORT` URL (port 443 if none).
+pub fn host_port(url: &str) -> Result<(String, u16), ConnectError> {
+    let bad = |reason: &str| ConnectError::Url { url: url.to_string(), reason: reason.to_string() };
+    let uri: tonic::codegen::http::Uri =
+        url.parse().map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(&e.to_string()))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("it must start with https:// (TLS is always on)"));
+    }
+    let host = uri.host().ok_or_else(|| bad("it has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    Ok((host, uri.port_u16().unwrap_or(443)))
+}
+
+/// Opens a TLS channel to the coordinator at `url` that trusts only `ca_pem` and presents
+/// `identity` if given. Used by the client daemon, enrollment and the health probe.
+pub async fn connect(
+    url: &str,
+    ca_pem: &str,
+    identity: Option<&CertifiedKey>,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    let (host, _) = host_port(url)?;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .tls_config(client_tls(ca_pem, identity, &host))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect().await?)
+}
+
 /// Accepts a server whose presented chain contains a CA with the pinned fingerprint and whose
 /// certificate that CA signed, and remembers that CA.
 #[derive(Debug)]

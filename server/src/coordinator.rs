@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fl_client::model::encode_model;
 use fl_common::tensors::CODEC_SAFETENSORS_F32;
-use fl_common::{ModelSpec, TensorSet};
+use fl_common::{encode_model, ModelSpec, TensorSet};
 use fl_proto::pb;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -21,7 +20,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
-use crate::evaluate::EvalSet;
+use crate::backend::Evaluator;
 use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::state::StateDir;
 
@@ -389,7 +388,7 @@ struct ClosedRound {
 /// Runs the remaining rounds; returns when all are done or `shutdown` fires.
 pub async fn run_rounds(
     coord: Arc<Coordinator>,
-    eval: Option<Arc<EvalSet>>,
+    eval: Option<Arc<dyn Evaluator>>,
     shutdown: tokio_util::sync::CancellationToken,
     elapsed_before: f64,
 ) -> Result<()> {
@@ -592,18 +591,17 @@ struct MetricsLine {
 
 async fn complete_round(
     coord: &Arc<Coordinator>,
-    eval: Option<Arc<EvalSet>>,
+    eval: Option<Arc<dyn Evaluator>>,
     closed: ClosedRound,
     elapsed_s: f64,
 ) -> Result<()> {
     let ClosedRound { mut round, started } = closed;
-    let spec = coord.spec.clone();
     let global = round.model.tensors.clone();
     let mut strategy = std::mem::replace(&mut round.strategy, Box::new(FedAvg::default()));
     let (next, evaluation) = tokio::task::spawn_blocking(move || -> Result<_> {
         let next = strategy.finish(&global).context("no update was folded")?;
         let evaluation = match eval {
-            Some(e) => Some(e.evaluate(&spec, &next)?),
+            Some(e) => Some(e.evaluate(&next)?),
             None => None,
         };
         Ok((next, evaluation))
@@ -615,8 +613,8 @@ async fn complete_round(
     let line = MetricsLine {
         round: round.round,
         attempt: round.attempt,
-        accuracy: evaluation.map(|e| e.0),
-        loss: evaluation.map(|e| e.1),
+        accuracy: evaluation.map(|e| e.accuracy),
+        loss: evaluation.map(|e| e.loss),
         client_accuracy: round.weighted_accuracy / examples,
         client_loss: round.weighted_loss / examples,
         participants,

@@ -2,8 +2,9 @@
 //! checkpoints, served over gRPC with mutual TLS.
 
 pub mod aggregation;
+pub mod backend;
 pub mod coordinator;
-pub mod evaluate;
+pub mod health;
 pub mod listener;
 pub mod registry;
 pub mod service;
@@ -14,16 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fl_client::central::SpecOverrides;
-use fl_client::model::{decode_model, Classifier};
 use fl_common::token::JoinToken;
-use fl_common::{ModelKind, ModelSpec};
+use fl_common::{decode_model, ModelKind, ModelSpec, SpecOverrides};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use crate::backend::{Evaluation, Evaluator, ModelBackend};
 use crate::coordinator::{Coordinator, RoundSettings};
-use crate::evaluate::EvalSet;
 use crate::registry::{now_unix, RegistryStore};
 use crate::state::StateDir;
 
@@ -55,26 +54,7 @@ impl ModelArgs {
         if let Some(l) = self.labels.as_ref().filter(|l| **l != spec.labels) {
             conflicts.push(format!("--labels {} (model: {})", l.join(","), spec.labels.join(",")));
         }
-        let arch = &self.arch;
-        for (flag, given, stored) in [
-            ("--buckets", arch.buckets, spec.buckets),
-            ("--embed-dim", arch.embed_dim, spec.embed_dim),
-            ("--ngrams", arch.ngrams, spec.ngrams),
-            ("--layers", arch.layers, spec.layers),
-            ("--hidden", arch.hidden, spec.hidden),
-            ("--heads", arch.heads, spec.heads),
-            ("--max-len", arch.max_len, spec.max_len),
-        ] {
-            if let Some(v) = given.filter(|v| *v != stored) {
-                conflicts.push(format!("{flag} {v} (model: {stored})"));
-            }
-        }
-        if let Some(d) = arch.dropout.filter(|d| *d != spec.dropout) {
-            conflicts.push(format!("--dropout {d} (model: {})", spec.dropout));
-        }
-        if let Some(p) = arch.pooling.as_ref().filter(|p| **p != spec.pooling) {
-            conflicts.push(format!("--pooling {p} (model: {})", spec.pooling));
-        }
+        conflicts.extend(self.arch.conflicts_with(spec));
         conflicts
     }
 }
@@ -109,7 +89,12 @@ pub enum ServeOutcome {
 
 /// Creates or opens the federation in `config.state_dir`, serves on `listener` and runs the
 /// rounds. `shutdown` stops it early.
-pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<ServeOutcome> {
+pub async fn serve(
+    config: ServeConfig,
+    backend: Arc<dyn ModelBackend>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<ServeOutcome> {
     let state = StateDir::new(&config.state_dir);
     let mut new_token = None;
     let (mut record, ca) = if state.exists() {
@@ -129,7 +114,7 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
     } else {
         let (spec, init_weights) = match &config.init_model {
             Some(path) => {
-                let (spec, weights) = load_init_model(path)?;
+                let (spec, weights) = load_init_model(backend.as_ref(), path)?;
                 let conflicts = config.model.conflicts_with(&spec);
                 if !conflicts.is_empty() {
                     bail!(
@@ -143,7 +128,7 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
             None => {
                 let labels = match (&config.model.labels, &config.eval_data) {
                     (Some(l), _) => l.clone(),
-                    (None, Some(path)) => fl_client::data::read_labelled_csv(path)?.distinct_labels(),
+                    (None, Some(path)) => backend.labels_of(path)?,
                     (None, None) => bail!("a new federation needs its labels: give --labels a,b,c or --eval-data CSV"),
                 };
                 if labels.len() < 2 {
@@ -154,14 +139,15 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
         };
         // Check the eval data before anything is created, so a bad file leaves no half-made federation.
         if let Some(path) = &config.eval_data {
-            EvalSet::load(path, &spec)?;
+            backend.evaluator(path, &spec)?;
         }
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
         let initial = match init_weights {
-            Some(weights) => Classifier::from_tensors(record.spec.clone(), &weights, tch::Device::Cpu)?,
-            None => Classifier::new(record.spec.clone(), tch::Device::Cpu, config.seed)?,
+            Some(weights) => weights,
+            None => backend.initial_weights(&record.spec, config.seed)?,
         };
-        fl_common::files::write_atomic(&state.round_model_path(0), &initial.to_model_bytes(), 0o644)?;
+        let bytes = fl_common::encode_model(&record.spec, &initial);
+        fl_common::files::write_atomic(&state.round_model_path(0), &bytes, 0o644)?;
         let token = JoinToken::generate(&record.spec.federation);
         RegistryStore::open(state.root())?.update(|r| r.add_token(&token, None, None, now_unix()))?;
         info!(dir = %state.root().display(), labels = record.spec.labels.join(","), "created a new federation");
@@ -177,9 +163,9 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
     model_spec.check_compatible(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
     let eval = match &config.eval_data {
         Some(path) => {
-            let set = EvalSet::load(path, &spec)?;
+            let set = backend.evaluator(path, &spec)?;
             info!(rows = set.len(), file = %path.display(), "eval data checked");
-            Some(Arc::new(set))
+            Some(set)
         }
         None => None,
     };
@@ -197,7 +183,16 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
     let tls = fl_common::tls::server_config(&server_cert, &ca.cert_pem)?;
     let addr = listener.local_addr()?;
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(run_server(coord.clone(), listener, tls, server_stop.clone()));
+    let server = tokio::spawn({
+        let (coord, stop) = (coord.clone(), server_stop.clone());
+        async move {
+            let result = run_server(coord, listener, tls, stop).await;
+            if let Err(e) = &result {
+                tracing::error!("the gRPC server stopped: {e:#}");
+            }
+            result
+        }
+    });
 
     // The listener accepts from here on: publish the address and the token.
     if let Some(token) = new_token {
@@ -223,14 +218,13 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: Cancell
 }
 
 /// Reads a starting model: a model file from a previous federation or from central training.
-fn load_init_model(path: &std::path::Path) -> Result<(ModelSpec, fl_common::TensorSet)> {
+fn load_init_model(backend: &dyn ModelBackend, path: &std::path::Path) -> Result<(ModelSpec, fl_common::TensorSet)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading --init-model {}", path.display()))?;
     let (mut spec, weights) = decode_model(&bytes)
         .map_err(|e| anyhow::anyhow!("--init-model {}: not a valid model file: {e}", path.display()))?;
     spec.federation.clear();
     // Building the model checks that the weights fit the architecture.
-    Classifier::from_tensors(spec.clone(), &weights, tch::Device::Cpu)
-        .with_context(|| format!("--init-model {}", path.display()))?;
+    backend.check_weights(&spec, &weights).with_context(|| format!("--init-model {}", path.display()))?;
     Ok((spec, weights))
 }
 

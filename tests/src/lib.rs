@@ -150,7 +150,7 @@ pub fn signal(child: &Child, sig: &str) {
 /// Checks that a model file decodes and has finite weights.
 pub fn assert_model_valid(path: &Path) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, weights) = fl_client::model::decode_model(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, weights) = fl_common::decode_model(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
         weights.tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())),
         "{} has non-finite weights",

@@ -212,7 +212,7 @@ fn a_client_of_another_federation_is_refused() {
     let url = ours.url();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let result = rt.block_on(async {
-        let channel = fl_client::enroll::connect(&url, &ca, Some(&identity.key)).await?;
+        let channel = fl_common::tls::connect(&url, &ca, Some(&identity.key)).await?;
         let mut client = fl_proto::pb::federation_client::FederationClient::new(channel);
         client.join(fl_proto::pb::JoinRequest { name: "x".into(), num_examples: 1 }).await?;
         anyhow::Ok(())

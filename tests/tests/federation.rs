@@ -114,7 +114,7 @@ fn client_without_certificate_is_refused() {
     let url = coordinator.url();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let channel = fl_client::enroll::connect(&url, &ca, None).await.unwrap();
+        let channel = fl_common::tls::connect(&url, &ca, None).await.unwrap();
         let mut client = fl_proto::pb::federation_client::FederationClient::new(channel);
         client.join(fl_proto::pb::JoinRequest { name: "anon".into(), num_examples: 1 }).await.unwrap_err()
     });
@@ -282,7 +282,7 @@ fn a_centrally_trained_model_seeds_a_federation() {
         clients.push(ClientProcess::start(&url, &dir, &root.path().join(format!("data/shard-{i}.csv"))));
     }
     assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.log_text());
-    let weights = |path: &std::path::Path| fl_client::model::decode_model(&std::fs::read(path).unwrap()).unwrap();
+    let weights = |path: &std::path::Path| fl_common::decode_model(&std::fs::read(path).unwrap()).unwrap();
     let (central_spec, central) = weights(&start);
     let (initial_spec, initial) = weights(&coordinator.state_dir.join("model/initial.safetensors"));
     assert_eq!(initial, central, "the federation starts from the trained weights");

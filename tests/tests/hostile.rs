@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fl_client::daemon::upload_chunks;
 use fl_client::identity::{ClientState, Identity};
-use fl_client::model::decode_model;
+use fl_common::decode_model;
 use fl_common::tensors::sha256_hex;
 use fl_common::TensorSet;
 use fl_proto::pb::{self, federation_client::FederationClient};
@@ -20,7 +20,7 @@ struct RawClient {
 
 impl RawClient {
     async fn join(url: &str, identity: &Identity) -> RawClient {
-        let channel = fl_client::enroll::connect(url, &identity.ca_pem, Some(&identity.key)).await.unwrap();
+        let channel = fl_common::tls::connect(url, &identity.ca_pem, Some(&identity.key)).await.unwrap();
         let mut client = FederationClient::new(channel);
         let mut work =
             client.join(pb::JoinRequest { name: "raw".into(), num_examples: 10 }).await.unwrap().into_inner();

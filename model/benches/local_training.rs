@@ -2,10 +2,10 @@
 //! dimensions, unigrams and bigrams, 10 classes, Adam lr 0.01, batch 32, one thread.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use fl_client::datagen::{GeneratorConfig, TextGenerator};
-use fl_client::model::Classifier;
-use fl_client::train::{train, EncodedDataset, OptimizerKind, TrainConfig};
 use fl_common::{ModelKind, ModelSpec};
+use fl_model::datagen::{GeneratorConfig, TextGenerator};
+use fl_model::model::Classifier;
+use fl_model::train::{train, EncodedDataset, OptimizerKind, TrainConfig};
 use tokio_util::sync::CancellationToken;
 
 fn local_epoch(c: &mut Criterion) {

@@ -33,7 +33,7 @@ pub enum CentralError {
 }
 
 /// Training defaults of each architecture: they reach good accuracy on about 7 000 short texts
-/// of 10 classes within a few minutes on two CPU cores (see BENCHMARKS-models.md).
+/// of 10 classes within a few minutes on two CPU cores (see BENCHMARKS.md).
 pub fn default_train_config(kind: ModelKind) -> TrainConfig {
     let (epochs, lr) = match kind {
         ModelKind::Fasttext => (5, 0.002),
@@ -41,60 +41,6 @@ pub fn default_train_config(kind: ModelKind) -> TrainConfig {
         ModelKind::Transformer => (8, 0.001),
     };
     TrainConfig { epochs, batch_size: 32, lr, optimizer: OptimizerKind::Adam, seed: 42 }
-}
-
-/// Architecture flags; `None` keeps the kind's default from [`ModelSpec::with_defaults`]. Shared
-/// by `fl-client train` and `fl-coordinator serve`.
-#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
-pub struct SpecOverrides {
-    /// Hash buckets [default: 65536 for fasttext, 32768 otherwise].
-    #[arg(long)]
-    pub buckets: Option<u32>,
-    /// Embedding width, the model width of the transformer [default: 64].
-    #[arg(long)]
-    pub embed_dim: Option<u32>,
-    /// Longest n-gram (2 = unigrams and bigrams) [default: 2 for fasttext, 1 otherwise].
-    #[arg(long)]
-    pub ngrams: Option<u32>,
-    /// LSTM or encoder layers [default: 1].
-    #[arg(long)]
-    pub layers: Option<u32>,
-    /// LSTM hidden size or transformer feed-forward width [default: 64 / 128].
-    #[arg(long)]
-    pub hidden: Option<u32>,
-    /// Attention heads (transformer) [default: 4].
-    #[arg(long)]
-    pub heads: Option<u32>,
-    /// Longest word sequence read (bilstm, transformer) [default: 64].
-    #[arg(long)]
-    pub max_len: Option<u32>,
-    /// Dropout probability (bilstm, transformer) [default: 0.3].
-    #[arg(long)]
-    pub dropout: Option<f32>,
-    /// Transformer pooling: mean or cls [default: mean].
-    #[arg(long, value_parser = ["mean", "cls"])]
-    pub pooling: Option<String>,
-}
-
-impl SpecOverrides {
-    /// The kind's default spec with these fields replaced, validated.
-    pub fn spec(&self, kind: ModelKind, labels: Vec<String>) -> Result<ModelSpec, String> {
-        let mut spec = ModelSpec::with_defaults(kind, labels);
-        let set = |field: &mut u32, value: Option<u32>| *field = value.unwrap_or(*field);
-        set(&mut spec.buckets, self.buckets);
-        set(&mut spec.embed_dim, self.embed_dim);
-        set(&mut spec.ngrams, self.ngrams);
-        set(&mut spec.layers, self.layers);
-        set(&mut spec.hidden, self.hidden);
-        set(&mut spec.heads, self.heads);
-        set(&mut spec.max_len, self.max_len);
-        spec.dropout = self.dropout.unwrap_or(spec.dropout);
-        if let Some(p) = &self.pooling {
-            spec.pooling = p.clone();
-        }
-        spec.validate()?;
-        Ok(spec)
-    }
 }
 
 /// What to train and how.
@@ -300,7 +246,7 @@ pub(crate) mod testing {
             let outcome = train_central(&rows, &config, Device::Cpu, &CancellationToken::new(), |_| {}).unwrap();
             outcome.model.to_model_bytes()
         });
-        let (spec, weights) = crate::model::decode_model(bytes).unwrap();
+        let (spec, weights) = fl_common::decode_model(bytes).unwrap();
         Classifier::from_tensors(spec, &weights, Device::Cpu).unwrap()
     }
 }
@@ -389,9 +335,13 @@ mod tests {
         let config = small_config(ModelKind::Fasttext, vec!["sports".into(), "other".into()]);
         let err = train_central(&rows, &config, Device::Cpu, &CancellationToken::new(), |_| {}).unwrap_err();
         assert!(err.to_string().contains("unknown label"), "{err}");
-        let overrides = SpecOverrides { heads: Some(5), ..Default::default() };
-        assert!(overrides.spec(ModelKind::Transformer, generator.labels()).unwrap_err().contains("divisible"));
-        let overrides = SpecOverrides { layers: Some(2), pooling: Some("cls".into()), ..Default::default() };
+        let overrides = fl_common::SpecOverrides { heads: Some(5), ..Default::default() };
+        assert!(overrides
+            .spec(ModelKind::Transformer, generator.labels())
+            .unwrap_err()
+            .to_string()
+            .contains("divisible"));
+        let overrides = fl_common::SpecOverrides { layers: Some(2), pooling: Some("cls".into()), ..Default::default() };
         let spec = overrides.spec(ModelKind::Transformer, generator.labels()).unwrap();
         assert_eq!((spec.layers, spec.pooling.as_str(), spec.heads), (2, "cls", 4));
     }

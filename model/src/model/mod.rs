@@ -10,11 +10,11 @@ mod bilstm;
 mod fasttext;
 mod transformer;
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use fl_common::tensors::{TensorError, META_SPEC};
+use fl_common::model_file::{decode_model, encode_model};
+use fl_common::tensors::TensorError;
 use fl_common::{ModelKind, ModelSpec, NamedTensor, TensorSet};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -36,6 +36,9 @@ pub enum ModelError {
     /// The file is not a valid model file.
     #[error("{path}: not a valid model file: {reason}")]
     Invalid { path: String, reason: String },
+    /// The spec does not make a model.
+    #[error(transparent)]
+    Spec(#[from] fl_common::SpecError),
     /// The weights do not fit the architecture.
     #[error("weights do not fit the model: {0}")]
     Weights(#[from] TensorError),
@@ -148,7 +151,7 @@ impl Classifier {
     /// A freshly initialised model; the same seed gives the same weights. The spec is
     /// validated first, so that a bad spec from a file or the network is an error, not a panic.
     pub fn new(spec: ModelSpec, device: Device, seed: u64) -> Result<Classifier, ModelError> {
-        spec.validate().map_err(|reason| ModelError::Invalid { path: "<spec>".into(), reason })?;
+        spec.validate()?;
         // libtorch's generator is global: hold it from seeding to the last initialised weight, so
         // that models built on other threads meanwhile do not change these weights.
         static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -309,25 +312,10 @@ impl Classifier {
     pub fn load(path: &Path, device: Device) -> Result<Classifier, ModelError> {
         let bytes =
             std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
-        let (spec, weights) =
-            decode_model(&bytes).map_err(|reason| ModelError::Invalid { path: path.display().to_string(), reason })?;
+        let (spec, weights) = decode_model(&bytes)
+            .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
         Classifier::from_tensors(spec, &weights, device)
     }
-}
-
-/// Encodes weights and spec as a model file.
-pub fn encode_model(spec: &ModelSpec, weights: &TensorSet) -> Vec<u8> {
-    let mut meta = HashMap::new();
-    meta.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
-    weights.encode(Some(meta))
-}
-
-/// Decodes a model file into spec and weights.
-pub fn decode_model(bytes: &[u8]) -> Result<(ModelSpec, TensorSet), String> {
-    let (weights, meta) = TensorSet::decode(bytes).map_err(|e| e.to_string())?;
-    let spec_json = meta.get(META_SPEC).ok_or("no model spec in the metadata")?;
-    let spec: ModelSpec = serde_json::from_str(spec_json).map_err(|e| format!("bad model spec: {e}"))?;
-    Ok((spec, weights))
 }
 
 /// The device to train on: the first CUDA device if there is one, else the CPU.

@@ -1,7 +1,11 @@
 //! `fl-coordinator`: create and serve a federation, check its health, manage tokens and clients.
+//! The engine is `fl-server`; this binary hands it the libtorch evaluator of `fl-model`.
+
+mod backend;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +29,8 @@ struct Cli {
 enum Command {
     /// Create (first start) or resume a federation and run its rounds.
     Serve(Box<ServeArgs>),
-    /// Exit 0 if the coordinator's gRPC health service reports SERVING.
+    /// Exit 0 if the coordinator's gRPC health service reports SERVING (`fl-health` does the
+    /// same without loading libtorch: use it for container probes).
     Health {
         /// Coordinator URL, https://HOST:PORT.
         #[arg(long, env = "FL_COORDINATOR")]
@@ -79,7 +84,7 @@ struct ServeArgs {
     #[arg(long)]
     model: Option<ModelKind>,
     #[command(flatten)]
-    arch: fl_client::central::SpecOverrides,
+    arch: fl_common::SpecOverrides,
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]
     local_epochs: u32,
@@ -151,12 +156,7 @@ enum ClientsCommand {
 }
 
 fn main() -> ExitCode {
-    fl_common::tls::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    fl_common::cli::init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -209,8 +209,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    match fl_server::serve(config, listener, shutdown).await? {
+    tokio::spawn(fl_common::cli::cancel_on_signal(shutdown.clone()));
+    match fl_server::serve(config, Arc::new(backend::TorchBackend), listener, shutdown).await? {
         ServeOutcome::Finished => Ok(ExitCode::SUCCESS),
         ServeOutcome::Interrupted => {
             eprintln!("stopped; state saved in {} (restart with the same flags to resume)", args.state_dir.display());
@@ -219,23 +219,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
 }
 
-async fn stop_on_signal(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    token.cancel();
-}
-
 async fn health(url: &str, ca: &std::path::Path) -> Result<ExitCode> {
-    let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
-    let channel = fl_client::enroll::connect(url, &ca_pem, None).await?;
-    let response = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-        .await
-        .context("health check")?;
-    let status = response.into_inner().status();
+    let status = fl_server::health::check(url, ca).await?;
     println!("{status:?}");
     Ok(if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
         ExitCode::SUCCESS

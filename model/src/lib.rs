@@ -1,0 +1,16 @@
+//! The ML library of the federation, on libtorch (tch): the hashed n-gram tokenizer, labelled CSV
+//! data, the three classifiers (fastText, BiLSTM, Transformer), local and central training,
+//! evaluation, explanations, prediction and synthetic data generation.
+//!
+//! The client daemon trains with it each round; the `fl-coordinator` binary evaluates with it.
+//! The coordinator library (`fl-server`) does not depend on it.
+
+pub mod central;
+pub mod data;
+pub mod datagen;
+pub mod evaluate;
+pub mod explain;
+pub mod model;
+pub mod predict;
+pub mod tokenizer;
+pub mod train;
