@@ -12,15 +12,13 @@ ROUNDS=${2:-20}
 TARGET=${3:-0.42}
 ROWS=${ROWS:-6700}
 SIGNAL=${SIGNAL:-0.2}
-BIN=target/release
+# shellcheck source=scripts/federation-lib.sh
+. scripts/federation-lib.sh
 DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS
-[ -x $BIN/fl-coordinator ] || { echo "run make build first" >&2; exit 1; }
 rm -rf "$DIR"; mkdir -p "$DIR/logs"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+trap fed_stop EXIT
 
-$BIN/fl-client gen-data --out "$DIR/data" --rows "$ROWS" --shards "$CLIENTS" --signal "$SIGNAL" --seed 11 >/dev/null
+"$FL_BIN/fl-client" gen-data --out "$DIR/data" --rows "$ROWS" --shards "$CLIENTS" --signal "$SIGNAL" --seed 11 >/dev/null
 start=$(date +%s.%N)
 # shellcheck disable=SC2086
 MODEL=${MODEL:-fasttext}
@@ -29,24 +27,14 @@ if [ "$MODEL" = fasttext ]; then
 else
   MODEL_ARGS=""
 fi
-$BIN/fl-coordinator serve --listen 127.0.0.1:0 --state-dir "$DIR/coord" --rounds "$ROUNDS" \
+# shellcheck disable=SC2086
+fed_start_coordinator "$DIR/coord" "$DIR/logs/coordinator.log" --rounds "$ROUNDS" \
   --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --model "$MODEL" $MODEL_ARGS \
   --lr "${LR:-0.01}" --batch-size 32 --local-epochs "${EPOCHS:-1}" --optimizer adam \
-  --round-timeout 600 ${EXTRA_SERVE_ARGS:-} >"$DIR/logs/coordinator.log" 2>&1 &
-coord=$!
-pids+=("$coord")
-while [ ! -f "$DIR/coord/listen-addr" ]; do sleep 0.02; kill -0 $coord || { cat "$DIR/logs/coordinator.log"; exit 1; }; done
-URL="https://localhost:$(cut -d: -f2 "$DIR/coord/listen-addr")"
-TOKEN=$(cat "$DIR/coord/join-token")
-for i in $(seq 1 "$CLIENTS"); do
-  $BIN/fl-client enroll --coordinator "$URL" --token "$TOKEN" --state-dir "$DIR/client-$i" --name "c$i" >/dev/null 2>&1 &
-done
-wait $(jobs -p | grep -v "^$coord$") 2>/dev/null || true
-for i in $(seq 1 "$CLIENTS"); do
-  $BIN/fl-client run --coordinator "$URL" --state-dir "$DIR/client-$i" --data "$DIR/data/shard-$i.csv" \
-    --threads 1 >"$DIR/logs/client-$i.log" 2>&1 &
-  pids+=("$!")
-done
+  --round-timeout 600 ${EXTRA_SERVE_ARGS:-}
+coord=$FED_COORD
+fed_enroll "$DIR/client" "$CLIENTS"
+fed_run_clients "$DIR/client" "$DIR/data/shard" "$DIR/logs" "$CLIENTS" --threads 1
 peak=0
 while kill -0 $coord 2>/dev/null; do
   hwm=$(awk '/VmHWM/ {print $2}' /proc/$coord/status 2>/dev/null || echo 0)

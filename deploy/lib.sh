@@ -1,4 +1,7 @@
-# Shared by compose-demo.sh and test-compose.sh (sourced, not run).
+# Shared by compose-demo.sh and test-compose.sh (sourced, not run): the container side of the one
+# federation launcher, scripts/federation-lib.sh, whose metrics formatting it reuses.
+# shellcheck source=scripts/federation-lib.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/scripts/federation-lib.sh"
 
 # Sets COMPOSE to the compose command this machine has: the v2 plugin (`docker compose`) when present,
 # else docker-compose 1.x. FEDTEXT_COMPOSE overrides ("docker-compose", "docker compose").
@@ -48,31 +51,4 @@ compose_file_for() {
 # containers alike: docker cp reads the volume through the container.
 coordinator_metrics() {
   docker cp "$1:/var/lib/fedtext/metrics.jsonl" - 2>/dev/null | tar -xO 2>/dev/null || true
-}
-
-# Reads metrics lines on stdin; prints "ROUND ACCURACY PARTICIPANTS" per line (participants: a count, or
-# the length of a list). No jq needed.
-metrics_table() {
-  awk '
-    function num(name,   s) {
-      if (match($0, "[{,] *\"" name "\" *: *[-0-9.eE+]+")) {
-        s = substr($0, RSTART, RLENGTH); sub(/^[^:]*: */, "", s); return s
-      }
-      return "nan"
-    }
-    function count(name,   s, n) {
-      if (match($0, "[{,] *\"" name "\" *: *\\[[^]]*\\]")) {
-        s = substr($0, RSTART, RLENGTH); sub(/^[^[]*\[/, "", s); sub(/\]$/, "", s)
-        if (s ~ /^ *$/) return 0
-        return gsub(/,/, ",", s) + 1
-      }
-      return num(name)
-    }
-    /"round"/ { print num("round"), num("accuracy"), count("participants") }
-  '
-}
-
-# Reads metrics lines on stdin; prints "round N accuracy: 0.XXXX" per line.
-format_rounds() {
-  metrics_table | awk '{ if ($2 == "nan") printf "round %d accuracy: n/a\n", $1; else printf "round %d accuracy: %.4f\n", $1, $2 }'
 }

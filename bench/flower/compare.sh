@@ -17,7 +17,7 @@ ROWS=${ROWS:-6700}
 CLIENTS=${CLIENTS:-4}
 OPT=${FLOWER_OPTIMIZER:-adam-fused}
 WORK=${WORK:-target/flower-compare}
-VENV=${FEDTEXT_CACHE:-$HOME/.cache/fedtext}/flower-venv
+VENV=${FL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fedtext}/flower-venv
 BIN=target/release
 [ -x $BIN/fl-client ] && [ -x $BIN/fl-coordinator ] || { echo "build the release binaries first" >&2; exit 1; }
 bench/flower/setup.sh >&2

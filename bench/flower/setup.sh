@@ -2,9 +2,9 @@
 # Installs Flower 1.42 into a venv for the comparison benchmark, reusing the torch 2.13.0 that
 # the project already has (same libtorch as fl-client links against), and checks both import.
 # Idempotent: a venv that already imports flwr 1.42.* and torch 2.13.0 is left as it is.
-# Environment: FEDTEXT_CACHE (~/.cache/fedtext), PYTHON (python3.11 of the torch venv's base).
+# Environment: FL_CACHE_DIR (~/.cache/fedtext, as scripts/libtorch-env.sh), PYTHON (python3.11 of the torch venv's base).
 set -euo pipefail
-CACHE=${FEDTEXT_CACHE:-$HOME/.cache/fedtext}
+CACHE=${FL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fedtext}
 TORCH_VENV=$CACHE/torch-2.13.0
 VENV=$CACHE/flower-venv
 TORCH_SITE=$TORCH_VENV/lib/python3.11/site-packages

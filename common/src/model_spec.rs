@@ -125,7 +125,7 @@ impl ModelSpec {
         match kind {
             ModelKind::Fasttext => base,
             // Small text sets overfit these models within a few epochs: one layer and dropout 0.3
-            // held out best on 7 000 generated rows (see BENCHMARKS-models.md).
+            // held out best on 7 000 generated rows (see BENCHMARKS.md).
             ModelKind::Bilstm => {
                 ModelSpec { buckets: 32_768, ngrams: 1, layers: 1, hidden: 64, max_len: 64, dropout: 0.3, ..base }
             }
