@@ -13,6 +13,9 @@ use fl_client::identity::ClientState;
 use fl_common::{ModelKind, SpecOverrides};
 use fl_model::central::{default_train_config, train_central, CentralConfig, Progress};
 use fl_model::data::read_labelled_csv;
+use fl_common::compact::Precision;
+use fl_common::prune::PruneScope;
+use fl_model::edge::{export, ExportOptions};
 use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
 use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_model::model::{default_device, Classifier};
@@ -138,6 +141,32 @@ enum Command {
         #[command(flatten)]
         arch: SpecOverrides,
     },
+    /// Shrink a model for an edge box: int8 or f16 weights, pruned, in a compact file that
+    /// `predict` reads directly. Prints sizes, weights kept and, with --data, accuracy.
+    Export {
+        /// Model file to shrink (e.g. STATE/model/final.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Where to write the compact model file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Precision of the weight matrices; biases and norms stay f32.
+        #[arg(long, value_enum, default_value_t = QuantizeArg::Int8)]
+        quantize: QuantizeArg,
+        /// Fraction of the weights with the smallest magnitude to drop, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        prune: f64,
+        /// Where the pruning threshold is taken: in each weight matrix, or over all of them.
+        #[arg(long, value_enum, default_value_t = ScopeArg::Tensor)]
+        prune_scope: ScopeArg,
+        /// Drop the --prune fraction of embedding rows with the smallest norm (buckets that
+        /// training never or barely moved) instead of single weights; other layers stay whole.
+        #[arg(long)]
+        prune_rows: bool,
+        /// Labelled CSV to measure the accuracy before and after.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
     GenData {
         /// Output directory.
@@ -183,6 +212,26 @@ enum MethodArg {
     Ig,
 }
 
+/// `--quantize` of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum QuantizeArg {
+    /// 8-bit integers with one scale per row: a quarter of the size.
+    Int8,
+    /// Half precision: half the size.
+    F16,
+    /// Keep f32 (pruning only).
+    None,
+}
+
+/// `--prune-scope` of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ScopeArg {
+    /// The same fraction of each weight matrix.
+    Tensor,
+    /// One magnitude threshold over all weight matrices.
+    Global,
+}
+
 /// `--partition` of `gen-data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PartitionArg {
@@ -214,7 +263,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
-    if matches!(cli.command, Command::Predict { .. } | Command::Train { .. } | Command::GenData { .. }) {
+    if matches!(
+        cli.command,
+        Command::Predict { .. } | Command::Train { .. } | Command::GenData { .. } | Command::Export { .. }
+    ) {
         fl_common::cli::die_quietly_on_closed_stdout();
     }
     match cli.command {
@@ -397,6 +449,72 @@ true label: {label}"
                     .unwrap_or_default(),
                 started.elapsed().as_secs_f64(),
                 median_speed,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { model, out, quantize, prune, prune_scope, prune_rows, data } => {
+            anyhow::ensure!((0.0..1.0).contains(&prune), "--prune must be in [0, 1), got {prune}");
+            anyhow::ensure!(!prune_rows || prune > 0.0, "--prune-rows needs --prune FRACTION (of rows to drop)");
+            let options = ExportOptions {
+                precision: match quantize {
+                    QuantizeArg::Int8 => Precision::Int8,
+                    QuantizeArg::F16 => Precision::F16,
+                    QuantizeArg::None => Precision::F32,
+                },
+                prune,
+                scope: match prune_scope {
+                    ScopeArg::Tensor => PruneScope::Tensor,
+                    ScopeArg::Global => PruneScope::Global,
+                },
+                prune_rows,
+            };
+            let rows = data.as_ref().map(|p| read_labelled_csv(p)).transpose()?;
+            let before_size = std::fs::metadata(&model).with_context(|| format!("reading {}", model.display()))?.len();
+            let original = Classifier::load(&model, tch::Device::Cpu)?;
+            let exported = export(&original.spec, &original.to_tensors(), &options)
+                .with_context(|| format!("exporting {}", model.display()))?;
+            fl_common::files::write_atomic(&out, &exported.bytes, 0o644)
+                .with_context(|| format!("writing {}", out.display()))?;
+            let shrunk = Classifier::load(&out, tch::Device::Cpu)?;
+            let mut what = options.precision.to_string();
+            if prune > 0.0 {
+                let scope = if prune_rows { "of embedding rows".to_string() } else { format!("of weights, per {prune_scope:?}").to_lowercase() };
+                what += &format!(", {:.0}% {scope} pruned", prune * 100.0);
+            }
+            let mb = |b: u64| b as f64 / 1e6;
+            println!("{:<12} {:>14} {:>14}", "", "before", "after");
+            println!("{:<12} {:>14} {:>14}", "format", "f32", what);
+            println!(
+                "{:<12} {:>11.2} MB {:>11.2} MB  ({:.3} of the size)",
+                "file size",
+                mb(before_size),
+                mb(exported.bytes.len() as u64),
+                exported.bytes.len() as f64 / before_size.max(1) as f64
+            );
+            println!(
+                "{:<12} {:>14} {:>14}  ({:.1}% non-zero)",
+                "parameters",
+                exported.parameters,
+                exported.nonzero,
+                100.0 * exported.nonzero as f64 / exported.parameters.max(1) as f64
+            );
+            if let (Some(rows), Some(path)) = (rows, &data) {
+                let before = evaluate_rows(&original, &rows)?.accuracy;
+                let after = evaluate_rows(&shrunk, &rows)?.accuracy;
+                println!(
+                    "{:<12} {:>14.4} {:>14.4}  ({:+.2} points on {}, {} rows)",
+                    "accuracy",
+                    before,
+                    after,
+                    100.0 * (after - before),
+                    path.display(),
+                    rows.len()
+                );
+            }
+            println!(
+                "wrote {}{}",
+                out.display(),
+                if shrunk.runs_int8() { " (predict runs it in int8)" } else { "" }
             );
             Ok(ExitCode::SUCCESS)
         }
