@@ -193,7 +193,8 @@ mod tests {
         // The int8 runner computes what the dequantized f32 model computes.
         let texts = ["kavo lomi nesu", "", "ta ri po ve da zu fe go hi ja ku ly mo ni ox pu"];
         let decoded = decode_compact(&out.bytes).unwrap();
-        let dequantized = Classifier::from_tensors(decoded.spec.clone(), &decoded.to_tensor_set(), Device::Cpu).unwrap();
+        let dequantized =
+            Classifier::from_tensors(decoded.spec.clone(), &decoded.to_tensor_set(), Device::Cpu).unwrap();
         assert!(!dequantized.runs_int8());
         for (a, b) in int8.predict_proba(&texts).iter().zip(dequantized.predict_proba(&texts)) {
             for (x, y) in a.iter().zip(&b) {
