@@ -11,12 +11,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fl_client::daemon::{self, DaemonConfig, DaemonExit};
 use fl_client::identity::ClientState;
 use fl_common::{ModelKind, SpecOverrides};
-use fl_model::central::{default_train_config, train_central, CentralConfig, Progress};
+use fl_model::central::{default_train_config, split_validation, train_central, CentralConfig, Progress};
 use fl_model::data::read_labelled_csv;
 use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
+use fl_model::embed::{embed, write_points_csv};
 use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_model::model::{default_device, Classifier};
 use fl_model::predict::{describe_prediction, evaluate_rows};
+use fl_model::report::render_report;
+use fl_model::rules::{extract_rules, RulesConfig};
 use fl_model::train::OptimizerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
@@ -138,6 +141,70 @@ enum Command {
         #[command(flatten)]
         arch: SpecOverrides,
     },
+    /// What the model looks for in each class: its strongest n-grams (fastText) or words
+    /// (sequence models) with precision and coverage, and a short ordered rule list imitating it,
+    /// with its fidelity to the model and its accuracy on held-out rows.
+    Rules {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled CSV: the n-grams and rules come from it, and part of it is held out to measure them.
+        #[arg(long)]
+        data: PathBuf,
+        /// Labelled CSV to measure the rules on, instead of holding out part of --data.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Fraction of --data held out to measure the rules (without --test).
+        #[arg(long, default_value_t = 0.3)]
+        holdout: f64,
+        /// N-grams listed per class, and the most rules per class.
+        #[arg(long, default_value_t = 10)]
+        per_class: usize,
+        /// Least precision of a rule on the rows it is the first to match (0 to 1).
+        #[arg(long, default_value_t = 0.7)]
+        min_precision: f64,
+        /// Least number of rows an n-gram or a rule must cover.
+        #[arg(long, default_value_t = 5)]
+        min_support: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = FormatArg::Text)]
+        format: FormatArg,
+        /// Seed of the held-out split.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Write 2-D coordinates of each text's pooled representation (PCA), with label and
+    /// prediction, as CSV for plotting.
+    Embed {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled CSV.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the points (`x,y,label,predicted,text`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write one self-contained HTML page about a model on a labelled CSV: confusion matrix, rule
+    /// list, embedding scatter and per-class top n-grams. It fetches nothing when opened.
+    Report {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled CSV (the rules are built on 70 % of it and measured on the rest).
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the page.
+        #[arg(long)]
+        out: PathBuf,
+        /// N-grams listed per class, and the most rules per class.
+        #[arg(long, default_value_t = 10)]
+        per_class: usize,
+        /// Most rows drawn in the scatter plot (an even sample of the data).
+        #[arg(long, default_value_t = 2000)]
+        max_points: usize,
+    },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
     GenData {
         /// Output directory.
@@ -183,6 +250,15 @@ enum MethodArg {
     Ig,
 }
 
+/// `--format` of `rules`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// For a terminal.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
 /// `--partition` of `gen-data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PartitionArg {
@@ -214,7 +290,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
-    if matches!(cli.command, Command::Predict { .. } | Command::Train { .. } | Command::GenData { .. }) {
+    if matches!(
+        cli.command,
+        Command::Predict { .. }
+            | Command::Train { .. }
+            | Command::GenData { .. }
+            | Command::Rules { .. }
+            | Command::Embed { .. }
+            | Command::Report { .. }
+    ) {
         fl_common::cli::die_quietly_on_closed_stdout();
     }
     match cli.command {
@@ -400,6 +484,96 @@ true label: {label}"
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rules { model, data, test, holdout, per_class, min_precision, min_support, format, seed } => {
+            anyhow::ensure!((0.0..1.0).contains(&holdout), "--holdout must be in [0, 1)");
+            anyhow::ensure!((0.0..=1.0).contains(&min_precision), "--min-precision must be in [0, 1]");
+            anyhow::ensure!(per_class >= 1, "--per-class must be at least 1");
+            let classifier = Classifier::load(&model, tch::Device::Cpu)?;
+            let rows = read_labelled_csv(&data)?;
+            rows.label_indices(&classifier.spec.labels)?;
+            let (build, heldout) = match &test {
+                Some(path) => (rows, read_labelled_csv(path)?),
+                None => {
+                    let (build, heldout) = split_validation(&rows, holdout, seed);
+                    anyhow::ensure!(
+                        !heldout.is_empty(),
+                        "{}: too few rows to hold out {holdout} of them; pass --test or a larger --holdout",
+                        data.display()
+                    );
+                    (build, heldout)
+                }
+            };
+            let truth: Vec<usize> =
+                heldout.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            let config = RulesConfig { per_class, min_precision, min_support, ..Default::default() };
+            let report =
+                extract_rules(&classifier, &texts(&build.texts), &texts(&heldout.texts), &truth, &config, |step| {
+                    eprintln!("{step}...")
+                });
+            match format {
+                FormatArg::Text => print!("{}", report.to_text()),
+                FormatArg::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed { model, data, out } => {
+            let classifier = Classifier::load(&model, tch::Device::Cpu)?;
+            let rows = read_labelled_csv(&data)?;
+            let truth: Vec<usize> =
+                rows.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            let texts: Vec<&str> = rows.texts.iter().map(String::as_str).collect();
+            eprintln!("embedding {} rows...", texts.len());
+            let embedding = embed(&classifier, &texts, Some(&truth));
+            write_points_csv(&out, &embedding, &texts, &classifier.spec.labels)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} points to {} (the two axes hold {:.1} % and {:.1} % of the variance)",
+                texts.len(),
+                out.display(),
+                100.0 * embedding.explained[0],
+                100.0 * embedding.explained[1]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { model, data, out, per_class, max_points } => {
+            anyhow::ensure!(per_class >= 1, "--per-class must be at least 1");
+            let classifier = Classifier::load(&model, tch::Device::Cpu)?;
+            let rows = read_labelled_csv(&data)?;
+            let truth: Vec<usize> =
+                rows.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            eprintln!("evaluating {} rows...", rows.len());
+            let evaluation = evaluate_rows(&classifier, &rows)?;
+            let (build, heldout) = split_validation(&rows, 0.3, 42);
+            let held_truth: Vec<usize> =
+                heldout.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            let config = RulesConfig { per_class, ..Default::default() };
+            let rules = extract_rules(
+                &classifier,
+                &texts(&build.texts),
+                &texts(&heldout.texts),
+                &held_truth,
+                &config,
+                |step| eprintln!("rules: {step}..."),
+            );
+            let step = rows.len().div_ceil(max_points.max(1));
+            let sample: Vec<usize> = (0..rows.len()).step_by(step).collect();
+            let sample_texts: Vec<&str> = sample.iter().map(|&i| rows.texts[i].as_str()).collect();
+            let sample_truth: Vec<usize> = sample.iter().map(|&i| truth[i]).collect();
+            eprintln!("embedding {} rows...", sample.len());
+            let embedding = embed(&classifier, &sample_texts, Some(&sample_truth));
+            let title = format!("{} on {}", model.display(), data.display());
+            let page = render_report(&title, &evaluation, &rules, &embedding);
+            std::fs::write(&out, page).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {}: accuracy {:.4}, {} rules with fidelity {:.4} on held-out rows, {} points",
+                out.display(),
+                evaluation.accuracy,
+                rules.rule_list.rules.len(),
+                rules.heldout_fidelity,
+                sample.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::GenData { out, rows, eval_rows, test_rows, classes, shards, partition: how, alpha, signal, seed } => {
             let how = match how {
                 PartitionArg::Iid => Partition::Iid,
@@ -429,6 +603,11 @@ true label: {label}"
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The texts as string slices.
+fn texts(rows: &[String]) -> Vec<&str> {
+    rows.iter().map(String::as_str).collect()
 }
 
 fn default_name() -> String {
