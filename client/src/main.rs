@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use fl_client::daemon::{self, DaemonConfig, DaemonExit};
+use fl_client::daemon::{self, DaemonConfig, DaemonExit, PersonalConfig};
 use fl_client::identity::ClientState;
 use fl_common::{ModelKind, SpecOverrides};
 use fl_model::central::{default_train_config, split_validation, train_central, CentralConfig, Progress};
@@ -17,6 +17,7 @@ use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGe
 use fl_model::embed::{embed, write_points_csv};
 use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_model::model::{default_device, Classifier};
+use fl_model::personal::Personalization;
 use fl_model::predict::{describe_prediction, evaluate_rows};
 use fl_model::report::render_report;
 use fl_model::rules::{extract_rules, RulesConfig};
@@ -68,13 +69,31 @@ enum Command {
         /// Longest wait between reconnection attempts, in seconds.
         #[arg(long, default_value_t = 30.0)]
         max_backoff: f64,
+        /// Keep a personal model in STATE/personal: finetune (the global model fine-tuned
+        /// locally), fedper (the classifier head stays local) or ditto (a personal model pulled
+        /// towards the global one). Holds out --local-test-fraction of the data to measure it.
+        #[arg(long, value_enum, env = "FL_PERSONALIZE")]
+        personalize: Option<PersonalizeArg>,
+        /// Ditto's λ: the pull of the personal model towards the global one (0: local only).
+        #[arg(long, default_value_t = 1.0, env = "FL_DITTO_LAMBDA")]
+        ditto_lambda: f64,
+        /// With --personalize: fraction of the local data held out (never trained on) to compare
+        /// the personal and the global model.
+        #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION")]
+        local_test_fraction: f64,
     },
     /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
     /// optionally explain each prediction.
     Predict {
         /// Model file (safetensors with metadata), e.g. STATE/model/final.safetensors.
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(long, required_unless_present = "personal", conflicts_with = "personal")]
+        model: Option<PathBuf>,
+        /// Use this client's personal model (from `run --personalize`), in --state-dir.
+        #[arg(long, requires = "state_dir")]
+        personal: bool,
+        /// The client's state directory (with --personal).
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: Option<PathBuf>,
         /// Text to classify (repeat for several).
         #[arg(long, conflicts_with = "data", required_unless_present = "data")]
         text: Vec<String>,
@@ -250,6 +269,17 @@ enum MethodArg {
     Ig,
 }
 
+/// `--personalize` of `run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PersonalizeArg {
+    /// Fine-tune the global model on the local data.
+    Finetune,
+    /// Keep the classifier head local, share the body.
+    Fedper,
+    /// A personal model pulled towards the global one (--ditto-lambda).
+    Ditto,
+}
+
 /// `--format` of `rules`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum FormatArg {
@@ -314,9 +344,44 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { coordinator, state_dir, data, name, threads, max_backoff } => {
+        Command::Run {
+            coordinator,
+            state_dir,
+            data,
+            name,
+            threads,
+            max_backoff,
+            personalize,
+            ditto_lambda,
+            local_test_fraction,
+        } => {
             // Check the whole file before connecting: nothing trains on half a file.
-            let rows = read_labelled_csv(&data)?;
+            let mut rows = read_labelled_csv(&data)?;
+            anyhow::ensure!(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more");
+            let personal = match personalize {
+                None => None,
+                Some(how) => {
+                    anyhow::ensure!(
+                        local_test_fraction > 0.0 && local_test_fraction < 1.0,
+                        "--local-test-fraction must be between 0 and 1 (exclusive)"
+                    );
+                    let (train, test) = split_validation(&rows, local_test_fraction, 7);
+                    anyhow::ensure!(
+                        !train.is_empty() && !test.is_empty(),
+                        "{}: {} rows are too few to hold out {local_test_fraction} of them for --personalize",
+                        data.display(),
+                        rows.len()
+                    );
+                    rows = train;
+                    let method = match how {
+                        PersonalizeArg::Finetune => Personalization::Finetune,
+                        PersonalizeArg::Fedper => Personalization::Fedper,
+                        PersonalizeArg::Ditto => Personalization::Ditto { lambda: ditto_lambda },
+                    };
+                    tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
+                    Some(PersonalConfig { method, test: Arc::new(test), dir: state_dir.join("personal") })
+                }
+            };
             let identity = ClientState::new(&state_dir).load()?;
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
@@ -330,6 +395,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 data: Arc::new(rows),
                 max_backoff: Duration::from_secs_f64(max_backoff),
                 threads,
+                personal,
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;
@@ -339,7 +405,31 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 DaemonExit::Shutdown => Ok(ExitCode::from(130)),
             }
         }
-        Command::Predict { model, text, data, explain: explaining, method, steps, top, attention } => {
+        Command::Predict {
+            model,
+            personal,
+            state_dir,
+            text,
+            data,
+            explain: explaining,
+            method,
+            steps,
+            top,
+            attention,
+        } => {
+            let model = match (model, state_dir) {
+                (Some(model), _) => model,
+                (None, Some(dir)) if personal => {
+                    let path = PersonalConfig::model_path(&dir);
+                    anyhow::ensure!(
+                        path.exists(),
+                        "this client has no personal model ({} does not exist): run `fl-client run --personalize finetune|fedper|ditto` first, or predict with --model",
+                        path.display()
+                    );
+                    path
+                }
+                _ => anyhow::bail!("pass --model, or --personal with --state-dir"),
+            };
             // Explanations differentiate through the model in evaluation mode, which cuDNN's LSTM
             // cannot do; single texts are cheap on the CPU.
             let device = if explaining || attention { tch::Device::Cpu } else { default_device() };
