@@ -5,7 +5,7 @@
 # split to STATE/personal/accuracy.json. This script prints the mean and the 10th percentile over
 # the clients after the last round.
 # Usage: bench/personalize.sh METHOD ALPHA [CLIENTS] [ROUNDS]
-# Environment: ROWS (7000), LAMBDA (ditto's, 1.0), LR (0.01), EPOCHS (1), BENCH_DIR (target/bench).
+# Environment: ROWS (7000), LAMBDA (ditto's, 10), LR (0.01), EPOCHS (1), BENCH_DIR (target/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:?METHOD: finetune, fedper or ditto}
@@ -33,7 +33,7 @@ TOKEN=$(cat "$DIR/coord/join-token")
 for i in $(seq 1 "$CLIENTS"); do
   $BIN/fl-client enroll --coordinator "$URL" --token "$TOKEN" --state-dir "$DIR/client-$i" --name "c$i" >/dev/null
   $BIN/fl-client run --coordinator "$URL" --state-dir "$DIR/client-$i" --data "$DIR/data/shard-$i.csv" \
-    --threads 1 --personalize "$METHOD" --ditto-lambda "${LAMBDA:-1.0}" --local-test-fraction 0.2 \
+    --threads 1 --personalize "$METHOD" --ditto-lambda "${LAMBDA:-10}" --local-test-fraction 0.2 \
     >"$DIR/logs/client-$i.log" 2>&1 &
   pids+=("$!")
 done

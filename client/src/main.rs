@@ -75,7 +75,7 @@ enum Command {
         #[arg(long, value_enum, env = "FL_PERSONALIZE")]
         personalize: Option<PersonalizeArg>,
         /// Ditto's λ: the pull of the personal model towards the global one (0: local only).
-        #[arg(long, default_value_t = 1.0, env = "FL_DITTO_LAMBDA")]
+        #[arg(long, default_value_t = 10.0, env = "FL_DITTO_LAMBDA")]
         ditto_lambda: f64,
         /// With --personalize: fraction of the local data held out (never trained on) to compare
         /// the personal and the global model.

@@ -13,7 +13,7 @@ fn small_model(dir: &Path) -> std::path::PathBuf {
     gen_data(&dir.join("data"), 1500, 1);
     let model = dir.join("model.safetensors");
     let out = run(command("fl-client")
-        .args(["train", "--threads", "2", "--epochs", "4", "--buckets", "8192", "--data"])
+        .args(["train", "--threads", "2", "--epochs", "2", "--buckets", "8192", "--data"])
         .arg(dir.join("data/train.csv"))
         .arg("--out")
         .arg(&model));
