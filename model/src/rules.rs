@@ -340,7 +340,6 @@ fn ngram_scores(
     predictions: &[usize],
     config: &RulesConfig,
 ) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
-    let classes = model.spec.num_classes();
     let mut collisions = vec![Vec::new(); index.ngrams.len()];
     if model.spec.kind == ModelKind::Fasttext {
         let _guard = tch::no_grad_guard();
@@ -650,9 +649,10 @@ mod tests {
         let config = RulesConfig { occlusion_rows: 150, ..Default::default() };
         let scores = occlusion_scores(&model, &index, &texts, &predictions, &config);
         let (mut hits, mut listed) = (0, 0);
-        for class in 0..generator.labels().len() {
+        for (class, column) in (0..generator.labels().len()).map(|c| (c, scores.iter().map(move |s| s[c]))) {
+            let column: Vec<f32> = column.collect();
             let mut ids: Vec<usize> = (0..index.ngrams.len()).filter(|&id| index.rows_with[id].len() >= 3).collect();
-            ids.sort_by(|&a, &b| scores[b][class].total_cmp(&scores[a][class]));
+            ids.sort_by(|&a, &b| column[b].total_cmp(&column[a]));
             for &id in ids.iter().take(5) {
                 listed += 1;
                 hits += usize::from(generator.keywords(class).contains(&index.ngrams[id]));
