@@ -2,6 +2,7 @@
 //! the local data, and upload only the weight delta. Reconnects with backoff; an identity the
 //! coordinator refuses ends it.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use fl_common::decode_model;
 use fl_common::tls::connect;
 use fl_model::data::LabelledTexts;
 use fl_model::model::{default_device, Classifier};
+use fl_model::personal::{personal_round, Personalization};
 use fl_model::train::{train, EncodedDataset, TrainConfig};
 
 use crate::identity::Identity;
@@ -40,6 +42,43 @@ pub struct DaemonConfig {
     pub max_backoff: Duration,
     /// libtorch intra-op threads for local training.
     pub threads: i32,
+    /// Keep a personal model beside the global one, if set.
+    pub personal: Option<PersonalConfig>,
+}
+
+/// How a client personalises, and where it keeps its personal model.
+#[derive(Debug, Clone)]
+pub struct PersonalConfig {
+    /// The method.
+    pub method: Personalization,
+    /// The local held-out split, never trained on: personal and global accuracy are measured on it.
+    pub test: Arc<LabelledTexts>,
+    /// `STATE/personal`: `model.safetensors`, `accuracy.json`, `metrics.jsonl`.
+    pub dir: PathBuf,
+}
+
+impl PersonalConfig {
+    /// The personal model file under a client's state dir.
+    pub fn model_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("personal").join("model.safetensors")
+    }
+}
+
+/// Personal and global accuracy on the local held-out split after one round.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PersonalAccuracy {
+    /// The method, as text.
+    pub method: String,
+    /// The round.
+    pub round: u32,
+    /// Rows trained on.
+    pub train_rows: usize,
+    /// Rows of the local held-out split.
+    pub test_rows: usize,
+    /// Accuracy of the round's global model (as received) on the held-out split.
+    pub global_accuracy: f64,
+    /// Accuracy of the personal model after the round on the held-out split.
+    pub personal_accuracy: f64,
 }
 
 /// Why the daemon stopped.
@@ -191,6 +230,9 @@ async fn session(
                 let spec: ModelSpec =
                     serde_json::from_str(&welcome.model_spec_json).context("coordinator sent a bad model spec")?;
                 info!(client_id = %welcome.client_id, rounds_completed = welcome.rounds_completed, rounds_total = welcome.rounds_total, "joined the federation");
+                if let Some(personal) = &config.personal {
+                    personal.test.label_indices(&spec.labels).map_err(|e| anyhow!(FatalError(e.to_string())))?;
+                }
                 if encoded.as_ref().map(|(s, _)| s != &spec).unwrap_or(true) {
                     *encoded = Some((spec.clone(), Arc::new(encode_for(&spec, &config.data)?)));
                 }
@@ -198,7 +240,10 @@ async fn session(
             Some(pb::instruction::Kind::Round(task)) => {
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
-                match do_round(&mut client, channel.clone(), &spec, data, task, config.threads, shutdown).await {
+                let personal = config.personal.clone();
+                match do_round(&mut client, channel.clone(), &spec, data, task, config.threads, personal, shutdown)
+                    .await
+                {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
                     Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
@@ -243,6 +288,7 @@ async fn fetch_model(client: &mut FederationClient<Channel>, round: u32, attempt
     Ok(bytes)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn do_round(
     client: &mut FederationClient<Channel>,
     channel: Channel,
@@ -250,6 +296,7 @@ async fn do_round(
     data: Arc<EncodedDataset>,
     task: pb::RoundTask,
     threads: i32,
+    personal: Option<PersonalConfig>,
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
     let (round, attempt) = (task.round, task.attempt);
@@ -281,10 +328,19 @@ async fn do_round(
             // fresh blocking thread uses every core and several clients on one host oversubscribe.
             tch::set_num_threads(threads);
             let started = std::time::Instant::now();
-            let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
-            let stats =
-                train(&mut model, &data, &train_config, &cancel, |p, _| progress.store(p.to_bits(), Ordering::Relaxed));
-            let delta = model.to_tensors().minus(&global);
+            let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
+            let (stats, delta) = match &personal {
+                None => {
+                    let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
+                    let stats = train(&mut model, &data, &train_config, &cancel, report);
+                    (stats, model.to_tensors().minus(&global))
+                }
+                Some(personal) => {
+                    let (stats, delta) =
+                        personal_step(personal, &model_spec, &global, &data, &train_config, round, &cancel, report)?;
+                    (stats, delta)
+                }
+            };
             Ok((stats, delta.encode(None), started.elapsed().as_secs_f64()))
         })
     };
@@ -327,6 +383,68 @@ async fn do_round(
         }
         Err(status) => Err(classify(status)),
     }
+}
+
+/// A personalising client's round: trains the upload and the personal model, measures both
+/// models on the local held-out split, and stores the personal model and the accuracies.
+#[allow(clippy::too_many_arguments)]
+fn personal_step(
+    personal: &PersonalConfig,
+    spec: &ModelSpec,
+    global: &fl_common::TensorSet,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    round: u32,
+    cancel: &CancellationToken,
+    progress: impl FnMut(f32, &fl_model::train::TrainStats),
+) -> Result<(fl_model::train::TrainStats, fl_common::TensorSet)> {
+    let model_path = personal.dir.join("model.safetensors");
+    // The personal model of an earlier round (or run) of this federation, if it still fits.
+    let previous = std::fs::read(&model_path)
+        .ok()
+        .and_then(|bytes| decode_model(&bytes).ok())
+        .filter(|(s, _)| s.check_compatible(spec).is_ok() && s.federation == spec.federation)
+        .map(|(_, weights)| weights);
+    let device = default_device();
+    let outcome =
+        personal_round(spec, global, previous.as_ref(), data, config, personal.method, device, cancel, progress)?;
+    if outcome.stats.cancelled {
+        return Ok((outcome.stats, outcome.delta));
+    }
+    let labels = personal.test.label_indices(&spec.labels)?;
+    let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0)?;
+    let test = EncodedDataset::encode(&probe, &personal.test.texts, labels);
+    let accuracy_of = |weights: &fl_common::TensorSet| -> Result<f64> {
+        let model = Classifier::from_tensors(spec.clone(), weights, device)?;
+        Ok(model.evaluate(&test.docs, &test.labels).0)
+    };
+    let accuracy = PersonalAccuracy {
+        method: personal.method.to_string(),
+        round,
+        train_rows: data.len(),
+        test_rows: test.len(),
+        global_accuracy: accuracy_of(global)?,
+        personal_accuracy: accuracy_of(&outcome.personal)?,
+    };
+    std::fs::create_dir_all(&personal.dir).with_context(|| format!("creating {}", personal.dir.display()))?;
+    let bytes = fl_common::model_file::encode_model(spec, &outcome.personal);
+    fl_common::files::write_atomic(&model_path, &bytes, 0o600)
+        .with_context(|| format!("writing {}", model_path.display()))?;
+    let json = serde_json::to_string(&accuracy)?;
+    let path = personal.dir.join("accuracy.json");
+    fl_common::files::write_atomic(&path, json.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let path = personal.dir.join("metrics.jsonl");
+    fl_common::files::append_line(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    info!(
+        round,
+        method = %personal.method,
+        global_accuracy = format!("{:.4}", accuracy.global_accuracy),
+        personal_accuracy = format!("{:.4}", accuracy.personal_accuracy),
+        test_rows = accuracy.test_rows,
+        "personal model updated"
+    );
+    Ok((outcome.stats, outcome.delta))
 }
 
 /// The messages of an upload: header, data in [`CHUNK_BYTES`] pieces, trailer. Data chunks are cut

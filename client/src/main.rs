@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use fl_client::daemon::{self, DaemonConfig, DaemonExit};
+use fl_client::daemon::{self, DaemonConfig, DaemonExit, PersonalConfig};
 use fl_client::identity::ClientState;
 use fl_common::compact::Precision;
 use fl_common::prune::PruneScope;
@@ -19,9 +19,13 @@ use fl_model::central::{
 use fl_model::data::{read_labelled_csv, read_unlabelled_csv};
 use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
 use fl_model::edge::{export, ExportOptions};
+use fl_model::embed::{embed, write_points_csv};
 use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_model::model::{default_device, Classifier};
+use fl_model::personal::Personalization;
 use fl_model::predict::{describe_prediction, evaluate_rows};
+use fl_model::report::render_report;
+use fl_model::rules::{extract_rules, RulesConfig};
 use fl_model::train::{Distillation, OptimizerKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
@@ -70,13 +74,31 @@ enum Command {
         /// Longest wait between reconnection attempts, in seconds.
         #[arg(long, default_value_t = 30.0)]
         max_backoff: f64,
+        /// Keep a personal model in STATE/personal: finetune (the global model fine-tuned
+        /// locally), fedper (the classifier head stays local) or ditto (a personal model pulled
+        /// towards the global one). Holds out --local-test-fraction of the data to measure it.
+        #[arg(long, value_enum, env = "FL_PERSONALIZE")]
+        personalize: Option<PersonalizeArg>,
+        /// Ditto's λ: the pull of the personal model towards the global one (0: local only).
+        #[arg(long, default_value_t = 10.0, env = "FL_DITTO_LAMBDA")]
+        ditto_lambda: f64,
+        /// With --personalize: fraction of the local data held out (never trained on) to compare
+        /// the personal and the global model.
+        #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION")]
+        local_test_fraction: f64,
     },
     /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
     /// optionally explain each prediction.
     Predict {
         /// Model file (safetensors with metadata), e.g. STATE/model/final.safetensors.
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(long, required_unless_present = "personal", conflicts_with = "personal")]
+        model: Option<PathBuf>,
+        /// Use this client's personal model (from `run --personalize`), in --state-dir.
+        #[arg(long, requires = "state_dir")]
+        personal: bool,
+        /// The client's state directory (with --personal).
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: Option<PathBuf>,
         /// Text to classify (repeat for several).
         #[arg(long, conflicts_with = "data", required_unless_present = "data")]
         text: Vec<String>,
@@ -212,6 +234,70 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// What the model looks for in each class: its strongest n-grams (fastText) or words
+    /// (sequence models) with precision and coverage, and a short ordered rule list imitating it,
+    /// with its fidelity to the model and its accuracy on held-out rows.
+    Rules {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled CSV: the n-grams and rules come from it, and part of it is held out to measure them.
+        #[arg(long)]
+        data: PathBuf,
+        /// Labelled CSV to measure the rules on, instead of holding out part of --data.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Fraction of --data held out to measure the rules (without --test).
+        #[arg(long, default_value_t = 0.3)]
+        holdout: f64,
+        /// N-grams listed per class, and the most rules per class.
+        #[arg(long, default_value_t = 10)]
+        per_class: usize,
+        /// Least precision of a rule on the rows it is the first to match (0 to 1).
+        #[arg(long, default_value_t = 0.7)]
+        min_precision: f64,
+        /// Least number of rows an n-gram or a rule must cover.
+        #[arg(long, default_value_t = 5)]
+        min_support: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = FormatArg::Text)]
+        format: FormatArg,
+        /// Seed of the held-out split.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Write 2-D coordinates of each text's pooled representation (PCA), with label and
+    /// prediction, as CSV for plotting.
+    Embed {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled CSV.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the points (`x,y,label,predicted,text`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write one self-contained HTML page about a model on a labelled CSV: confusion matrix, rule
+    /// list, embedding scatter and per-class top n-grams. It fetches nothing when opened.
+    Report {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Labelled CSV (the rules are built on 70 % of it and measured on the rest).
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the page.
+        #[arg(long)]
+        out: PathBuf,
+        /// N-grams listed per class, and the most rules per class.
+        #[arg(long, default_value_t = 10)]
+        per_class: usize,
+        /// Most rows drawn in the scatter plot (an even sample of the data).
+        #[arg(long, default_value_t = 2000)]
+        max_points: usize,
+    },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
     GenData {
         /// Output directory.
@@ -277,6 +363,26 @@ enum ScopeArg {
     Global,
 }
 
+/// `--personalize` of `run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PersonalizeArg {
+    /// Fine-tune the global model on the local data.
+    Finetune,
+    /// Keep the classifier head local, share the body.
+    Fedper,
+    /// A personal model pulled towards the global one (--ditto-lambda).
+    Ditto,
+}
+
+/// `--format` of `rules`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// For a terminal.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
 /// `--partition` of `gen-data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PartitionArg {
@@ -315,6 +421,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             | Command::GenData { .. }
             | Command::Export { .. }
             | Command::Distill { .. }
+            | Command::Rules { .. }
+            | Command::Embed { .. }
+            | Command::Report { .. }
     ) {
         fl_common::cli::die_quietly_on_closed_stdout();
     }
@@ -331,9 +440,44 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { coordinator, state_dir, data, name, threads, max_backoff } => {
+        Command::Run {
+            coordinator,
+            state_dir,
+            data,
+            name,
+            threads,
+            max_backoff,
+            personalize,
+            ditto_lambda,
+            local_test_fraction,
+        } => {
             // Check the whole file before connecting: nothing trains on half a file.
-            let rows = read_labelled_csv(&data)?;
+            let mut rows = read_labelled_csv(&data)?;
+            anyhow::ensure!(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more");
+            let personal = match personalize {
+                None => None,
+                Some(how) => {
+                    anyhow::ensure!(
+                        local_test_fraction > 0.0 && local_test_fraction < 1.0,
+                        "--local-test-fraction must be between 0 and 1 (exclusive)"
+                    );
+                    let (train, test) = split_validation(&rows, local_test_fraction, 7);
+                    anyhow::ensure!(
+                        !train.is_empty() && !test.is_empty(),
+                        "{}: {} rows are too few to hold out {local_test_fraction} of them for --personalize",
+                        data.display(),
+                        rows.len()
+                    );
+                    rows = train;
+                    let method = match how {
+                        PersonalizeArg::Finetune => Personalization::Finetune,
+                        PersonalizeArg::Fedper => Personalization::Fedper,
+                        PersonalizeArg::Ditto => Personalization::Ditto { lambda: ditto_lambda },
+                    };
+                    tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
+                    Some(PersonalConfig { method, test: Arc::new(test), dir: state_dir.join("personal") })
+                }
+            };
             let identity = ClientState::new(&state_dir).load()?;
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
@@ -347,6 +491,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 data: Arc::new(rows),
                 max_backoff: Duration::from_secs_f64(max_backoff),
                 threads,
+                personal,
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;
@@ -356,7 +501,31 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 DaemonExit::Shutdown => Ok(ExitCode::from(130)),
             }
         }
-        Command::Predict { model, text, data, explain: explaining, method, steps, top, attention } => {
+        Command::Predict {
+            model,
+            personal,
+            state_dir,
+            text,
+            data,
+            explain: explaining,
+            method,
+            steps,
+            top,
+            attention,
+        } => {
+            let model = match (model, state_dir) {
+                (Some(model), _) => model,
+                (None, Some(dir)) if personal => {
+                    let path = PersonalConfig::model_path(&dir);
+                    anyhow::ensure!(
+                        path.exists(),
+                        "this client has no personal model ({} does not exist): run `fl-client run --personalize finetune|fedper|ditto` first, or predict with --model",
+                        path.display()
+                    );
+                    path
+                }
+                _ => anyhow::bail!("pass --model, or --personal with --state-dir"),
+            };
             // Explanations differentiate through the model in evaluation mode, which cuDNN's LSTM
             // cannot do; single texts are cheap on the CPU.
             let device = if explaining || attention { tch::Device::Cpu } else { default_device() };
@@ -617,6 +786,96 @@ true label: {label}"
             println!("wrote {}{}", out.display(), if shrunk.runs_int8() { " (predict runs it in int8)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rules { model, data, test, holdout, per_class, min_precision, min_support, format, seed } => {
+            anyhow::ensure!((0.0..1.0).contains(&holdout), "--holdout must be in [0, 1)");
+            anyhow::ensure!((0.0..=1.0).contains(&min_precision), "--min-precision must be in [0, 1]");
+            anyhow::ensure!(per_class >= 1, "--per-class must be at least 1");
+            let classifier = Classifier::load(&model, tch::Device::Cpu)?;
+            let rows = read_labelled_csv(&data)?;
+            rows.label_indices(&classifier.spec.labels)?;
+            let (build, heldout) = match &test {
+                Some(path) => (rows, read_labelled_csv(path)?),
+                None => {
+                    let (build, heldout) = split_validation(&rows, holdout, seed);
+                    anyhow::ensure!(
+                        !heldout.is_empty(),
+                        "{}: too few rows to hold out {holdout} of them; pass --test or a larger --holdout",
+                        data.display()
+                    );
+                    (build, heldout)
+                }
+            };
+            let truth: Vec<usize> =
+                heldout.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            let config = RulesConfig { per_class, min_precision, min_support, ..Default::default() };
+            let report =
+                extract_rules(&classifier, &texts(&build.texts), &texts(&heldout.texts), &truth, &config, |step| {
+                    eprintln!("{step}...")
+                });
+            match format {
+                FormatArg::Text => print!("{}", report.to_text()),
+                FormatArg::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed { model, data, out } => {
+            let classifier = Classifier::load(&model, tch::Device::Cpu)?;
+            let rows = read_labelled_csv(&data)?;
+            let truth: Vec<usize> =
+                rows.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            let texts: Vec<&str> = rows.texts.iter().map(String::as_str).collect();
+            eprintln!("embedding {} rows...", texts.len());
+            let embedding = embed(&classifier, &texts, Some(&truth));
+            write_points_csv(&out, &embedding, &texts, &classifier.spec.labels)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} points to {} (the two axes hold {:.1} % and {:.1} % of the variance)",
+                texts.len(),
+                out.display(),
+                100.0 * embedding.explained[0],
+                100.0 * embedding.explained[1]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { model, data, out, per_class, max_points } => {
+            anyhow::ensure!(per_class >= 1, "--per-class must be at least 1");
+            let classifier = Classifier::load(&model, tch::Device::Cpu)?;
+            let rows = read_labelled_csv(&data)?;
+            let truth: Vec<usize> =
+                rows.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            eprintln!("evaluating {} rows...", rows.len());
+            let evaluation = evaluate_rows(&classifier, &rows)?;
+            let (build, heldout) = split_validation(&rows, 0.3, 42);
+            let held_truth: Vec<usize> =
+                heldout.label_indices(&classifier.spec.labels)?.into_iter().map(|l| l as usize).collect();
+            let config = RulesConfig { per_class, ..Default::default() };
+            let rules = extract_rules(
+                &classifier,
+                &texts(&build.texts),
+                &texts(&heldout.texts),
+                &held_truth,
+                &config,
+                |step| eprintln!("rules: {step}..."),
+            );
+            let step = rows.len().div_ceil(max_points.max(1));
+            let sample: Vec<usize> = (0..rows.len()).step_by(step).collect();
+            let sample_texts: Vec<&str> = sample.iter().map(|&i| rows.texts[i].as_str()).collect();
+            let sample_truth: Vec<usize> = sample.iter().map(|&i| truth[i]).collect();
+            eprintln!("embedding {} rows...", sample.len());
+            let embedding = embed(&classifier, &sample_texts, Some(&sample_truth));
+            let title = format!("{} on {}", model.display(), data.display());
+            let page = render_report(&title, &evaluation, &rules, &embedding);
+            std::fs::write(&out, page).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {}: accuracy {:.4}, {} rules with fidelity {:.4} on held-out rows, {} points",
+                out.display(),
+                evaluation.accuracy,
+                rules.rule_list.rules.len(),
+                rules.heldout_fidelity,
+                sample.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::GenData { out, rows, eval_rows, test_rows, classes, shards, partition: how, alpha, signal, seed } => {
             let how = match how {
                 PartitionArg::Iid => Partition::Iid,
@@ -713,6 +972,11 @@ impl TrainingProgress {
     fn finish(&self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// The texts as string slices.
+fn texts(rows: &[String]) -> Vec<&str> {
+    rows.iter().map(String::as_str).collect()
 }
 
 fn default_name() -> String {

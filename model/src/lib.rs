@@ -1,6 +1,7 @@
 //! The ML library of the federation, on libtorch (tch): the hashed n-gram tokenizer, labelled CSV
 //! data, the three classifiers (fastText, BiLSTM, Transformer), local and central training,
-//! evaluation, explanations, prediction and synthetic data generation.
+//! evaluation, explanations (per text, rules, embeddings, an HTML report), prediction and
+//! synthetic data generation.
 //!
 //! The client daemon trains with it each round; the `fl-coordinator` binary evaluates with it.
 //! The coordinator library (`fl-server`) does not depend on it.
@@ -9,9 +10,13 @@ pub mod central;
 pub mod data;
 pub mod datagen;
 pub mod edge;
+pub mod embed;
 pub mod evaluate;
 pub mod explain;
 pub mod model;
+pub mod personal;
 pub mod predict;
+pub mod report;
+pub mod rules;
 pub mod tokenizer;
 pub mod train;

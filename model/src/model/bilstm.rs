@@ -65,7 +65,7 @@ impl Architecture for BiLstm {
         sequence_spans(text, self.max_len)
     }
 
-    fn forward(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
+    fn pooled(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let device = table.device();
         let mask = batch.mask.unsqueeze(-1).to_kind(table.kind());
         // Zeroed padding: an empty text reads one zero vector, whichever table row 0 is.
@@ -99,8 +99,15 @@ impl Architecture for BiLstm {
         // h_n is [layers * directions, batch, hidden]; the last two rows are the top layer's
         // forward state (after the last word) and backward state (after the first word).
         let top = Tensor::cat(&[h_n.get(2 * self.layers - 2), h_n.get(2 * self.layers - 1)], 1);
-        let top = top.index_select(0, &Tensor::from_slice(&inverse).to_device(device));
-        self.head.forward(&top.dropout(self.dropout, train))
+        top.index_select(0, &Tensor::from_slice(&inverse).to_device(device))
+    }
+
+    fn head(&self, pooled: &Tensor, train: bool) -> Tensor {
+        self.head.forward(&pooled.dropout(self.dropout, train))
+    }
+
+    fn head_names(&self) -> &'static [&'static str] {
+        &["head.weight", "head.bias"]
     }
 }
 

@@ -46,9 +46,17 @@ impl Architecture for FastText {
             .collect()
     }
 
-    fn forward(&self, table: &Tensor, batch: &Batch, _train: bool) -> Tensor {
+    fn pooled(&self, table: &Tensor, batch: &Batch, _train: bool) -> Tensor {
         let (pooled, _, _, _) =
             Tensor::embedding_bag(table, &batch.ids, &batch.offsets, false, MEAN, false, None::<Tensor>, false);
-        self.linear.forward(&pooled)
+        pooled
+    }
+
+    fn head(&self, pooled: &Tensor, _train: bool) -> Tensor {
+        self.linear.forward(pooled)
+    }
+
+    fn head_names(&self) -> &'static [&'static str] {
+        &["linear.weight", "linear.bias"]
     }
 }

@@ -98,10 +98,18 @@ pub trait Architecture: std::fmt::Debug + Send {
     /// For each id of [`Architecture::token_ids`], the words of the text it stands for, as a
     /// range of indices into [`crate::tokenizer::words`] (one word, or the words of an n-gram).
     fn token_spans(&self, tokenizer: &HashedNgramTokenizer, text: &str) -> Vec<Range<usize>>;
-    /// Logits `[batch, classes]`. `table` holds the embedding rows that `batch.ids` (and
-    /// `batch.padded`) index: the whole table, or only the rows that a training batch touches.
-    /// Dropout is active only when `train` is true.
-    fn forward(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor;
+    /// The pooled representation of each text `[batch, features]`: what the classifier head reads.
+    /// `table` holds the embedding rows that `batch.ids` (and `batch.padded`) index: the whole
+    /// table, or only the rows that a training batch touches. Dropout is active only when `train`.
+    fn pooled(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor;
+    /// Logits `[batch, classes]` from [`Architecture::pooled`]'s output.
+    fn head(&self, pooled: &Tensor, train: bool) -> Tensor;
+    /// Logits `[batch, classes]`; `table` as in [`Architecture::pooled`].
+    fn forward(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
+        self.head(&self.pooled(table, batch, train), train)
+    }
+    /// Names of the classifier head's weights (the part FedPer keeps local).
+    fn head_names(&self) -> &'static [&'static str];
     /// Attention weights of the last layer averaged over heads, `[batch, positions, positions]`
     /// (query by key), for architectures that attend; positions are as in
     /// [`Architecture::attention_positions`].
@@ -231,6 +239,23 @@ impl Classifier {
     /// True when [`Classifier::predict_proba`] runs from an int8 table (see [`crate::edge`]).
     pub fn runs_int8(&self) -> bool {
         self.int8.is_some()
+    }
+
+    /// The pooled representation of each text (what the classifier head reads), one row per text.
+    pub fn pooled(&self, texts: &[&str]) -> Vec<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(256) {
+            let docs: Vec<Vec<i64>> = chunk.iter().map(|t| self.token_ids(t)).collect();
+            let pooled = self.net.pooled(&self.embedding(), &Batch::new(&docs, self.device()), false);
+            out.extend(Vec::<Vec<f32>>::try_from(&pooled.to_device(Device::Cpu)).expect("features are f32"));
+        }
+        out
+    }
+
+    /// Names of the classifier head's weights.
+    pub fn head_names(&self) -> &'static [&'static str] {
+        self.net.head_names()
     }
 
     /// Class probabilities for each text.

@@ -182,10 +182,21 @@ impl Architecture for Transformer {
         sequence_spans(text, self.max_len)
     }
 
-    fn forward(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
+    fn pooled(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let (x, mask, _) = self.encode(table, batch, train);
-        let pooled = if self.cls.is_some() { x.select(1, 0) } else { masked_mean(&x, &mask) };
+        if self.cls.is_some() {
+            x.select(1, 0)
+        } else {
+            masked_mean(&x, &mask)
+        }
+    }
+
+    fn head(&self, pooled: &Tensor, train: bool) -> Tensor {
         self.head.forward(&pooled.dropout(self.dropout, train))
+    }
+
+    fn head_names(&self) -> &'static [&'static str] {
+        &["head.weight", "head.bias"]
     }
 
     fn last_attention(&self, table: &Tensor, batch: &Batch) -> Option<Tensor> {

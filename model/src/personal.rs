@@ -1,0 +1,283 @@
+//! Personalisation: each client keeps a model of its own beside the global one.
+//!
+//! - `finetune`: the personal model is the global model of the round fine-tuned on the local
+//!   training split, which is what local training of the round computes anyway.
+//! - `fedper`: the classifier head stays on the client. The body is trained and shared as usual;
+//!   the head starts from the client's own head and its change is never uploaded (its delta is
+//!   zero, so the global head stays as initialised).
+//! - `ditto`: the global update is plain local training; the personal model `v` is trained on the
+//!   local data with the extra term λ/2·‖v − w‖² pulling it towards the round's global model `w`.
+//!   The term is applied as its exact proximal step after every optimizer step,
+//!   v ← (v + ηλ·w) / (1 + ηλ) with η the learning rate: λ = 0 is local-only training, and as λ
+//!   grows v becomes w.
+
+use std::collections::HashMap;
+
+use fl_common::{ModelSpec, TensorSet};
+use tch::Tensor;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Classifier, ModelError};
+use crate::train::{train, EncodedDataset, TrainConfig, TrainStats, Trainer};
+
+/// How a client personalises.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "method")]
+pub enum Personalization {
+    /// Fine-tune the global model locally.
+    Finetune,
+    /// Keep the classifier head local.
+    Fedper,
+    /// A personal model pulled towards the global one with strength `lambda`.
+    Ditto {
+        /// λ of λ/2·‖v − w‖².
+        lambda: f64,
+    },
+}
+
+impl std::fmt::Display for Personalization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Personalization::Finetune => f.write_str("finetune"),
+            Personalization::Fedper => f.write_str("fedper"),
+            Personalization::Ditto { lambda } => write!(f, "ditto (lambda {lambda})"),
+        }
+    }
+}
+
+/// What one personalised round gives.
+#[derive(Debug)]
+pub struct PersonalRound {
+    /// The change to the global model to upload.
+    pub delta: TensorSet,
+    /// The client's personal model after the round.
+    pub personal: TensorSet,
+    /// Statistics of the local training that made `delta`.
+    pub stats: TrainStats,
+}
+
+/// Trains `personal` for `config.epochs` on `data`, pulled towards `global` with strength
+/// `lambda` (Ditto's personal step).
+pub fn train_ditto_personal(
+    personal: &mut Classifier,
+    global: &TensorSet,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    lambda: f64,
+    cancel: &CancellationToken,
+) -> Result<(), ModelError> {
+    let device = personal.device();
+    let anchor: HashMap<String, Tensor> = global
+        .tensors
+        .iter()
+        .map(|t| {
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            (t.name.clone(), Tensor::from_slice(&t.data).view(shape.as_slice()).to_device(device))
+        })
+        .collect();
+    let vars: Vec<(Tensor, Tensor)> =
+        personal.vs.variables().into_iter().map(|(name, v)| (v, anchor[&name].shallow_clone())).collect();
+    let pull = config.lr * lambda;
+    let mut trainer = Trainer::new(personal, config);
+    for _ in 0..config.epochs {
+        let epoch = trainer.epoch(personal, data, cancel, |_| {
+            if pull > 0.0 {
+                tch::no_grad(|| {
+                    for (v, w) in &vars {
+                        let next = (v + w * pull) / (1.0 + pull);
+                        v.shallow_clone().copy_(&next);
+                    }
+                });
+            }
+        });
+        if epoch.cancelled {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One round of a personalising client: the upload for the federation and the new personal
+/// model. `previous` is the personal model of the client's last round, if any.
+// The arguments are those of `train` plus the global and personal weights; a struct would only
+// rename them.
+#[allow(clippy::too_many_arguments)]
+pub fn personal_round(
+    spec: &ModelSpec,
+    global: &TensorSet,
+    previous: Option<&TensorSet>,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    method: Personalization,
+    device: tch::Device,
+    cancel: &CancellationToken,
+    progress: impl FnMut(f32, &TrainStats),
+) -> Result<PersonalRound, ModelError> {
+    let mut model = Classifier::from_tensors(spec.clone(), global, device)?;
+    let head: Vec<String> = model.head_names().iter().map(|s| s.to_string()).collect();
+    if let (Personalization::Fedper, Some(previous)) = (method, previous) {
+        let mut start = global.clone();
+        for t in &mut start.tensors {
+            if head.contains(&t.name) {
+                if let Some(own) = previous.tensors.iter().find(|p| p.name == t.name) {
+                    t.data.clone_from(&own.data);
+                }
+            }
+        }
+        model.load_tensors(&start)?;
+    }
+    let stats = train(&mut model, data, config, cancel, progress);
+    let trained = model.to_tensors();
+    let mut delta = trained.minus(global);
+    let personal = match method {
+        Personalization::Finetune => trained,
+        Personalization::Fedper => {
+            for t in &mut delta.tensors {
+                if head.contains(&t.name) {
+                    t.data.iter_mut().for_each(|x| *x = 0.0);
+                }
+            }
+            trained
+        }
+        Personalization::Ditto { lambda } => {
+            let mut personal = Classifier::from_tensors(spec.clone(), previous.unwrap_or(global), device)?;
+            train_ditto_personal(&mut personal, global, data, config, lambda, cancel)?;
+            personal.to_tensors()
+        }
+    };
+    Ok(PersonalRound { delta, personal, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::central::testing::{generator, small_config, table};
+    use fl_common::ModelKind;
+    use tch::Device;
+
+    fn setup() -> (ModelSpec, TensorSet, EncodedDataset, TrainConfig) {
+        let generator = generator();
+        let config = small_config(ModelKind::Fasttext, generator.labels());
+        let mut spec = config.spec;
+        spec.buckets = 1024;
+        let model = Classifier::new(spec.clone(), Device::Cpu, 3).unwrap();
+        let rows = table(&generator, &generator.rows(200, 4));
+        let labels = rows.label_indices(&spec.labels).unwrap();
+        let data = EncodedDataset::encode(&model, &rows.texts, labels);
+        let train = TrainConfig { epochs: 1, lr: 0.01, ..config.train };
+        (spec, model.to_tensors(), data, train)
+    }
+
+    fn max_abs_diff(a: &TensorSet, b: &TensorSet) -> f32 {
+        a.minus(b).tensors.iter().flat_map(|t| t.data.iter()).fold(0.0f32, |m, x| m.max(x.abs()))
+    }
+
+    #[test]
+    fn ditto_with_a_huge_lambda_is_the_global_model() {
+        let (spec, global, data, config) = setup();
+        let cancel = CancellationToken::new();
+        let round = |lambda| {
+            personal_round(
+                &spec,
+                &global,
+                None,
+                &data,
+                &config,
+                Personalization::Ditto { lambda },
+                Device::Cpu,
+                &cancel,
+                |_, _| {},
+            )
+            .unwrap()
+        };
+        let pulled = round(1e12);
+        assert!(
+            max_abs_diff(&pulled.personal, &global) < 1e-6,
+            "personal differs from global by {}",
+            max_abs_diff(&pulled.personal, &global)
+        );
+        // And the pull is what makes it so: a moderate lambda leaves the personal model elsewhere.
+        assert!(max_abs_diff(&round(1.0).personal, &global) > 1e-3);
+    }
+
+    #[test]
+    fn ditto_with_lambda_zero_is_local_only_training() {
+        let (spec, global, data, config) = setup();
+        let cancel = CancellationToken::new();
+        // Two rounds with different global models in between: the personal model ignores them.
+        let mut other_global = global.clone();
+        other_global.tensors.iter_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= 0.5));
+        let method = Personalization::Ditto { lambda: 0.0 };
+        let first =
+            personal_round(&spec, &global, None, &data, &config, method, Device::Cpu, &cancel, |_, _| {}).unwrap();
+        let second = personal_round(
+            &spec,
+            &other_global,
+            Some(&first.personal),
+            &data,
+            &config,
+            method,
+            Device::Cpu,
+            &cancel,
+            |_, _| {},
+        )
+        .unwrap();
+        // Local-only: the same start trained twice on the local data, nothing from the federation.
+        let mut local = Classifier::from_tensors(spec.clone(), &global, Device::Cpu).unwrap();
+        for _ in 0..2 {
+            train(&mut local, &data, &config, &cancel, |_, _| {});
+        }
+        assert!(max_abs_diff(&second.personal, &local.to_tensors()) < 1e-6);
+        assert!(max_abs_diff(&second.personal, &other_global) > 1e-3);
+    }
+
+    #[test]
+    fn fedper_keeps_the_head_local() {
+        let (spec, global, data, config) = setup();
+        let cancel = CancellationToken::new();
+        let first = personal_round(
+            &spec,
+            &global,
+            None,
+            &data,
+            &config,
+            Personalization::Fedper,
+            Device::Cpu,
+            &cancel,
+            |_, _| {},
+        )
+        .unwrap();
+        for t in &first.delta.tensors {
+            let zero = t.data.iter().all(|&x| x == 0.0);
+            assert_eq!(zero, t.name.starts_with("linear."), "{}", t.name);
+        }
+        let head = |s: &TensorSet| s.tensors.iter().find(|t| t.name == "linear.weight").unwrap().data.clone();
+        // The next round starts from the client's own head, not the global one.
+        let second = personal_round(
+            &spec,
+            &global,
+            Some(&first.personal),
+            &data,
+            &config,
+            Personalization::Fedper,
+            Device::Cpu,
+            &cancel,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_ne!(head(&second.personal), head(&first.personal));
+        let fresh = personal_round(
+            &spec,
+            &global,
+            None,
+            &data,
+            &config,
+            Personalization::Fedper,
+            Device::Cpu,
+            &cancel,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(head(&fresh.personal), head(&first.personal), "same start, same training");
+    }
+}
