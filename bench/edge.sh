@@ -56,7 +56,7 @@ if has distill && [ -f "$D/$TEACHER.safetensors" ]; then
   $B train --data "$D/data/train.csv" --model fasttext $SMALL --threads "$THREADS" --out "$D/small-labels.safetensors" | tail -1
   for t in ${TEMPERATURES:-2}; do
     for a in ${ALPHAS:-0.5}; do
-      echo "== $B distill --teacher $D/$TEACHER.safetensors --student-model fasttext $SMALL --data $D/data/train.csv --temperature $t --alpha $a"
+      echo "== $B distill --teacher $D/$TEACHER.safetensors --student-model fasttext $SMALL --data $D/data/train.csv --unlabeled $D/data/eval.csv --temperature $t --alpha $a"
       # shellcheck disable=SC2086
       $B distill --teacher "$D/$TEACHER.safetensors" --student-model fasttext $SMALL --data "$D/data/train.csv" \
         --unlabeled "$D/data/eval.csv" --temperature "$t" --alpha "$a" --threads "$THREADS" \

@@ -746,10 +746,10 @@ true label: {label}"
             let shrunk = Classifier::load(&out, tch::Device::Cpu)?;
             let mut what = options.precision.to_string();
             if prune > 0.0 {
-                let scope = if prune_rows {
-                    "of embedding rows".to_string()
-                } else {
-                    format!("of weights, per {prune_scope:?}").to_lowercase()
+                let scope = match (prune_rows, prune_scope) {
+                    (true, _) => "of embedding rows",
+                    (false, ScopeArg::Tensor) => "of each weight matrix",
+                    (false, ScopeArg::Global) => "of all weights",
                 };
                 what += &format!(", {:.0}% {scope} pruned", prune * 100.0);
             }
