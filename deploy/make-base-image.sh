@@ -82,7 +82,9 @@ give_up() {
     echo "Install debootstrap with this system's package manager (for instance: dnf install debootstrap), then run make again." >&2
   else
     echo "The base image $IMAGE is missing: neither the Debian mirror ($MIRROR) nor a registry can be reached." >&2
-    echo "On a machine with Docker Hub access run \`docker save $UPSTREAM -o base.tar\`, copy base.tar here, and run: docker load -i base.tar" >&2
+    tag=""
+    [ "$IMAGE" = "$UPSTREAM" ] || tag=" && docker tag $UPSTREAM $IMAGE"
+    echo "On a machine with Docker Hub access run \`docker save $UPSTREAM -o base.tar\`, copy base.tar here, and run: docker load -i base.tar$tag" >&2
   fi
   exit 1
 }
