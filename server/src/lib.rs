@@ -5,6 +5,7 @@ pub mod aggregation;
 pub mod backend;
 pub mod coordinator;
 pub mod health;
+pub mod http;
 pub mod listener;
 pub mod registry;
 pub mod service;
@@ -76,6 +77,8 @@ pub struct ServeConfig {
     pub seed: u64,
     /// A model file to start a new federation from instead of random weights.
     pub init_model: Option<PathBuf>,
+    /// The HTTP side port's view, told when the gRPC port accepts clients (`/readyz`).
+    pub dashboard: Option<Arc<http::Dashboard>>,
 }
 
 /// How `serve` ended.
@@ -202,6 +205,9 @@ pub async fn serve(
     }
     fl_common::files::write_atomic(&state.path("listen-addr"), addr.to_string().as_bytes(), 0o644)?;
     println!("coordinator listening on {addr}");
+    if let Some(dashboard) = &config.dashboard {
+        dashboard.set_ready(true);
+    }
     info!(%addr, completed = progress.completed_round, rounds = config.settings.rounds, "coordinator serving");
 
     coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), progress.elapsed_s).await?;
@@ -212,6 +218,9 @@ pub async fn serve(
     } else {
         ServeOutcome::Interrupted
     };
+    if let Some(dashboard) = &config.dashboard {
+        dashboard.set_ready(false);
+    }
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(outcome)
