@@ -569,6 +569,21 @@ mod tests {
         dashboard.refresh();
         assert_eq!(dashboard.state().rounds_completed, 3);
         assert!(dashboard.encode_metrics().contains("fl_dp_epsilon 1.25\n"));
+        // The engine's status.json: clients by state and refusals by reason.
+        let status = r#"{"round":4,"attempt":1,"connected":["c-1","c-2"],"sampled":["c-1"],"accepted":[],"refused":{"norm_too_large":2,"stale":1}}"#;
+        std::fs::write(dir.path().join("status.json"), status).unwrap();
+        dashboard.refresh();
+        let text = dashboard.encode_metrics();
+        for expected in [
+            "fl_round 4\n",
+            "fl_round_attempt 1\n",
+            "fl_clients{state=\"connected\"} 2\n",
+            "fl_clients{state=\"sampled\"} 1\n",
+            "fl_updates_refused_total{reason=\"norm_too_large\"} 2\n",
+            "fl_updates_refused_total{reason=\"stale\"} 1\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in\n{text}");
+        }
         // A restart that drops an uncommitted round: counters start again from the file.
         std::fs::write(&path, line(1, 0.5, "")).unwrap();
         dashboard.refresh();

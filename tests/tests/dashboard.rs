@@ -235,6 +235,13 @@ fn dashboard_in_a_browser_and_metrics_through_a_prometheus_parser() {
             println!("dashboard: {rounds} rounds, 2 clients on the page; screenshot {}", shot.display());
         }
     }
+    // The same summary in a terminal.
+    let out = fl_tests::run(fl_tests::command("fl-coordinator").args(["status", "--state-dir"]).arg(&state));
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(summary.contains(&format!("rounds     {rounds} of 5 completed")), "{summary}");
+    assert!(summary.contains("client-1") && summary.contains("client-2"), "{summary}");
+    println!("fl-coordinator status:\n{summary}");
     assert_eq!(read_metrics(&state).len(), rounds, "a round landed during the checks: they compared moving values");
 
     signal(&clients[1].child, "CONT");

@@ -47,10 +47,14 @@ enum Command {
         #[arg(long)]
         ca: PathBuf,
     },
-    /// Print what a coordinator is doing (its STATE/status.json): phase, round, clients.
+    /// Print what a coordinator is doing: rounds, accuracy, clients, refused updates and errors
+    /// (from STATE/status.json, metrics.jsonl and registry.json).
     Status {
         #[arg(long, env = "FL_STATE_DIR")]
         state_dir: PathBuf,
+        /// Print STATE/status.json as it is instead of the summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Manage join tokens.
     Token {
@@ -230,7 +234,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Dashboard { state_dir, http } => runtime.block_on(dashboard(&state_dir, &http)),
         Command::Health { coordinator, ca } => runtime.block_on(health(&coordinator, &ca)),
-        Command::Status { state_dir } => status(&state_dir),
+        Command::Status { state_dir, json } => status(&state_dir, json),
         Command::Token { command } => token(command),
         Command::Clients { command } => clients(command),
     }
@@ -329,16 +333,103 @@ async fn health(url: &str, ca: &std::path::Path) -> Result<ExitCode> {
     })
 }
 
-fn status(state_dir: &std::path::Path) -> Result<ExitCode> {
+fn status(state_dir: &std::path::Path, json: bool) -> Result<ExitCode> {
     let state = StateDir::new(state_dir);
     if !state.exists() {
         bail!("{}: no federation here", state_dir.display());
     }
-    match state.read_status()? {
-        Some(status) => println!("{}", serde_json::to_string_pretty(&status)?),
-        None => bail!("{}: no status yet (the coordinator has not served)", state.status_path().display()),
+    let Some(status) = state.read_status()? else {
+        bail!("{}: no status yet (the coordinator has not served)", state.status_path().display())
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
     }
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(state.metrics_path())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let registry = RegistryStore::open(state.root())?.read()?;
+    print!("{}", status_summary(&status, &metrics, &registry, now_unix()));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `fl-coordinator status` prints: the dashboard's summary for a terminal.
+fn status_summary(
+    status: &fl_server::state::CoordinatorStatus,
+    metrics: &[serde_json::Value],
+    registry: &fl_server::registry::Registry,
+    now: u64,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let phase = match status.phase {
+        fl_server::state::Phase::Finished => "finished".to_string(),
+        fl_server::state::Phase::Waiting => {
+            format!("waiting for clients to start round {} (attempt {})", status.round, status.attempt)
+        }
+        fl_server::state::Phase::Collecting => {
+            format!("collecting round {} (attempt {})", status.round, status.attempt)
+        }
+        fl_server::state::Phase::Aggregating => format!("aggregating round {}", status.round),
+    };
+    let _ = writeln!(out, "rounds     {} of {} completed; {phase}", status.completed_rounds, status.rounds_total);
+    let number = |m: &serde_json::Value, k: &str| m.get(k).and_then(serde_json::Value::as_f64);
+    match metrics.last() {
+        Some(last) => {
+            let best = metrics
+                .iter()
+                .filter_map(|m| Some((number(m, "accuracy")?, number(m, "round")?)))
+                .fold(None, |b: Option<(f64, f64)>, x| if b.is_none_or(|b| x.0 > b.0) { Some(x) } else { b });
+            let _ = writeln!(
+                out,
+                "accuracy   {:.4} (round {}), loss {:.4}{}",
+                number(last, "accuracy").unwrap_or(f64::NAN),
+                number(last, "round").unwrap_or(0.0),
+                number(last, "loss").unwrap_or(f64::NAN),
+                best.map(|(a, r)| format!("; best {a:.4} (round {r})")).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "accuracy   no round completed yet");
+        }
+    }
+    let active = registry.clients.iter().filter(|c| c.status == ClientStatus::Active).count();
+    let _ = writeln!(
+        out,
+        "clients    {} enrolled ({active} active), {} connected; this attempt: {} sampled, {} accepted, {} refused or lost",
+        registry.clients.len(),
+        status.connected.len(),
+        status.sampled.len(),
+        status.accepted.len(),
+        status.rejected.len()
+    );
+    for c in &registry.clients {
+        let state = match c.status {
+            ClientStatus::Revoked => "revoked",
+            ClientStatus::Active if status.connected.contains(&c.id) => "connected",
+            ClientStatus::Active => "idle",
+        };
+        let seen = now.saturating_sub(c.last_seen_unix);
+        let _ = writeln!(
+            out,
+            "           {:<16} {:<16} {state:<9} rounds joined {:<4} last seen {seen} s ago",
+            c.name, c.id, c.rounds_joined
+        );
+    }
+    if !status.refused.is_empty() {
+        let reasons: Vec<String> = status.refused.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        let _ = writeln!(out, "refused    {}", reasons.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "errors     {} failed attempts, {} refused TLS handshakes; last: {}",
+        status.failed_attempts,
+        status.failed_handshakes,
+        status.last_failure.as_deref().unwrap_or("none")
+    );
+    out
 }
 
 fn open_registry(state_dir: &std::path::Path) -> Result<(StateDir, RegistryStore)> {
