@@ -10,12 +10,16 @@
 #   5. `docker network disconnect` of a client for longer than the round deadline: rounds go on
 #      without it, and it takes part again after `docker network connect`;
 #   6. the federation completes every round exactly once, everything exits 0, and the final accuracy
-#      beats chance (0.1 for 10 classes) by a wide margin.
+#      beats chance (0.1 for 10 classes) by a wide margin;
+#   0. before all that, in a container of the base image (a fresh Debian without debootstrap):
+#      deploy/make-base-image.sh installs debootstrap and builds a base image, and with no network it
+#      stops with one instruction.
 #
 # Prints PASS/FAIL per check and exits 1 if any failed. Without a Docker engine it prints SKIP and exits 0.
 #
 #   deploy/test-compose.sh            (what `make compose-test` runs)
-#   environment: KEEP=1 leaves the federation up; TEST_ROUNDS, TEST_ROUND_TIMEOUT, TEST_MIN_ACCURACY
+#   environment: KEEP=1 leaves the federation up; TEST_ROUNDS, TEST_ROUND_TIMEOUT, TEST_MIN_ACCURACY,
+#   TEST_FRESH_BASE=0 (skip building a base image in a fresh container)
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -66,6 +70,42 @@ image="${FEDTEXT_IMAGE:-fedtext:latest}"
 user="$(docker image inspect -f '{{.Config.User}}' "$image")"
 check "the image runs as a non-root user ($user)" test -n "$user" -a "$user" != root -a "$user" != 0
 check "the image has a HEALTHCHECK" test -n "$(docker image inspect -f '{{if .Config.Healthcheck}}{{.Config.Healthcheck.Test}}{{end}}' "$image")"
+
+# ---- the base image on a fresh machine ----------------------------------------------------------------
+# A container of the base image is a fresh Debian: root, apt, no debootstrap. With the host's Docker
+# socket and CLI it runs deploy/make-base-image.sh as a new user's machine would: (1) with the Debian
+# mirror reachable it installs debootstrap and builds a base image; (2) with no network at all it
+# stops with one instruction. TEST_FRESH_BASE=0 skips (1), which downloads about 40 MB.
+fresh_base() { # fresh_base NETWORK IMAGE: runs make-base-image.sh --force IMAGE in a fresh container
+  # The rootfs is built on a tmpfs that allows device nodes (the image's overlay may not).
+  docker run --rm --cap-add SYS_ADMIN --network "$1" --tmpfs /tmp:rw,exec,dev,suid,size=1g \
+    -v "$here:/deploy:ro" -v /var/run/docker.sock:/var/run/docker.sock \
+    -v "$(command -v docker):/usr/local/bin/docker:ro" \
+    "${BASE_IMAGE:-debian:bookworm-slim}" /deploy/make-base-image.sh --force "$2"
+}
+fresh_log="$root/target/deploy/fresh-base.log"
+if fresh_base none fedtext-test/offline-base:latest >"$fresh_log" 2>&1; then
+  fail "with no network and no debootstrap, make-base-image.sh stops (it exited 0)"
+elif grep -q 'docker load -i base.tar' "$fresh_log"; then
+  pass "with no network and no debootstrap, make-base-image.sh stops with one instruction ($(grep -c . "$fresh_log") lines)"
+else
+  cat "$fresh_log"
+  fail "with no network and no debootstrap, make-base-image.sh stops with the docker load instruction"
+fi
+if [ "${TEST_FRESH_BASE:-1}" = 0 ]; then
+  echo "SKIP: building a base image on a fresh machine (TEST_FRESH_BASE=0)"
+else
+  t0=$(date +%s)
+  if fresh_base bridge fedtext-test/fresh-base:latest >"$fresh_log" 2>&1 &&
+    grep -q 'installing it with apt-get' "$fresh_log" &&
+    [ "$(docker run --rm fedtext-test/fresh-base:latest cat /etc/debian_version | cut -d. -f1)" = 12 ]; then
+    pass "on a fresh machine without debootstrap, make-base-image.sh installs it and builds a bookworm base image ($(($(date +%s) - t0)) s)"
+  else
+    tail -n 20 "$fresh_log"
+    fail "on a fresh machine without debootstrap, make-base-image.sh installs it and builds a base image"
+  fi
+  docker image rm -f fedtext-test/fresh-base:latest >/dev/null 2>&1 || true
+fi
 
 # ---- bring it up ------------------------------------------------------------------------------------
 export FL_ROUNDS="$rounds" FL_ROUND_TIMEOUT="$round_timeout" FL_MIN_CLIENTS=2 FL_PUBLISH="127.0.0.1:"

@@ -50,9 +50,11 @@ if "coordinator" not in services or not any(p.get("port") == 7443 for p in servi
     fail("no Service coordinator on port 7443 (clients dial https://coordinator:7443)")
 
 main = coordinator["spec"]["template"]["spec"]["containers"][0]
-for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-    if probe not in main:
-        fail(f"coordinator: no {probe}")
+for probe, probe_path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    if main.get(probe, {}).get("httpGet", {}).get("path") != probe_path:
+        fail(f"coordinator: {probe} must be an httpGet of {probe_path} on the side port")
+if "--http" not in main.get("args", []):
+    fail("coordinator: the probes need the side port (--http)")
 
 for s in sets.values():
     name = s["metadata"]["name"]

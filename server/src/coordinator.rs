@@ -280,6 +280,45 @@ pub enum UpdateRefusal {
     FoldFailed(String),
 }
 
+impl InvalidUpdate {
+    /// A short name of the kind of defect, for counting (`fl_updates_refused_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InvalidUpdate::UnsupportedCodec(_) => "unsupported_codec",
+            InvalidUpdate::TooLarge { .. } => "too_large",
+            InvalidUpdate::NoExamples => "no_examples",
+            InvalidUpdate::NonFiniteMetrics => "non_finite_metrics",
+            InvalidUpdate::BrokeOff(_) => "broke_off",
+            InvalidUpdate::DataAfterTrailer
+            | InvalidUpdate::OutOfOrder { .. }
+            | InvalidUpdate::ChunkTooLarge(_)
+            | InvalidUpdate::LongerThanDeclared(_)
+            | InvalidUpdate::SecondTrailer
+            | InvalidUpdate::SecondHeader
+            | InvalidUpdate::EmptyChunk => "malformed_stream",
+            InvalidUpdate::NoTrailer { .. } | InvalidUpdate::Truncated { .. } => "truncated",
+            InvalidUpdate::DigestMismatch => "digest_mismatch",
+            InvalidUpdate::Tensors(_) => "bad_tensors",
+            InvalidUpdate::NormTooLarge { .. } => "norm_too_large",
+            InvalidUpdate::SpoolRead(_) => "spool_read",
+        }
+    }
+}
+
+impl UpdateRefusal {
+    /// A short name of the reason, for counting: `stale`, `not_sampled`, `duplicate`,
+    /// `fold_failed`, or the defect of an invalid update ([`InvalidUpdate::reason`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpdateRefusal::Stale { .. } => "stale",
+            UpdateRefusal::NotSampled(_) => "not_sampled",
+            UpdateRefusal::Duplicate(_) => "duplicate",
+            UpdateRefusal::Invalid(why) => why.reason(),
+            UpdateRefusal::FoldFailed(_) => "fold_failed",
+        }
+    }
+}
+
 /// The running sum of an attempt and what it counts.
 #[derive(Debug)]
 struct Accumulator {
@@ -422,6 +461,8 @@ pub struct Coordinator {
     changed: Notify,
     status: watch::Sender<CoordinatorStatus>,
     last_failure: Mutex<Option<String>>,
+    /// Updates refused since the start, by reason.
+    refused: Mutex<std::collections::BTreeMap<String, u64>>,
     /// The last upload of the open attempt that could not be stored, for its failure reason.
     attempt_error: Mutex<Option<String>>,
     failed_attempts: AtomicU32,
@@ -459,6 +500,7 @@ impl Coordinator {
             changed: Notify::new(),
             status,
             last_failure: Mutex::new(None),
+            refused: Mutex::new(std::collections::BTreeMap::new()),
             attempt_error: Mutex::new(None),
             failed_attempts: AtomicU32::new(0),
             failed_handshakes: AtomicU64::new(0),
@@ -516,6 +558,7 @@ impl Coordinator {
             rounds_total: self.settings.rounds,
             failed_attempts: self.failed_attempts.load(Ordering::SeqCst),
             last_failure: lock(&self.last_failure).clone(),
+            refused: lock(&self.refused).clone(),
             failed_handshakes: self.failed_handshakes.load(Ordering::SeqCst),
             ..CoordinatorStatus::default()
         };
@@ -664,6 +707,13 @@ impl Coordinator {
         let book = phase.collecting(header.round, header.attempt)?;
         book.check_may_answer(client_id)?;
         Ok(UploadTicket { model: book.model.clone(), sum: book.sum.clone() })
+    }
+
+    /// Counts a refused update by its reason (status.json's `refused`, and the HTTP side port's
+    /// `fl_updates_refused_total`).
+    pub fn count_refusal(&self, refusal: &UpdateRefusal) {
+        *lock(&self.refused).entry(refusal.reason().to_string()).or_insert(0) += 1;
+        self.changed();
     }
 
     /// Records that a client's upload was refused or lost after it started.

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod coordinator;
 pub mod error;
 pub mod health;
+pub mod http;
 pub mod listener;
 pub mod policy;
 pub mod registry;
@@ -89,6 +90,8 @@ pub struct ServeConfig {
     pub init_model: Option<PathBuf>,
     /// Where uploads are spooled; `None` is files in `STATE/spool/`. Tests inject a failing one.
     pub spool: Option<Arc<dyn Spool>>,
+    /// The HTTP side port's view, told when the gRPC port accepts clients (`/readyz`).
+    pub dashboard: Option<Arc<http::Dashboard>>,
 }
 
 /// How `serve` ended.
@@ -158,6 +161,9 @@ pub async fn serve(
         println!("(also in {}, mode 0600)", state.path("join-token").display());
     }
     println!("coordinator listening on {addr}");
+    if let Some(dashboard) = &config.dashboard {
+        dashboard.set_ready(true);
+    }
     info!(%addr, completed = coord.completed_rounds(), rounds = config.settings.rounds, "coordinator serving");
 
     let rounds = coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), elapsed_s).await;
@@ -170,6 +176,9 @@ pub async fn serve(
         Ok(()) => Ok(ServeOutcome::Interrupted),
         Err(e) => Err(e),
     };
+    if let Some(dashboard) = &config.dashboard {
+        dashboard.set_ready(false);
+    }
     server_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     background.cancel();

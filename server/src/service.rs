@@ -194,7 +194,9 @@ impl FederationService {
     fn refuse(&self, client_id: &str, header: &UpdateHeader, why: InvalidUpdate) -> ServiceError {
         warn!(client = client_id, round = header.round, attempt = header.attempt, "update rejected: {why}");
         self.coord.record_rejection(client_id, header.round, header.attempt);
-        UpdateRefusal::Invalid(why).into()
+        let refusal = UpdateRefusal::Invalid(why);
+        self.coord.count_refusal(&refusal);
+        refusal.into()
     }
 
     /// An upload that cannot be stored: not the client's fault, but the update is lost; count it
@@ -226,6 +228,7 @@ impl FederationService {
         };
         let ticket = self.coord.begin_upload(id, &header).inspect_err(|e| {
             warn!(client = id, round = header.round, attempt = header.attempt, "update refused: {e}");
+            self.coord.count_refusal(e);
         })?;
         header.check(ticket.model.bytes.len()).map_err(|why| self.refuse(id, &header, why))?;
 
@@ -291,6 +294,7 @@ impl FederationService {
         let upload = SpooledUpload { header, path: spool_path, bytes: received };
         self.coord.fold_upload(id, ticket, upload).await.inspect_err(|e| {
             warn!(client = id, round, attempt, "update refused: {e}");
+            self.coord.count_refusal(e);
         })?;
         info!(client = id, round, attempt, examples, bytes = received, "update folded");
         Ok(pb::SubmitAck { accepted: true, message: String::new() })

@@ -92,6 +92,9 @@ pub struct CoordinatorStatus {
     pub last_failure: Option<String>,
     /// TLS handshakes refused since the start.
     pub failed_handshakes: u64,
+    /// Updates refused since the start, by reason (`UpdateRefusal::reason`).
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// The phase of the coordinator, in `status.json`.

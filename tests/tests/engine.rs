@@ -88,6 +88,7 @@ impl Served {
             seed: 1,
             init_model: None,
             spool,
+            dashboard: None,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));

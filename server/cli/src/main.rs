@@ -28,6 +28,15 @@ struct Cli {
 enum Command {
     /// Create (first start) or resume a federation and run its rounds.
     Serve(Box<ServeArgs>),
+    /// Serve the dashboard, /metrics and /api of a federation's state directory, without running
+    /// it: for a finished run, or beside a coordinator started without --http.
+    Dashboard {
+        /// State directory of the federation.
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        http: HttpArgs,
+    },
     /// Exit 0 if the coordinator's gRPC health service reports SERVING (`fl-health` does the
     /// same without loading libtorch: use it for container probes).
     Health {
@@ -38,10 +47,14 @@ enum Command {
         #[arg(long)]
         ca: PathBuf,
     },
-    /// Print what a coordinator is doing (its STATE/status.json): phase, round, clients.
+    /// Print what a coordinator is doing: rounds, accuracy, clients, refused updates and errors
+    /// (from STATE/status.json, metrics.jsonl and registry.json).
     Status {
         #[arg(long, env = "FL_STATE_DIR")]
         state_dir: PathBuf,
+        /// Print STATE/status.json as it is instead of the summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Manage join tokens.
     Token {
@@ -53,6 +66,49 @@ enum Command {
         #[command(subcommand)]
         command: ClientsCommand,
     },
+}
+
+/// The HTTP side port: dashboard, /metrics, /api, /healthz and /readyz.
+#[derive(clap::Args, Debug, Clone)]
+struct HttpArgs {
+    /// Serve the dashboard, /metrics, /api and the probes on ADDR (off by default). A bare port
+    /// means 127.0.0.1:PORT; listen on other interfaces only with --http-token or behind a firewall.
+    #[arg(long, env = "FL_HTTP", value_name = "ADDR")]
+    http: Option<String>,
+    /// Require `Authorization: Bearer TOKEN` (or ?token=TOKEN) on every HTTP path but /healthz and
+    /// /readyz. Prefer the environment variable: arguments are visible to other local users.
+    #[arg(long, env = "FL_HTTP_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    http_token: Option<String>,
+}
+
+impl HttpArgs {
+    /// Binds the side port, if asked for, and writes its address to STATE/http-addr.
+    async fn start(
+        &self,
+        state_dir: &std::path::Path,
+        config: std::collections::BTreeMap<String, String>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Arc<fl_server::http::Dashboard>>> {
+        let Some(addr) = &self.http else { return Ok(None) };
+        let addr = if addr.bytes().all(|b| b.is_ascii_digit()) { format!("127.0.0.1:{addr}") } else { addr.clone() };
+        let listener =
+            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("--http: listening on {addr}"))?;
+        let bound = listener.local_addr()?;
+        std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        fl_common::files::write_atomic(&state_dir.join("http-addr"), bound.to_string().as_bytes(), 0o644)?;
+        println!("dashboard on http://{bound}/");
+        let options = fl_server::http::HttpOptions { token: self.http_token.clone(), config };
+        let dashboard = fl_server::http::Dashboard::new(state_dir, options);
+        tokio::spawn({
+            let (dashboard, stop) = (dashboard.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = fl_server::http::serve(listener, dashboard, stop).await {
+                    tracing::error!("the HTTP side port stopped: {e}");
+                }
+            }
+        });
+        Ok(Some(dashboard))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -114,6 +170,8 @@ struct ServeArgs {
     /// Names in the server certificate (DNS names or IPs) [default: localhost, 127.0.0.1].
     #[arg(long = "tls-san")]
     tls_san: Vec<String>,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,8 +232,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
+        Command::Dashboard { state_dir, http } => runtime.block_on(dashboard(&state_dir, &http)),
         Command::Health { coordinator, ca } => runtime.block_on(health(&coordinator, &ca)),
-        Command::Status { state_dir } => status(&state_dir),
+        Command::Status { state_dir, json } => status(&state_dir, json),
         Command::Token { command } => token(command),
         Command::Clients { command } => clients(command),
     }
@@ -211,11 +270,14 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         seed: args.seed,
         init_model: args.init_model.clone(),
         spool: None,
+        dashboard: None,
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(fl_common::cli::cancel_on_signal(shutdown.clone()));
+    let config =
+        ServeConfig { dashboard: args.http.start(&args.state_dir, run_config(&args), &shutdown).await?, ..config };
     match fl_server::serve(config, Arc::new(backend::TorchBackend), listener, shutdown).await? {
         ServeOutcome::Finished => Ok(ExitCode::SUCCESS),
         ServeOutcome::Interrupted => {
@@ -223,6 +285,42 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
     }
+}
+
+/// What the dashboard shows as the run's configuration: the flags that shape the run.
+fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
+    let mut c = std::collections::BTreeMap::new();
+    c.insert("listen".into(), args.listen.clone());
+    c.insert("rounds".into(), args.rounds.to_string());
+    c.insert("min clients".into(), args.min_clients.to_string());
+    let per_round =
+        if args.clients_per_round == 0 { "all connected".into() } else { args.clients_per_round.to_string() };
+    c.insert("clients per round".into(), per_round);
+    c.insert("round timeout".into(), format!("{} s", args.round_timeout));
+    c.insert("model".into(), args.model.map_or_else(|| "as created (default fasttext)".into(), |m| m.to_string()));
+    c.insert(
+        "local training".into(),
+        format!("{} epoch(s), batch {}, lr {}, {}", args.local_epochs, args.batch_size, args.lr, args.optimizer),
+    );
+    c.insert("eval data".into(), args.eval_data.as_ref().map_or_else(|| "none".into(), |p| p.display().to_string()));
+    c.insert("state dir".into(), args.state_dir.display().to_string());
+    c
+}
+
+/// `fl-coordinator dashboard`: the side port alone, until SIGINT or SIGTERM.
+async fn dashboard(state_dir: &std::path::Path, http: &HttpArgs) -> Result<ExitCode> {
+    if !StateDir::new(state_dir).exists() {
+        bail!("{}: no federation here (no federation.json)", state_dir.display());
+    }
+    let http = HttpArgs { http: Some(http.http.clone().unwrap_or_else(|| "127.0.0.1:9090".into())), ..http.clone() };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(fl_common::cli::cancel_on_signal(shutdown.clone()));
+    let mut config = std::collections::BTreeMap::new();
+    config.insert("state dir".into(), state_dir.display().to_string());
+    config.insert("served by".into(), "fl-coordinator dashboard (no coordinator in this process)".into());
+    http.start(state_dir, config, &shutdown).await?;
+    shutdown.cancelled().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn health(url: &str, ca: &std::path::Path) -> Result<ExitCode> {
@@ -235,16 +333,103 @@ async fn health(url: &str, ca: &std::path::Path) -> Result<ExitCode> {
     })
 }
 
-fn status(state_dir: &std::path::Path) -> Result<ExitCode> {
+fn status(state_dir: &std::path::Path, json: bool) -> Result<ExitCode> {
     let state = StateDir::new(state_dir);
     if !state.exists() {
         bail!("{}: no federation here", state_dir.display());
     }
-    match state.read_status()? {
-        Some(status) => println!("{}", serde_json::to_string_pretty(&status)?),
-        None => bail!("{}: no status yet (the coordinator has not served)", state.status_path().display()),
+    let Some(status) = state.read_status()? else {
+        bail!("{}: no status yet (the coordinator has not served)", state.status_path().display())
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
     }
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(state.metrics_path())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let registry = RegistryStore::open(state.root())?.read()?;
+    print!("{}", status_summary(&status, &metrics, &registry, now_unix()));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `fl-coordinator status` prints: the dashboard's summary for a terminal.
+fn status_summary(
+    status: &fl_server::state::CoordinatorStatus,
+    metrics: &[serde_json::Value],
+    registry: &fl_server::registry::Registry,
+    now: u64,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let phase = match status.phase {
+        fl_server::state::Phase::Finished => "finished".to_string(),
+        fl_server::state::Phase::Waiting => {
+            format!("waiting for clients to start round {} (attempt {})", status.round, status.attempt)
+        }
+        fl_server::state::Phase::Collecting => {
+            format!("collecting round {} (attempt {})", status.round, status.attempt)
+        }
+        fl_server::state::Phase::Aggregating => format!("aggregating round {}", status.round),
+    };
+    let _ = writeln!(out, "rounds     {} of {} completed; {phase}", status.completed_rounds, status.rounds_total);
+    let number = |m: &serde_json::Value, k: &str| m.get(k).and_then(serde_json::Value::as_f64);
+    match metrics.last() {
+        Some(last) => {
+            let best = metrics
+                .iter()
+                .filter_map(|m| Some((number(m, "accuracy")?, number(m, "round")?)))
+                .fold(None, |b: Option<(f64, f64)>, x| if b.is_none_or(|b| x.0 > b.0) { Some(x) } else { b });
+            let _ = writeln!(
+                out,
+                "accuracy   {:.4} (round {}), loss {:.4}{}",
+                number(last, "accuracy").unwrap_or(f64::NAN),
+                number(last, "round").unwrap_or(0.0),
+                number(last, "loss").unwrap_or(f64::NAN),
+                best.map(|(a, r)| format!("; best {a:.4} (round {r})")).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "accuracy   no round completed yet");
+        }
+    }
+    let active = registry.clients.iter().filter(|c| c.status == ClientStatus::Active).count();
+    let _ = writeln!(
+        out,
+        "clients    {} enrolled ({active} active), {} connected; this attempt: {} sampled, {} accepted, {} refused or lost",
+        registry.clients.len(),
+        status.connected.len(),
+        status.sampled.len(),
+        status.accepted.len(),
+        status.rejected.len()
+    );
+    for c in &registry.clients {
+        let state = match c.status {
+            ClientStatus::Revoked => "revoked",
+            ClientStatus::Active if status.connected.contains(&c.id) => "connected",
+            ClientStatus::Active => "idle",
+        };
+        let seen = now.saturating_sub(c.last_seen_unix);
+        let _ = writeln!(
+            out,
+            "           {:<16} {:<16} {state:<9} rounds joined {:<4} last seen {seen} s ago",
+            c.name, c.id, c.rounds_joined
+        );
+    }
+    if !status.refused.is_empty() {
+        let reasons: Vec<String> = status.refused.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        let _ = writeln!(out, "refused    {}", reasons.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "errors     {} failed attempts, {} refused TLS handshakes; last: {}",
+        status.failed_attempts,
+        status.failed_handshakes,
+        status.last_failure.as_deref().unwrap_or("none")
+    );
+    out
 }
 
 fn open_registry(state_dir: &std::path::Path) -> Result<(StateDir, RegistryStore)> {
