@@ -4,6 +4,7 @@
 pub mod aggregation;
 pub mod backend;
 pub mod coordinator;
+pub mod dp;
 pub mod health;
 pub mod listener;
 pub mod registry;
