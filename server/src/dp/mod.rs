@@ -1,22 +1,16 @@
 //! Client-level differential privacy: DP-FedAvg (clipping, Gaussian noise, adaptive clipping)
 //! and the RDP accountant that turns the rounds run into (ε, δ).
+//!
+//! The math is pure and lives in [`accountant`] and [`mechanism`]; [`DpFedAvg`] is the
+//! aggregation strategy that applies it, and [`DpConfig`] holds the flags.
 
 pub mod accountant;
+mod config;
+mod fedavg;
 pub mod mechanism;
 
-/// Why a DP configuration cannot run; each names the flag to change.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum DpConfigError {
-    /// The clip count's noise would use the whole budget.
-    #[error(
-        "--dp-adaptive-clip: the noise on the count of unclipped clients (standard deviation {count_stddev}) \
-         must be more than half of --dp-noise-multiplier {noise_multiplier}; sample more clients per round \
-         or lower --dp-noise-multiplier"
-    )]
-    CountNoiseTooSmall {
-        /// The total noise multiplier.
-        noise_multiplier: f64,
-        /// The count's noise standard deviation.
-        count_stddev: f64,
-    },
-}
+pub use config::{
+    AdaptiveClipConfig, ClipSite, DpArgs, DpConfig, DpConfigError, DEFAULT_CLIP_LR, DEFAULT_INITIAL_ADAPTIVE_CLIP,
+    DEFAULT_TARGET_QUANTILE,
+};
+pub use fedavg::{DpFedAvg, DpRoundReport};
