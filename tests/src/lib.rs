@@ -256,3 +256,5 @@ pub fn enrolled_federation(
     }
     (coordinator, dirs)
 }
+
+pub mod dp_sim;

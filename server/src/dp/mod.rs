@@ -7,6 +7,7 @@
 pub mod accountant;
 mod config;
 mod fedavg;
+mod ledger;
 pub mod mechanism;
 
 pub use config::{
@@ -14,3 +15,4 @@ pub use config::{
     DEFAULT_TARGET_QUANTILE,
 };
 pub use fedavg::{DpFedAvg, DpRoundReport};
+pub use ledger::{sampling_rate, Budget, DpLedger, LedgerError, LEDGER_FILE};
