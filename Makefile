@@ -6,7 +6,7 @@ export LIBTORCH
 export RUSTFLAGS := -C link-arg=-Wl,-rpath,$(LIBTORCH)/lib
 CLIENTS ?= 4
 
-.PHONY: build demo test bench bench-criterion compose-demo compose-test lint
+.PHONY: build demo test bench bench-criterion compose-demo compose-test lint k8s-validate
 
 build:
 	cargo build --release --bins
@@ -17,6 +17,11 @@ demo: build
 test:
 	cargo build --release --bins
 	cargo test --release --workspace
+	deploy/k8s/validate.sh
+
+# Kubernetes manifests, offline: kustomize render, schema validation (--strict), policy checks.
+k8s-validate:
+	deploy/k8s/validate.sh
 
 lint:
 	cargo fmt --all -- --check

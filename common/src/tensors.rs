@@ -49,9 +49,6 @@ pub enum TensorError {
     /// A value is NaN or infinite.
     #[error("tensor '{name}' holds a non-finite value at index {index}")]
     NonFinite { name: String, index: usize },
-    /// Unknown codec name.
-    #[error("unsupported codec '{0}'")]
-    Codec(String),
 }
 
 impl TensorSet {

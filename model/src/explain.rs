@@ -36,17 +36,6 @@ pub enum Method {
     Occlusion,
 }
 
-impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "ig" | "integrated-gradients" => Ok(Method::IntegratedGradients { steps: 64 }),
-            "occlusion" => Ok(Method::Occlusion),
-            other => Err(format!("unknown explanation method '{other}' (expected ig or occlusion)")),
-        }
-    }
-}
-
 /// The score of one word of the text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WordScore {

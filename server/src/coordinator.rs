@@ -1,28 +1,43 @@
-//! The coordinator's shared state and its round engine.
+//! The round engine and the state it shares with the gRPC handlers.
 //!
-//! The engine runs rounds one after another: wait for enough clients, sample, push the round task,
-//! collect updates until every sampled client answered or the deadline passed, aggregate,
-//! evaluate, checkpoint. The gRPC handlers (`service`) feed it updates through [`Coordinator`].
+//! [`run_rounds`] runs the rounds one after another: wait until enough clients are connected
+//! ([`policy::should_start`]), sample ([`policy::sample`]), push the round task, collect updates
+//! until [`policy::should_close`] closes the attempt, then aggregate, evaluate and checkpoint,
+//! or retry the round when too few updates came in. The decisions are the pure functions of
+//! [`crate::policy`]; this module does the I/O and the waiting around them.
+//!
+//! The gRPC handlers ([`crate::service`]) call the [`Coordinator`] and get typed answers
+//! ([`UpdateRefusal`]); they never see the round state. That state is a [`Phase`] behind a
+//! mutex that is held only for bookkeeping: never across an await, a fold or I/O, and a lock
+//! that a panic poisoned is simply taken over, so no RPC can be locked out. Each attempt's
+//! running sum has its own async mutex: it lets one update at a time be decoded and folded (so
+//! memory holds one update, not one per client), on a blocking thread, while heartbeats and
+//! model downloads go on. A fold that panics marks that sum as damaged and fails the attempt,
+//! which is then retried.
+//!
+//! Nothing here knows the wire types: the handlers convert `pb` messages to and from
+//! [`RoundTask`], [`WorkItem`] and [`UpdateHeader`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fl_common::tensors::CODEC_SAFETENSORS_F32;
+use fl_common::tensors::{TensorError, CODEC_SAFETENSORS_F32};
 use fl_common::{encode_model, ModelSpec, TensorSet};
-use fl_proto::pb;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tokio::sync::{mpsc, Notify};
-use tonic::Status;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
 use crate::backend::Evaluator;
+use crate::policy::{self, Close, RoundView};
 use crate::registry::{now_unix, ClientStatus, RegistryStore};
-use crate::state::StateDir;
+use crate::state::{self, CoordinatorStatus, StateDir};
 
 /// Round settings of a serve run.
 #[derive(Clone, Debug)]
@@ -61,41 +76,196 @@ pub struct GlobalModel {
     pub tensors: Arc<TensorSet>,
 }
 
-/// A connected client's work stream.
-#[derive(Debug)]
-struct Connection {
-    id: u64,
-    tx: mpsc::Sender<Result<pb::Instruction, Status>>,
+impl GlobalModel {
+    /// Encodes `tensors` as a model file of `spec`. Blocking: it copies the whole model.
+    pub fn encode(spec: &ModelSpec, tensors: TensorSet) -> GlobalModel {
+        GlobalModel { bytes: Arc::new(encode_model(spec, &tensors)), tensors: Arc::new(tensors) }
+    }
 }
 
-/// The round attempt being collected.
-#[derive(Debug)]
-pub struct OpenRound {
+/// The task of a round attempt, as sent to each sampled client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundTask {
     /// Round number, from 1.
     pub round: u32,
     /// Attempt number, from 0.
     pub attempt: u32,
-    /// The global model of this round.
-    pub model: Arc<GlobalModel>,
-    task: pb::RoundTask,
-    sampled: HashSet<String>,
-    accepted: HashSet<String>,
-    rejected: HashSet<String>,
-    strategy: Box<dyn AggregationStrategy>,
-    examples: u64,
-    weighted_loss: f64,
-    weighted_accuracy: f64,
-    bytes_up: u64,
-    bytes_down: Arc<AtomicU64>,
-    progress: HashMap<String, f32>,
+    /// Local epochs.
+    pub local_epochs: u32,
+    /// Local batch size.
+    pub batch_size: u32,
+    /// Local learning rate.
+    pub learning_rate: f32,
+    /// Local optimizer.
+    pub optimizer: String,
+    /// Seed of the local training.
+    pub seed: u64,
+    /// When the attempt closes, in Unix milliseconds.
+    pub deadline_unix_ms: u64,
+    /// Size of the global model file.
+    pub model_bytes: u64,
+    /// Codec of the global model.
+    pub model_codec: String,
+    /// Codecs accepted for updates.
+    pub update_codecs: Vec<String>,
 }
 
-/// Why an update is refused.
+/// What the engine sends down a client's work stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WorkItem {
+    /// Train this round.
+    Round(Arc<RoundTask>),
+    /// The federation is over.
+    Finished {
+        /// Rounds completed.
+        rounds_completed: u32,
+    },
+    /// The operator revoked this client: the stream ends with this refusal.
+    Revoked {
+        /// The client.
+        client_id: String,
+    },
+}
+
+/// The sending half of a client's work stream.
+pub type WorkSender = mpsc::Sender<WorkItem>;
+
+/// The header of an upload, as the engine checks it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateHeader {
+    /// Round of the update.
+    pub round: u32,
+    /// Attempt of the update.
+    pub attempt: u32,
+    /// Codec of the payload.
+    pub codec: String,
+    /// Declared payload size.
+    pub total_bytes: u64,
+    /// Examples the client trained on.
+    pub num_examples: u64,
+    /// Mean local training loss.
+    pub train_loss: f64,
+    /// Local training accuracy.
+    pub train_accuracy: f64,
+}
+
+impl UpdateHeader {
+    /// Checks the header of an update to a model of `model_bytes` bytes, before any data.
+    pub fn check(&self, model_bytes: usize) -> Result<(), InvalidUpdate> {
+        if self.codec != CODEC_SAFETENSORS_F32 {
+            return Err(InvalidUpdate::UnsupportedCodec(self.codec.clone()));
+        }
+        let limit = model_bytes as u64 + (1 << 20);
+        if self.total_bytes > limit {
+            return Err(InvalidUpdate::TooLarge { bytes: self.total_bytes, limit });
+        }
+        if self.num_examples == 0 {
+            return Err(InvalidUpdate::NoExamples);
+        }
+        if !self.train_loss.is_finite() || !self.train_accuracy.is_finite() {
+            return Err(InvalidUpdate::NonFiniteMetrics);
+        }
+        Ok(())
+    }
+}
+
+/// Why an update is invalid: the client's fault, reported back to it.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidUpdate {
+    /// A codec the coordinator does not read.
+    #[error("unsupported codec '{0}'")]
+    UnsupportedCodec(String),
+    /// Declared size above the limit.
+    #[error("upload of {bytes} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Declared.
+        bytes: u64,
+        /// Allowed.
+        limit: u64,
+    },
+    /// Zero examples cannot be weighted.
+    #[error("update reports 0 examples")]
+    NoExamples,
+    /// NaN or infinite loss or accuracy.
+    #[error("non-finite training metrics")]
+    NonFiniteMetrics,
+    /// The client's stream failed.
+    #[error("upload broke off: {0}")]
+    BrokeOff(String),
+    /// Data after the trailer.
+    #[error("data after the trailer")]
+    DataAfterTrailer,
+    /// A chunk not at the next offset.
+    #[error("chunk out of order: offset {offset} after {received} bytes")]
+    OutOfOrder {
+        /// Offset of the chunk.
+        offset: u64,
+        /// Bytes received before it.
+        received: u64,
+    },
+    /// A chunk above the chunk limit.
+    #[error("chunk of {0} bytes exceeds {max}", max = crate::service::MAX_UPLOAD_CHUNK_BYTES)]
+    ChunkTooLarge(usize),
+    /// More data than declared.
+    #[error("upload exceeds its declared {0} bytes")]
+    LongerThanDeclared(u64),
+    /// Two trailers.
+    #[error("second trailer")]
+    SecondTrailer,
+    /// Two headers.
+    #[error("second header")]
+    SecondHeader,
+    /// A chunk with nothing in it.
+    #[error("empty chunk")]
+    EmptyChunk,
+    /// The stream ended without a trailer.
+    #[error("truncated upload: no trailer after {received} of {total} bytes")]
+    NoTrailer {
+        /// Received.
+        received: u64,
+        /// Declared.
+        total: u64,
+    },
+    /// Fewer bytes than declared.
+    #[error("truncated upload: {received} of {total} bytes")]
+    Truncated {
+        /// Received.
+        received: u64,
+        /// Declared.
+        total: u64,
+    },
+    /// The digest in the trailer does not match.
+    #[error("SHA-256 of the payload does not match the trailer")]
+    DigestMismatch,
+    /// The payload does not decode, or does not fit the model.
+    #[error(transparent)]
+    Tensors(#[from] TensorError),
+    /// Delta too large.
+    #[error("L2 norm {norm:.3} exceeds the bound {bound}")]
+    NormTooLarge {
+        /// The delta's norm.
+        norm: f64,
+        /// `--max-update-norm`.
+        bound: f64,
+    },
+    /// The spooled payload could not be read back.
+    #[error("reading the spooled upload: {0}")]
+    SpoolRead(std::io::Error),
+}
+
+/// Why an update (or a model download) is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateRefusal {
     /// No round is open, or another one is.
     #[error("stale update: round {round} attempt {attempt} is not open (open: {open})")]
-    Stale { round: u32, attempt: u32, open: String },
+    Stale {
+        /// Round asked for.
+        round: u32,
+        /// Attempt asked for.
+        attempt: u32,
+        /// What is open instead.
+        open: String,
+    },
     /// The client was not sampled for this round.
     #[error("client was not sampled for round {0}")]
     NotSampled(u32),
@@ -104,17 +274,133 @@ pub enum UpdateRefusal {
     Duplicate(u32),
     /// Failed validation.
     #[error("invalid update: {0}")]
-    Invalid(String),
+    Invalid(#[from] InvalidUpdate),
+    /// The fold itself failed (a bug): the attempt is failed and retried.
+    #[error("the update could not be folded: {0}")]
+    FoldFailed(String),
 }
 
-impl From<UpdateRefusal> for Status {
-    fn from(e: UpdateRefusal) -> Status {
-        match e {
-            UpdateRefusal::Stale { .. } | UpdateRefusal::Duplicate(_) => Status::failed_precondition(e.to_string()),
-            UpdateRefusal::NotSampled(_) => Status::permission_denied(e.to_string()),
-            UpdateRefusal::Invalid(_) => Status::invalid_argument(e.to_string()),
+/// The running sum of an attempt and what it counts.
+#[derive(Debug)]
+struct Accumulator {
+    strategy: Box<dyn AggregationStrategy>,
+    folded: Vec<String>,
+    examples: u64,
+    weighted_loss: f64,
+    weighted_accuracy: f64,
+    bytes_up: u64,
+    /// Set while a fold runs; still set after a fold that panicked: the sum is then damaged.
+    folding: bool,
+}
+
+/// The bookkeeping of the attempt being collected.
+#[derive(Debug)]
+struct RoundBook {
+    task: Arc<RoundTask>,
+    model: Arc<GlobalModel>,
+    target: usize,
+    deadline: Instant,
+    started: Instant,
+    sampled: HashSet<String>,
+    accepted: HashSet<String>,
+    rejected: HashSet<String>,
+    progress: HashMap<String, f32>,
+    sum: Arc<tokio::sync::Mutex<Accumulator>>,
+    bytes_down: Arc<AtomicU64>,
+}
+
+impl RoundBook {
+    fn view<'a>(&'a self, connected: &'a HashSet<String>, min_clients: usize) -> RoundView<'a> {
+        RoundView {
+            sampled: &self.sampled,
+            accepted: &self.accepted,
+            rejected: &self.rejected,
+            connected,
+            target: self.target,
+            min_clients,
+            deadline: self.deadline,
         }
     }
+
+    fn has_answered(&self, client: &str) -> bool {
+        self.accepted.contains(client) || self.rejected.contains(client)
+    }
+
+    /// Checks that `client` may still answer this attempt.
+    fn check_may_answer(&self, client: &str) -> Result<(), UpdateRefusal> {
+        if !self.sampled.contains(client) {
+            return Err(UpdateRefusal::NotSampled(self.task.round));
+        }
+        if self.has_answered(client) {
+            return Err(UpdateRefusal::Duplicate(self.task.round));
+        }
+        Ok(())
+    }
+}
+
+/// Where the engine is; the round book lives in `Collecting`.
+#[derive(Debug)]
+enum Phase {
+    Waiting { round: u32, attempt: u32 },
+    Collecting(Box<RoundBook>),
+    Aggregating { round: u32, attempt: u32, sampled: Vec<String>, accepted: Vec<String>, rejected: Vec<String> },
+    Finished { round: u32, attempt: u32 },
+}
+
+impl Phase {
+    fn collecting(&self, round: u32, attempt: u32) -> Result<&RoundBook, UpdateRefusal> {
+        match self {
+            Phase::Collecting(book) if book.task.round == round && book.task.attempt == attempt => Ok(book),
+            other => Err(UpdateRefusal::Stale { round, attempt, open: other.describe_open() }),
+        }
+    }
+
+    fn collecting_mut(&mut self, round: u32, attempt: u32) -> Result<&mut RoundBook, UpdateRefusal> {
+        self.collecting(round, attempt)?;
+        match self {
+            Phase::Collecting(book) => Ok(book),
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    fn describe_open(&self) -> String {
+        match self {
+            Phase::Collecting(book) => format!("round {} attempt {}", book.task.round, book.task.attempt),
+            _ => "none".into(),
+        }
+    }
+}
+
+/// A connected client's work stream.
+#[derive(Debug)]
+struct Connection {
+    id: u64,
+    tx: WorkSender,
+}
+
+/// What an upload may start with: the attempt's global model and running sum.
+#[derive(Debug, Clone)]
+pub struct UploadTicket {
+    /// The global model the delta is relative to.
+    pub model: Arc<GlobalModel>,
+    sum: Arc<tokio::sync::Mutex<Accumulator>>,
+}
+
+/// A fully received upload, spooled to a file.
+#[derive(Debug)]
+pub struct SpooledUpload {
+    /// The header.
+    pub header: UpdateHeader,
+    /// The spooled payload.
+    pub path: PathBuf,
+    /// Payload bytes received.
+    pub bytes: u64,
+}
+
+/// Takes a lock that a panic elsewhere may have poisoned: the data behind it is bookkeeping
+/// that every step leaves consistent, so the panic of one task must not lock out the others.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// State shared by the engine and the gRPC handlers.
@@ -122,8 +408,8 @@ impl From<UpdateRefusal> for Status {
 pub struct Coordinator {
     /// The state directory.
     pub state: StateDir,
-    /// Tokens and clients.
-    pub registry: RegistryStore,
+    /// Tokens and clients; read from memory, refreshed by [`watch_registry`].
+    pub registry: Arc<RegistryStore>,
     /// The federation's model spec.
     pub spec: ModelSpec,
     /// Round settings.
@@ -132,13 +418,17 @@ pub struct Coordinator {
     pub ca: fl_common::tls::CertificateAuthority,
     global: RwLock<Arc<GlobalModel>>,
     connections: Mutex<HashMap<String, Connection>>,
-    open: Mutex<Option<OpenRound>>,
+    phase: Mutex<Phase>,
     changed: Notify,
+    status: watch::Sender<CoordinatorStatus>,
+    last_failure: Mutex<Option<String>>,
+    /// The last upload of the open attempt that could not be stored, for its failure reason.
+    attempt_error: Mutex<Option<String>>,
+    failed_attempts: AtomicU32,
+    failed_handshakes: AtomicU64,
     next_connection: AtomicU64,
-    completed: std::sync::atomic::AtomicU32,
+    completed: AtomicU32,
     finished: AtomicBool,
-    /// One update is decoded and folded at a time, so memory holds one update, not one per client.
-    pub fold_gate: tokio::sync::Mutex<()>,
 }
 
 impl Coordinator {
@@ -146,34 +436,40 @@ impl Coordinator {
     /// model `global`.
     pub fn new(
         state: StateDir,
-        registry: RegistryStore,
+        registry: Arc<RegistryStore>,
         spec: ModelSpec,
         settings: RoundSettings,
         ca: fl_common::tls::CertificateAuthority,
-        global: TensorSet,
+        global: GlobalModel,
         completed: u32,
     ) -> Coordinator {
-        let model = GlobalModel { bytes: Arc::new(encode_model(&spec, &global)), tensors: Arc::new(global) };
-        Coordinator {
+        let (status, _) = watch::channel(CoordinatorStatus::default());
+        let coord = Coordinator {
             state,
             registry,
             spec,
+            global: RwLock::new(Arc::new(global)),
+            connections: Mutex::new(HashMap::new()),
+            phase: Mutex::new(Phase::Waiting { round: completed + 1, attempt: 0 }),
+            changed: Notify::new(),
+            status,
+            last_failure: Mutex::new(None),
+            attempt_error: Mutex::new(None),
+            failed_attempts: AtomicU32::new(0),
+            failed_handshakes: AtomicU64::new(0),
+            next_connection: AtomicU64::new(1),
+            completed: AtomicU32::new(completed),
+            finished: AtomicBool::new(false),
             settings,
             ca,
-            global: RwLock::new(Arc::new(model)),
-            connections: Mutex::new(HashMap::new()),
-            open: Mutex::new(None),
-            changed: Notify::new(),
-            next_connection: AtomicU64::new(1),
-            completed: std::sync::atomic::AtomicU32::new(completed),
-            finished: AtomicBool::new(false),
-            fold_gate: tokio::sync::Mutex::new(()),
-        }
+        };
+        coord.publish();
+        coord
     }
 
     /// The current global model.
     pub fn global(&self) -> Arc<GlobalModel> {
-        self.global.read().expect("global lock").clone()
+        self.global.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Rounds completed so far.
@@ -186,60 +482,158 @@ impl Coordinator {
         self.finished.load(Ordering::SeqCst)
     }
 
+    /// The status as `status.json` shows it.
+    pub fn status(&self) -> CoordinatorStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Follows the status: a new value on every change.
+    pub fn subscribe_status(&self) -> watch::Receiver<CoordinatorStatus> {
+        self.status.subscribe()
+    }
+
+    /// Wakes the engine and updates the status after a change.
+    fn changed(&self) {
+        self.changed.notify_waiters();
+        self.publish();
+    }
+
+    /// Recomputes the status; subscribers see it if it differs.
+    fn publish(&self) {
+        let sorted = |set: &HashSet<String>| {
+            let mut ids: Vec<String> = set.iter().cloned().collect();
+            ids.sort();
+            ids
+        };
+        let mut status = CoordinatorStatus {
+            completed_rounds: self.completed_rounds(),
+            rounds_total: self.settings.rounds,
+            failed_attempts: self.failed_attempts.load(Ordering::SeqCst),
+            last_failure: lock(&self.last_failure).clone(),
+            failed_handshakes: self.failed_handshakes.load(Ordering::SeqCst),
+            ..CoordinatorStatus::default()
+        };
+        match &*lock(&self.phase) {
+            Phase::Waiting { round, attempt } => {
+                (status.phase, status.round, status.attempt) = (state::Phase::Waiting, *round, *attempt);
+            }
+            Phase::Collecting(book) => {
+                (status.phase, status.round, status.attempt) =
+                    (state::Phase::Collecting, book.task.round, book.task.attempt);
+                status.sampled = sorted(&book.sampled);
+                status.accepted = sorted(&book.accepted);
+                status.rejected = sorted(&book.rejected);
+            }
+            Phase::Aggregating { round, attempt, sampled, accepted, rejected } => {
+                (status.phase, status.round, status.attempt) = (state::Phase::Aggregating, *round, *attempt);
+                (status.sampled, status.accepted, status.rejected) =
+                    (sampled.clone(), accepted.clone(), rejected.clone());
+            }
+            Phase::Finished { round, attempt } => {
+                (status.phase, status.round, status.attempt) = (state::Phase::Finished, *round, *attempt);
+            }
+        }
+        let mut connected: Vec<String> = lock(&self.connections).keys().cloned().collect();
+        connected.sort();
+        status.connected = connected;
+        self.status.send_if_modified(|current| {
+            if *current == status {
+                return false;
+            }
+            *current = status;
+            true
+        });
+    }
+
+    fn set_phase(&self, phase: Phase) -> Phase {
+        let old = std::mem::replace(&mut *lock(&self.phase), phase);
+        self.changed();
+        old
+    }
+
+    /// Records an upload that could not be stored (a full disk): the status shows it, and so
+    /// does the failure reason of the attempt, if it fails.
+    pub fn record_spool_failure(&self, reason: String) {
+        *lock(&self.attempt_error) = Some(reason.clone());
+        self.record_failure(reason);
+    }
+
+    fn record_failure(&self, reason: String) {
+        *lock(&self.last_failure) = Some(reason);
+        self.publish();
+    }
+
+    /// Counts a refused TLS handshake.
+    pub fn record_failed_handshake(&self) {
+        self.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+        self.publish();
+    }
+
     /// Registers a client's work stream, replacing an older one of the same client. Returns the
     /// connection id; `disconnect` with it removes exactly this stream.
-    pub fn connect(&self, client_id: &str, tx: mpsc::Sender<Result<pb::Instruction, Status>>) -> u64 {
+    pub fn connect(&self, client_id: &str, tx: WorkSender) -> u64 {
         let id = self.next_connection.fetch_add(1, Ordering::SeqCst);
         // A sampled client that reconnects mid-round (it restarted, or its link dropped) gets
         // the round's task again.
-        if let Some(r) = self.open.lock().expect("open round lock").as_ref() {
-            if r.sampled.contains(client_id) && !r.accepted.contains(client_id) && !r.rejected.contains(client_id) {
-                let task = pb::Instruction { kind: Some(pb::instruction::Kind::Round(r.task.clone())) };
-                let _ = tx.try_send(Ok(task));
+        let resend = match &*lock(&self.phase) {
+            Phase::Collecting(book) => {
+                let connected = HashSet::new();
+                policy::resend_task_on_connect(&book.view(&connected, self.settings.min_clients), client_id)
+                    .then(|| book.task.clone())
             }
+            _ => None,
+        };
+        if let Some(task) = resend {
+            let _ = tx.try_send(WorkItem::Round(task));
         }
-        self.connections.lock().expect("connections lock").insert(client_id.to_string(), Connection { id, tx });
-        self.changed.notify_waiters();
+        lock(&self.connections).insert(client_id.to_string(), Connection { id, tx });
+        self.changed();
         id
     }
 
     /// Removes a client's work stream if it is still connection `id`.
     pub fn disconnect(&self, client_id: &str, id: u64) {
-        let mut connections = self.connections.lock().expect("connections lock");
-        if connections.get(client_id).is_some_and(|c| c.id == id) {
-            connections.remove(client_id);
+        let removed = {
+            let mut connections = lock(&self.connections);
+            let current = connections.get(client_id).is_some_and(|c| c.id == id);
+            current && connections.remove(client_id).is_some()
+        };
+        if removed {
             info!(client = client_id, "client disconnected");
         }
-        drop(connections);
-        self.changed.notify_waiters();
+        self.changed();
     }
 
-    fn connected_ids(&self) -> Vec<String> {
-        let mut connections = self.connections.lock().expect("connections lock");
+    fn connected_ids(&self) -> HashSet<String> {
+        let mut connections = lock(&self.connections);
         connections.retain(|_, c| !c.tx.is_closed());
         connections.keys().cloned().collect()
     }
 
-    /// Connected clients that may be sampled; the work streams of clients revoked since they
-    /// connected are ended with the reason.
-    fn eligible_ids(&self) -> Vec<String> {
-        let revoked: HashSet<String> = match self.registry.read() {
-            Ok(reg) => reg.clients.iter().filter(|c| c.status == ClientStatus::Revoked).map(|c| c.id.clone()).collect(),
-            Err(e) => {
-                warn!("could not read the client registry: {e}");
-                HashSet::new()
-            }
+    /// Ends the work streams of clients that the registry now says are revoked; returns the
+    /// connected clients that may be sampled.
+    pub fn drop_revoked(&self) -> Vec<String> {
+        let registry = self.registry.snapshot();
+        let revoked: HashSet<&str> =
+            registry.clients.iter().filter(|c| c.status == ClientStatus::Revoked).map(|c| c.id.as_str()).collect();
+        let (eligible, dropped) = {
+            let mut connections = lock(&self.connections);
+            let mut dropped = 0;
+            connections.retain(|id, c| {
+                if revoked.contains(id.as_str()) {
+                    let _ = c.tx.try_send(WorkItem::Revoked { client_id: id.clone() });
+                    info!(client = %id, "dropping the connection of a revoked client");
+                    dropped += 1;
+                    return false;
+                }
+                !c.tx.is_closed()
+            });
+            (connections.keys().cloned().collect::<Vec<_>>(), dropped)
         };
-        let mut connections = self.connections.lock().expect("connections lock");
-        connections.retain(|id, c| {
-            if revoked.contains(id) {
-                let _ = c.tx.try_send(Err(Status::permission_denied(format!("client {id} is revoked"))));
-                info!(client = %id, "dropping the connection of a revoked client");
-                return false;
-            }
-            !c.tx.is_closed()
-        });
-        connections.keys().cloned().collect()
+        if dropped > 0 {
+            self.changed();
+        }
+        eligible
     }
 
     /// Checks that `client_id` may fetch the model of (round, attempt); returns the model and
@@ -250,146 +644,277 @@ impl Coordinator {
         round: u32,
         attempt: u32,
     ) -> Result<(Arc<GlobalModel>, Arc<AtomicU64>), UpdateRefusal> {
-        let open = self.open.lock().expect("open round lock");
-        let r = self.check_open(open.as_ref(), round, attempt)?;
-        if !r.sampled.contains(client_id) {
+        let phase = lock(&self.phase);
+        let book = phase.collecting(round, attempt)?;
+        if !book.sampled.contains(client_id) {
             return Err(UpdateRefusal::NotSampled(round));
         }
-        Ok((r.model.clone(), r.bytes_down.clone()))
+        Ok((book.model.clone(), book.bytes_down.clone()))
     }
 
-    fn check_open<'a>(
-        &self,
-        open: Option<&'a OpenRound>,
-        round: u32,
-        attempt: u32,
-    ) -> Result<&'a OpenRound, UpdateRefusal> {
-        match open {
-            Some(r) if r.round == round && r.attempt == attempt => Ok(r),
-            other => Err(UpdateRefusal::Stale {
-                round,
-                attempt,
-                open: other
-                    .map(|r| format!("round {} attempt {}", r.round, r.attempt))
-                    .unwrap_or_else(|| "none".into()),
-            }),
-        }
+    /// Checks that an upload from `client_id` with `header` may start.
+    pub fn begin_upload(&self, client_id: &str, header: &UpdateHeader) -> Result<UploadTicket, UpdateRefusal> {
+        let phase = lock(&self.phase);
+        let book = phase.collecting(header.round, header.attempt)?;
+        book.check_may_answer(client_id)?;
+        Ok(UploadTicket { model: book.model.clone(), sum: book.sum.clone() })
     }
 
-    /// Checks that an upload from `client_id` for (round, attempt) may start.
-    pub fn check_may_submit(
-        &self,
-        client_id: &str,
-        round: u32,
-        attempt: u32,
-    ) -> Result<Arc<GlobalModel>, UpdateRefusal> {
-        let open = self.open.lock().expect("open round lock");
-        let r = self.check_open(open.as_ref(), round, attempt)?;
-        if !r.sampled.contains(client_id) {
-            return Err(UpdateRefusal::NotSampled(round));
-        }
-        if r.accepted.contains(client_id) || r.rejected.contains(client_id) {
-            return Err(UpdateRefusal::Duplicate(round));
-        }
-        Ok(r.model.clone())
-    }
-
-    /// Records that a client's upload was refused after it started.
+    /// Records that a client's upload was refused or lost after it started.
     pub fn record_rejection(&self, client_id: &str, round: u32, attempt: u32) {
-        let mut open = self.open.lock().expect("open round lock");
-        if let Some(r) =
-            open.as_mut().filter(|r| r.round == round && r.attempt == attempt && r.sampled.contains(client_id))
-        {
-            r.rejected.insert(client_id.to_string());
+        if let Ok(book) = lock(&self.phase).collecting_mut(round, attempt) {
+            if book.sampled.contains(client_id) {
+                book.accepted.remove(client_id);
+                book.rejected.insert(client_id.to_string());
+            }
         }
-        drop(open);
-        self.changed.notify_waiters();
+        self.changed();
     }
 
-    /// Folds a validated delta into the open round, if it is still open for this client.
-    #[allow(clippy::too_many_arguments)]
-    pub fn fold(
+    /// Validates a spooled upload and folds it into the attempt's running sum, one at a time,
+    /// on a blocking thread. An invalid update is recorded as rejected.
+    pub async fn fold_upload(
         &self,
         client_id: &str,
-        round: u32,
-        attempt: u32,
-        delta: &TensorSet,
-        num_examples: u64,
-        train_loss: f64,
-        train_accuracy: f64,
-        bytes_up: u64,
+        ticket: UploadTicket,
+        upload: SpooledUpload,
     ) -> Result<(), UpdateRefusal> {
-        let mut open = self.open.lock().expect("open round lock");
-        self.check_open(open.as_ref(), round, attempt)?;
-        let r = open.as_mut().expect("checked open");
-        if !r.sampled.contains(client_id) {
-            return Err(UpdateRefusal::NotSampled(round));
+        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, .. } = upload.header;
+        let mut sum = ticket.sum.lock_owned().await;
+        // The attempt may have closed, or the client answered, while this upload waited its turn.
+        lock(&self.phase).collecting(round, attempt)?.check_may_answer(client_id)?;
+        let reference = ticket.model.tensors.clone();
+        let max_norm = self.settings.max_update_norm;
+        let path = upload.path;
+        let decoded = tokio::task::spawn_blocking(move || -> Result<TensorSet, InvalidUpdate> {
+            let bytes = std::fs::read(&path).map_err(InvalidUpdate::SpoolRead)?;
+            let (delta, _) = TensorSet::decode(&bytes)?;
+            delta.check_matches(&reference)?;
+            let norm = delta.l2_norm();
+            if norm > max_norm {
+                return Err(InvalidUpdate::NormTooLarge { norm, bound: max_norm });
+            }
+            Ok(delta)
+        })
+        .await
+        .map_err(|e| UpdateRefusal::FoldFailed(format!("decoding: {e}")))
+        .and_then(|d| d.map_err(UpdateRefusal::from));
+        let delta = match decoded {
+            Ok(delta) => delta,
+            Err(refusal) => {
+                self.record_rejection(client_id, round, attempt);
+                return Err(refusal);
+            }
+        };
+        // Counted as accepted from here: the engine closes the attempt only after this fold.
+        {
+            let mut phase = lock(&self.phase);
+            let book = phase.collecting_mut(round, attempt)?;
+            book.check_may_answer(client_id)?;
+            book.accepted.insert(client_id.to_string());
         }
-        if r.accepted.contains(client_id) || r.rejected.contains(client_id) {
-            return Err(UpdateRefusal::Duplicate(round));
+        self.changed();
+        let id = client_id.to_string();
+        let folded = tokio::task::spawn_blocking(move || {
+            sum.folding = true;
+            sum.strategy.fold(ClientUpdate { delta: &delta, num_examples });
+            sum.folding = false;
+            sum.folded.push(id);
+            sum.examples += num_examples;
+            sum.weighted_loss += train_loss * num_examples as f64;
+            sum.weighted_accuracy += train_accuracy * num_examples as f64;
+            sum.bytes_up += upload.bytes;
+        })
+        .await;
+        if let Err(e) = folded {
+            tracing::error!(client = client_id, round, attempt, "folding an update failed: {e}");
+            self.record_rejection(client_id, round, attempt);
+            return Err(UpdateRefusal::FoldFailed(e.to_string()));
         }
-        r.strategy.fold(ClientUpdate { delta, num_examples });
-        r.accepted.insert(client_id.to_string());
-        r.examples += num_examples;
-        r.weighted_loss += train_loss * num_examples as f64;
-        r.weighted_accuracy += train_accuracy * num_examples as f64;
-        r.bytes_up += bytes_up;
-        drop(open);
-        self.changed.notify_waiters();
         Ok(())
     }
 
     /// Records a heartbeat; returns whether the round attempt is still open for this client.
     pub fn heartbeat(&self, client_id: &str, round: u32, attempt: u32, progress: f32) -> bool {
-        let mut open = self.open.lock().expect("open round lock");
-        match open.as_mut() {
-            Some(r) if r.round == round && r.attempt == attempt && r.sampled.contains(client_id) => {
-                r.progress.insert(client_id.to_string(), progress.clamp(0.0, 1.0));
-                !r.accepted.contains(client_id) && !r.rejected.contains(client_id)
+        match lock(&self.phase).collecting_mut(round, attempt) {
+            Ok(book) if book.sampled.contains(client_id) => {
+                book.progress.insert(client_id.to_string(), progress.clamp(0.0, 1.0));
+                !book.has_answered(client_id)
             }
             _ => false,
         }
     }
 
-    /// The Welcome message for a joining client.
-    pub fn welcome(&self, client_id: &str) -> pb::Instruction {
-        pb::Instruction {
-            kind: Some(pb::instruction::Kind::Welcome(pb::Welcome {
-                client_id: client_id.to_string(),
-                model_spec_json: serde_json::to_string(&self.spec).expect("spec serializes"),
-                rounds_total: self.settings.rounds,
-                rounds_completed: self.completed_rounds(),
+    /// Opens an attempt for `sampled`; returns its task.
+    fn open_round(&self, round: u32, attempt: u32, sampled: Vec<String>, target: usize) -> Arc<RoundTask> {
+        let settings = &self.settings;
+        let model = self.global();
+        let mut strategy: Box<dyn AggregationStrategy> = Box::new(FedAvg::default());
+        strategy.begin_round(&model.tensors);
+        let deadline_unix_ms = (std::time::SystemTime::now() + settings.round_timeout)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let task = Arc::new(RoundTask {
+            round,
+            attempt,
+            local_epochs: settings.local_epochs,
+            batch_size: settings.batch_size,
+            learning_rate: settings.lr,
+            optimizer: settings.optimizer.clone(),
+            seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 131 + u64::from(attempt)),
+            deadline_unix_ms,
+            model_bytes: model.bytes.len() as u64,
+            model_codec: CODEC_SAFETENSORS_F32.to_string(),
+            update_codecs: vec![CODEC_SAFETENSORS_F32.to_string()],
+        });
+        let now = Instant::now();
+        let book = RoundBook {
+            task: task.clone(),
+            model,
+            target,
+            deadline: now + settings.round_timeout,
+            started: now,
+            sampled: sampled.into_iter().collect(),
+            accepted: HashSet::new(),
+            rejected: HashSet::new(),
+            progress: HashMap::new(),
+            sum: Arc::new(tokio::sync::Mutex::new(Accumulator {
+                strategy,
+                folded: Vec::new(),
+                examples: 0,
+                weighted_loss: 0.0,
+                weighted_accuracy: 0.0,
+                bytes_up: 0,
+                folding: false,
             })),
+            bytes_down: Arc::new(AtomicU64::new(0)),
+        };
+        lock(&self.attempt_error).take();
+        self.set_phase(Phase::Collecting(Box::new(book)));
+        task
+    }
+
+    /// Whether the open attempt closes now.
+    fn check_close(&self, now: Instant) -> Option<Close> {
+        let connected = self.connected_ids();
+        match &*lock(&self.phase) {
+            Phase::Collecting(book) => {
+                Some(policy::should_close(&book.view(&connected, self.settings.min_clients), now))
+            }
+            _ => None,
         }
     }
 
-    /// The message that ends the federation for a client.
-    pub fn finished_message(&self) -> pb::Instruction {
-        pb::Instruction {
-            kind: Some(pb::instruction::Kind::Finished(pb::FederationFinished {
-                rounds_completed: self.completed_rounds(),
-            })),
-        }
+    /// Ends collection: the book leaves the shared state and the phase becomes `Aggregating`.
+    fn close_round(&self) -> Option<Box<RoundBook>> {
+        let mut phase = lock(&self.phase);
+        let Phase::Collecting(book) = &*phase else { return None };
+        let sorted = |set: &HashSet<String>| {
+            let mut ids: Vec<String> = set.iter().cloned().collect();
+            ids.sort();
+            ids
+        };
+        let next = Phase::Aggregating {
+            round: book.task.round,
+            attempt: book.task.attempt,
+            sampled: sorted(&book.sampled),
+            accepted: sorted(&book.accepted),
+            rejected: sorted(&book.rejected),
+        };
+        let Phase::Collecting(book) = std::mem::replace(&mut *phase, next) else { return None };
+        drop(phase);
+        self.changed();
+        Some(book)
     }
 
-    /// Waits until something changed (a join, a leave, an update) or `limit` passed.
-    async fn wait_change(&self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, self.changed.notified()).await;
+    /// Runs `check` after every change (a join, a leave, an update), at `wake_at`, and at least
+    /// every second, until it answers `Some`, or `shutdown` fires (`None`). The wake-up is
+    /// registered before `check` runs, so a change between the check and the wait is not lost.
+    async fn wait_for<T>(
+        &self,
+        wake_at: Instant,
+        shutdown: &CancellationToken,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(answer) = check() {
+                return Some(answer);
+            }
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at.min(Instant::now() + Duration::from_secs(1))) => {}
+                _ = shutdown.cancelled() => return None,
+            }
+        }
     }
 }
 
-/// The outcome of one round attempt.
-#[derive(Debug)]
-struct ClosedRound {
-    round: OpenRound,
-    started: Instant,
+/// Refreshes the in-memory registry every `period` when the file changed (the admin CLI writes
+/// it from another process), and ends the work streams of clients revoked since.
+pub async fn watch_registry(coord: Arc<Coordinator>, period: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let registry = coord.registry.clone();
+        match tokio::task::spawn_blocking(move || registry.refresh()).await {
+            Ok(Ok(true)) => {
+                coord.drop_revoked();
+                coord.changed();
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!("could not re-read the client registry: {e}"),
+            Err(e) => warn!("re-reading the client registry failed: {e}"),
+        }
+    }
+}
+
+/// Writes `status.json` whenever the status changes, on a blocking thread, until `stop`; then
+/// writes the last status and returns.
+pub async fn write_status(coord: Arc<Coordinator>, stop: CancellationToken) {
+    let mut rx = coord.subscribe_status();
+    let mut written: Option<CoordinatorStatus> = None;
+    loop {
+        let status = rx.borrow_and_update().clone();
+        if written.as_ref() != Some(&status) {
+            let state = coord.state.clone();
+            let to_write = status.clone();
+            match tokio::task::spawn_blocking(move || state.write_status(&to_write)).await {
+                Ok(Ok(())) => written = Some(status),
+                Ok(Err(e)) => warn!("could not write {}: {e}", coord.state.status_path().display()),
+                Err(e) => warn!("writing the status failed: {e}"),
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                let last = rx.borrow().clone();
+                if written.as_ref() != Some(&last) {
+                    let state = coord.state.clone();
+                    let _ = tokio::task::spawn_blocking(move || state.write_status(&last)).await;
+                }
+                return;
+            }
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Runs the remaining rounds; returns when all are done or `shutdown` fires.
 pub async fn run_rounds(
     coord: Arc<Coordinator>,
     eval: Option<Arc<dyn Evaluator>>,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
     elapsed_before: f64,
 ) -> Result<()> {
     let serving_since = Instant::now();
@@ -399,176 +924,111 @@ pub async fn run_rounds(
         let round = coord.completed_rounds() + 1;
         let mut attempt = 0;
         loop {
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            // Wait for enough clients.
+            coord.set_phase(Phase::Waiting { round, attempt });
             let mut last_report = Instant::now() - Duration::from_secs(60);
-            let connected = loop {
-                let ids = coord.eligible_ids();
-                if ids.len() >= settings.min_clients {
-                    break ids;
+            let eligible = coord.wait_for(Instant::now() + Duration::from_secs(1), &shutdown, || {
+                let ids = coord.drop_revoked();
+                if policy::should_start(ids.len(), settings.min_clients) {
+                    return Some(ids);
                 }
                 if last_report.elapsed() >= Duration::from_secs(10) {
                     info!(round, connected = ids.len(), needed = settings.min_clients, "waiting for clients");
                     last_report = Instant::now();
                 }
-                tokio::select! {
-                    _ = coord.wait_change(Duration::from_secs(1)) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
+                None
+            });
+            let Some(eligible) = eligible.await else { return Ok(()) };
+            let size = policy::sample_size(
+                eligible.len(),
+                settings.clients_per_round,
+                settings.min_clients,
+                settings.over_sample,
+            );
+            let sampled = policy::sample(eligible, size, &mut rng);
+            let task = coord.open_round(round, attempt, sampled.clone(), size.target);
+            info!(round, attempt, sampled = sampled.len(), "round started");
+            for client in &sampled {
+                let tx = lock(&coord.connections).get(client).map(|c| c.tx.clone());
+                if let Some(tx) = tx {
+                    if tx.try_send(WorkItem::Round(task.clone())).is_err() {
+                        warn!(client, round, "could not send the round task; client is gone or not reading");
+                    }
+                }
+            }
+
+            let deadline = Instant::now() + settings.round_timeout;
+            let close = coord.wait_for(deadline, &shutdown, || {
+                coord.check_close(Instant::now()).filter(|close| *close != Close::Open)
+            });
+            let close = match close.await {
+                Some(close) => close,
+                None => {
+                    coord.close_round();
+                    coord.set_phase(Phase::Waiting { round, attempt });
+                    return Ok(());
                 }
             };
-            let closed = run_attempt(&coord, round, attempt, connected, &mut rng, &shutdown).await;
-            let Some(closed) = closed else { return Ok(()) };
-            let accepted = closed.round.accepted.len();
-            if accepted >= settings.min_clients.max(1) {
-                let elapsed = elapsed_before + serving_since.elapsed().as_secs_f64();
-                complete_round(&coord, eval.clone(), closed, elapsed).await?;
-                break;
+            let Some(book) = coord.close_round() else { return Ok(()) };
+            if let Close::Complete(policy::CloseReason::Deadline) | Close::Retry(policy::CloseReason::Deadline) = close
+            {
+                log_stragglers(&book, &settings);
             }
-            warn!(
-                round,
-                attempt,
-                accepted,
-                needed = settings.min_clients,
-                "round attempt failed: too few good updates; retrying"
-            );
-            attempt += 1;
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.cancelled() => return Ok(()),
+            // A fold in flight finishes before the sum is taken.
+            let sum = book.sum.clone().lock_owned().await;
+            let failure = match close {
+                _ if sum.folding => Some("an update could not be folded".to_string()),
+                Close::Complete(_) if sum.folded.len() >= settings.min_clients.max(1) => None,
+                _ => Some(format!(
+                    "too few good updates: {} accepted, {} needed ({} sampled, {} refused or lost)",
+                    sum.folded.len(),
+                    settings.min_clients.max(1),
+                    book.sampled.len(),
+                    book.rejected.len()
+                )),
+            };
+            if let Some(mut reason) = failure {
+                if let Some(error) = lock(&coord.attempt_error).take() {
+                    reason = format!("{reason}; {error}");
+                }
+                warn!(round, attempt, "round attempt failed: {reason}; retrying");
+                coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
+                coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                continue;
             }
+            let elapsed = elapsed_before + serving_since.elapsed().as_secs_f64();
+            complete_round(&coord, eval.clone(), *book, sum, elapsed).await?;
+            break;
         }
     }
     Ok(())
 }
 
-async fn run_attempt(
-    coord: &Arc<Coordinator>,
-    round: u32,
-    attempt: u32,
-    mut connected: Vec<String>,
-    rng: &mut rand::rngs::StdRng,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> Option<ClosedRound> {
-    let settings = &coord.settings;
-    connected.shuffle(rng);
-    let target = if settings.clients_per_round == 0 {
-        connected.len()
-    } else {
-        settings.clients_per_round.max(settings.min_clients).min(connected.len())
-    };
-    let k = ((target as f64 * settings.over_sample.max(1.0)).ceil() as usize).min(connected.len());
-    connected.truncate(k);
-    let sampled: HashSet<String> = connected.into_iter().collect();
-    let model = coord.global();
-    let mut strategy: Box<dyn AggregationStrategy> = Box::new(FedAvg::default());
-    strategy.begin_round(&model.tensors);
-    let deadline = Instant::now() + settings.round_timeout;
-    let deadline_unix_ms = (std::time::SystemTime::now() + settings.round_timeout)
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let task = pb::RoundTask {
-        round,
-        attempt,
-        config: Some(pb::TrainConfig {
-            local_epochs: settings.local_epochs,
-            batch_size: settings.batch_size,
-            learning_rate: settings.lr,
-            optimizer: settings.optimizer.clone(),
-            seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 131 + u64::from(attempt)),
-        }),
-        deadline_unix_ms,
-        model_bytes: model.bytes.len() as u64,
-        model_codec: CODEC_SAFETENSORS_F32.to_string(),
-        update_codecs: vec![CODEC_SAFETENSORS_F32.to_string()],
-    };
-    *coord.open.lock().expect("open round lock") = Some(OpenRound {
-        round,
-        attempt,
-        model,
-        task: task.clone(),
-        sampled: sampled.clone(),
-        accepted: HashSet::new(),
-        rejected: HashSet::new(),
-        strategy,
-        examples: 0,
-        weighted_loss: 0.0,
-        weighted_accuracy: 0.0,
-        bytes_up: 0,
-        bytes_down: Arc::new(AtomicU64::new(0)),
-        progress: HashMap::new(),
-    });
-    let started = Instant::now();
-    info!(round, attempt, sampled = sampled.len(), "round started");
-    for client in &sampled {
-        let tx = coord.connections.lock().expect("connections lock").get(client).map(|c| c.tx.clone());
-        let message = pb::Instruction { kind: Some(pb::instruction::Kind::Round(task.clone())) };
-        if let Some(tx) = tx {
-            if tx.send(Ok(message)).await.is_err() {
-                warn!(client, round, "could not send the round task; client is gone");
-            }
-        }
-    }
-    loop {
-        let (answered, accepted, gone) = {
-            let open = coord.open.lock().expect("open round lock");
-            let r = open.as_ref().expect("round is open");
-            let answered = r.accepted.len() + r.rejected.len();
-            let accepted = r.accepted.len();
-            let connected: HashSet<String> = coord.connected_ids().into_iter().collect();
-            let gone = r
-                .sampled
-                .iter()
-                .filter(|c| !connected.contains(*c) && !r.accepted.contains(*c) && !r.rejected.contains(*c))
-                .count();
-            (answered, accepted, gone)
-        };
-        // Closes when every sampled client answered, when enough updates are in (over-sampling),
-        // or when every client that did not answer is gone.
-        if answered == sampled.len()
-            || (k > target && accepted >= target)
-            || (gone > 0 && answered + gone == sampled.len() && answered >= coord.settings.min_clients)
-        {
-            break;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            // Say how far the clients that did not answer got, from their heartbeats.
-            let stragglers: Vec<String> = {
-                let open = coord.open.lock().expect("open round lock");
-                let r = open.as_ref().expect("round is open");
-                r.sampled
-                    .iter()
-                    .filter(|c| !r.accepted.contains(*c) && !r.rejected.contains(*c))
-                    .map(|c| match r.progress.get(c) {
-                        Some(p) => format!("{c}:{:.0}%", p * 100.0),
-                        None => format!("{c}:silent"),
-                    })
-                    .collect()
-            };
-            info!(
-                round,
-                attempt,
-                answered,
-                wanted = target,
-                sampled = sampled.len(),
-                stragglers = stragglers.join(","),
-                "round deadline reached"
-            );
-            break;
-        }
-        tokio::select! {
-            _ = coord.wait_change((deadline - now).min(Duration::from_secs(1))) => {}
-            _ = shutdown.cancelled() => {
-                coord.open.lock().expect("open round lock").take();
-                return None;
-            }
-        }
-    }
-    let round_state = coord.open.lock().expect("open round lock").take().expect("round is open");
-    Some(ClosedRound { round: round_state, started })
+/// Says how far the clients that did not answer got, from their heartbeats.
+fn log_stragglers(book: &RoundBook, settings: &RoundSettings) {
+    let stragglers: Vec<String> = book
+        .sampled
+        .iter()
+        .filter(|c| !book.has_answered(c))
+        .map(|c| match book.progress.get(c) {
+            Some(p) => format!("{c}:{:.0}%", p * 100.0),
+            None => format!("{c}:silent"),
+        })
+        .collect();
+    info!(
+        round = book.task.round,
+        attempt = book.task.attempt,
+        answered = book.accepted.len() + book.rejected.len(),
+        wanted = book.target,
+        needed = settings.min_clients,
+        sampled = book.sampled.len(),
+        stragglers = stragglers.join(","),
+        "round deadline reached"
+    );
 }
 
 #[derive(serde::Serialize)]
@@ -592,60 +1052,67 @@ struct MetricsLine {
 async fn complete_round(
     coord: &Arc<Coordinator>,
     eval: Option<Arc<dyn Evaluator>>,
-    closed: ClosedRound,
+    book: RoundBook,
+    mut sum: tokio::sync::OwnedMutexGuard<Accumulator>,
     elapsed_s: f64,
 ) -> Result<()> {
-    let ClosedRound { mut round, started } = closed;
-    let global = round.model.tensors.clone();
-    let mut strategy = std::mem::replace(&mut round.strategy, Box::new(FedAvg::default()));
+    let (round, attempt) = (book.task.round, book.task.attempt);
+    let global = book.model.tensors.clone();
+    let spec = coord.spec.clone();
+    let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
     let (next, evaluation) = tokio::task::spawn_blocking(move || -> Result<_> {
         let next = strategy.finish(&global).context("no update was folded")?;
         let evaluation = match eval {
             Some(e) => Some(e.evaluate(&next)?),
             None => None,
         };
-        Ok((next, evaluation))
+        Ok((GlobalModel::encode(&spec, next), evaluation))
     })
     .await??;
-    let bytes = encode_model(&coord.spec, &next);
-    let participants = round.accepted.len();
-    let examples = round.examples.max(1) as f64;
+    let participants = sum.folded.len();
+    let examples = sum.examples.max(1) as f64;
     let line = MetricsLine {
-        round: round.round,
-        attempt: round.attempt,
+        round,
+        attempt,
         accuracy: evaluation.map(|e| e.accuracy),
         loss: evaluation.map(|e| e.loss),
-        client_accuracy: round.weighted_accuracy / examples,
-        client_loss: round.weighted_loss / examples,
+        client_accuracy: sum.weighted_accuracy / examples,
+        client_loss: sum.weighted_loss / examples,
         participants,
-        sampled: round.sampled.len(),
-        rejected: round.rejected.len(),
-        examples: round.examples,
-        bytes_up: round.bytes_up,
-        bytes_down: round.bytes_down.load(Ordering::SeqCst),
-        round_s: started.elapsed().as_secs_f64(),
+        sampled: book.sampled.len(),
+        rejected: book.rejected.len(),
+        examples: sum.examples,
+        bytes_up: sum.bytes_up,
+        bytes_down: book.bytes_down.load(Ordering::SeqCst),
+        round_s: book.started.elapsed().as_secs_f64(),
         elapsed_s,
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
-    let round_no = round.round;
-    let bytes = Arc::new(bytes);
-    let to_write = bytes.clone();
-    tokio::task::spawn_blocking(move || state.commit_round(round_no, &to_write, &json, elapsed_s)).await??;
-    *coord.global.write().expect("global lock") = Arc::new(GlobalModel { bytes, tensors: Arc::new(next) });
-    coord.completed.store(round_no, Ordering::SeqCst);
-    let joined: HashSet<String> = round.accepted.clone();
+    let to_write = next.bytes.clone();
+    tokio::task::spawn_blocking(move || state.commit_round(round, &to_write, &json, elapsed_s)).await??;
+    *coord.global.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+    coord.completed.store(round, Ordering::SeqCst);
+    coord.changed();
+    let joined: HashSet<String> = sum.folded.iter().cloned().collect();
     let now = now_unix();
-    if let Err(e) = coord.registry.update(|reg| {
-        for c in reg.clients.iter_mut().filter(|c| joined.contains(&c.id)) {
-            c.rounds_joined += 1;
-            c.last_seen_unix = now;
-        }
-    }) {
-        warn!("could not update the client registry: {e}");
+    let registry = coord.registry.clone();
+    let updated = tokio::task::spawn_blocking(move || {
+        registry.update(|reg| {
+            for c in reg.clients.iter_mut().filter(|c| joined.contains(&c.id)) {
+                c.rounds_joined += 1;
+                c.last_seen_unix = now;
+            }
+        })
+    })
+    .await;
+    match updated {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("could not update the client registry: {e}"),
+        Err(e) => warn!("updating the client registry failed: {e}"),
     }
     info!(
-        round = round_no,
+        round,
         participants,
         accuracy = line.accuracy.map(|a| format!("{a:.4}")).unwrap_or_else(|| "n/a".into()),
         client_accuracy = format!("{:.4}", line.client_accuracy),
@@ -662,18 +1129,25 @@ pub async fn finish(coord: &Arc<Coordinator>) -> Result<()> {
     let bytes = global.bytes.clone();
     tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &bytes, 0o644)).await??;
     coord.finished.store(true, Ordering::SeqCst);
-    let senders: Vec<_> = coord.connections.lock().expect("connections lock").values().map(|c| c.tx.clone()).collect();
+    let last = coord.completed_rounds();
+    let attempt = match &*lock(&coord.phase) {
+        Phase::Aggregating { attempt, .. } | Phase::Waiting { attempt, .. } | Phase::Finished { attempt, .. } => {
+            *attempt
+        }
+        Phase::Collecting(book) => book.task.attempt,
+    };
+    coord.set_phase(Phase::Finished { round: last, attempt });
+    let senders: Vec<_> = lock(&coord.connections).values().map(|c| c.tx.clone()).collect();
     for tx in senders {
-        let _ = tx.send(Ok(coord.finished_message())).await;
+        let _ = tx.send(WorkItem::Finished { rounds_completed: last }).await;
     }
-    info!(rounds = coord.completed_rounds(), model = %coord.state.final_model_path().display(), "federation finished");
+    info!(rounds = last, model = %coord.state.final_model_path().display(), "federation finished");
     Ok(())
 }
 
 /// Waits up to `limit` for all clients to disconnect after the end.
 pub async fn drain(coord: &Arc<Coordinator>, limit: Duration) {
-    let until = Instant::now() + limit;
-    while Instant::now() < until && !coord.connected_ids().is_empty() {
-        coord.wait_change(Duration::from_millis(100)).await;
-    }
+    let never = CancellationToken::new();
+    let all_gone = coord.wait_for(Instant::now() + limit, &never, || coord.connected_ids().is_empty().then_some(()));
+    let _ = tokio::time::timeout(limit, all_gone).await;
 }

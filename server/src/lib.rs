@@ -1,14 +1,23 @@
 //! The coordinator of a federation: enrollment, the round engine, aggregation, evaluation and
 //! checkpoints, served over gRPC with mutual TLS.
+//!
+//! [`serve`] takes the listener and the shutdown signal from its caller, as mini-redis's
+//! `server::run` does, so tests start the real coordinator on port 0 in process. The round
+//! policy is [`policy`] (pure functions), the engine that runs it is [`coordinator`], the gRPC
+//! edge is [`service`] with its one error type in [`error`]; [`state`] documents the state
+//! directory, including `status.json`, which says what the coordinator is doing.
 
 pub mod aggregation;
 pub mod backend;
 pub mod coordinator;
 pub mod dp;
+pub mod error;
 pub mod health;
 pub mod listener;
+pub mod policy;
 pub mod registry;
 pub mod service;
+pub mod spool;
 pub mod state;
 
 use std::path::PathBuf;
@@ -23,8 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use crate::backend::{Evaluation, Evaluator, ModelBackend};
-use crate::coordinator::{Coordinator, RoundSettings};
+pub use crate::coordinator::RoundSettings;
+use crate::coordinator::{Coordinator, GlobalModel};
 use crate::registry::{now_unix, RegistryStore};
+pub use crate::spool::{FileSpool, Spool};
 use crate::state::StateDir;
 
 /// Model flags; `None` means "not given" (a default on creation, the stored value on restart).
@@ -77,6 +88,8 @@ pub struct ServeConfig {
     pub seed: u64,
     /// A model file to start a new federation from instead of random weights.
     pub init_model: Option<PathBuf>,
+    /// Where uploads are spooled; `None` is files in `STATE/spool/`. Tests inject a failing one.
+    pub spool: Option<Arc<dyn Spool>>,
 }
 
 /// How `serve` ended.
@@ -88,6 +101,15 @@ pub enum ServeOutcome {
     Interrupted,
 }
 
+/// What `serve` prepares before it listens: the federation, created or loaded.
+struct Prepared {
+    coord: Coordinator,
+    tls: rustls::ServerConfig,
+    eval: Option<Arc<dyn Evaluator>>,
+    new_token: Option<JoinToken>,
+    elapsed_s: f64,
+}
+
 /// Creates or opens the federation in `config.state_dir`, serves on `listener` and runs the
 /// rounds. `shutdown` stops it early.
 pub async fn serve(
@@ -96,6 +118,71 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<ServeOutcome> {
+    // Creating a federation, reading the model and checking the eval data block: not on the runtime.
+    let prepared = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || prepare(&config, backend.as_ref())).await??
+    };
+    let Prepared { coord, tls, eval, new_token, elapsed_s } = prepared;
+    let coord = Arc::new(coord);
+    let state = coord.state.clone();
+    let addr = listener.local_addr()?;
+    let background = CancellationToken::new();
+    let status_writer = tokio::spawn(coordinator::write_status(coord.clone(), background.clone()));
+    tokio::spawn(coordinator::watch_registry(coord.clone(), REGISTRY_POLL, background.clone()));
+    let server_stop = CancellationToken::new();
+    let spool = config.spool.clone().unwrap_or_else(|| Arc::new(FileSpool));
+    let server = tokio::spawn({
+        let (coord, stop) = (coord.clone(), server_stop.clone());
+        async move {
+            let result = run_server(coord, spool, listener, tls, stop).await;
+            if let Err(e) = &result {
+                tracing::error!("the gRPC server stopped: {e:#}");
+            }
+            result
+        }
+    });
+
+    // The listener accepts from here on: publish the address and the token.
+    let published = {
+        let (state, token) = (state.clone(), new_token.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let Some(token) = token {
+                fl_common::files::write_atomic(&state.path("join-token"), format!("{token}\n").as_bytes(), 0o600)?;
+            }
+            fl_common::files::write_atomic(&state.path("listen-addr"), addr.to_string().as_bytes(), 0o644)
+        })
+    };
+    published.await??;
+    if let Some(token) = new_token {
+        println!("join token: {token}");
+        println!("(also in {}, mode 0600)", state.path("join-token").display());
+    }
+    println!("coordinator listening on {addr}");
+    info!(%addr, completed = coord.completed_rounds(), rounds = config.settings.rounds, "coordinator serving");
+
+    let rounds = coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), elapsed_s).await;
+    let outcome = match rounds {
+        Ok(()) if coord.completed_rounds() >= config.settings.rounds => {
+            coordinator::finish(&coord).await?;
+            coordinator::drain(&coord, Duration::from_secs(3)).await;
+            Ok(ServeOutcome::Finished)
+        }
+        Ok(()) => Ok(ServeOutcome::Interrupted),
+        Err(e) => Err(e),
+    };
+    server_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    background.cancel();
+    let _ = status_writer.await;
+    outcome
+}
+
+/// How often the registry file is checked for changes made by the admin CLI.
+const REGISTRY_POLL: Duration = Duration::from_secs(1);
+
+/// Creates the federation, or loads it and checks the flags against it. Blocking.
+fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared> {
     let state = StateDir::new(&config.state_dir);
     let mut new_token = None;
     let (mut record, ca) = if state.exists() {
@@ -115,7 +202,7 @@ pub async fn serve(
     } else {
         let (spec, init_weights) = match &config.init_model {
             Some(path) => {
-                let (spec, weights) = load_init_model(backend.as_ref(), path)?;
+                let (spec, weights) = load_init_model(backend, path)?;
                 let conflicts = config.model.conflicts_with(&spec);
                 if !conflicts.is_empty() {
                     bail!(
@@ -170,52 +257,11 @@ pub async fn serve(
         }
         None => None,
     };
-
-    let registry = RegistryStore::open(state.root())?;
-    let coord = Arc::new(Coordinator::new(
-        state.clone(),
-        registry,
-        spec,
-        config.settings.clone(),
-        ca.clone(),
-        global,
-        progress.completed_round,
-    ));
+    let registry = Arc::new(RegistryStore::open(state.root())?);
     let tls = fl_common::tls::server_config(&server_cert, &ca.cert_pem)?;
-    let addr = listener.local_addr()?;
-    let server_stop = CancellationToken::new();
-    let server = tokio::spawn({
-        let (coord, stop) = (coord.clone(), server_stop.clone());
-        async move {
-            let result = run_server(coord, listener, tls, stop).await;
-            if let Err(e) = &result {
-                tracing::error!("the gRPC server stopped: {e:#}");
-            }
-            result
-        }
-    });
-
-    // The listener accepts from here on: publish the address and the token.
-    if let Some(token) = new_token {
-        fl_common::files::write_atomic(&state.path("join-token"), format!("{token}\n").as_bytes(), 0o600)?;
-        println!("join token: {token}");
-        println!("(also in {}, mode 0600)", state.path("join-token").display());
-    }
-    fl_common::files::write_atomic(&state.path("listen-addr"), addr.to_string().as_bytes(), 0o644)?;
-    println!("coordinator listening on {addr}");
-    info!(%addr, completed = progress.completed_round, rounds = config.settings.rounds, "coordinator serving");
-
-    coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), progress.elapsed_s).await?;
-    let outcome = if coord.completed_rounds() >= config.settings.rounds {
-        coordinator::finish(&coord).await?;
-        coordinator::drain(&coord, Duration::from_secs(3)).await;
-        ServeOutcome::Finished
-    } else {
-        ServeOutcome::Interrupted
-    };
-    server_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(outcome)
+    let global = GlobalModel::encode(&spec, global);
+    let coord = Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round);
+    Ok(Prepared { coord, tls, eval, new_token, elapsed_s: progress.elapsed_s })
 }
 
 /// Reads a starting model: a model file from a previous federation or from central training.
@@ -231,6 +277,7 @@ fn load_init_model(backend: &dyn ModelBackend, path: &std::path::Path) -> Result
 
 async fn run_server(
     coord: Arc<Coordinator>,
+    spool: Arc<dyn Spool>,
     listener: TcpListener,
     tls: rustls::ServerConfig,
     stop: CancellationToken,
@@ -239,14 +286,18 @@ async fn run_server(
     health_reporter
         .set_serving::<fl_proto::pb::federation_server::FederationServer<service::FederationService>>()
         .await;
-    let federation = fl_proto::pb::federation_server::FederationServer::new(service::FederationService::new(coord))
-        .max_decoding_message_size(service::MAX_UPLOAD_CHUNK_BYTES + 4096);
+    let federation =
+        fl_proto::pb::federation_server::FederationServer::new(service::FederationService::new(coord.clone(), spool))
+            .max_decoding_message_size(service::MAX_UPLOAD_CHUNK_BYTES + 4096);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
         .add_service(federation)
-        .serve_with_incoming_shutdown(listener::tls_incoming(listener, tls), stop.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            listener::tls_incoming(listener, tls, move || coord.record_failed_handshake()),
+            stop.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

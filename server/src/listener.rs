@@ -14,10 +14,13 @@ use tracing::{debug, info};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A stream of established TLS connections from `listener`, for `serve_with_incoming_shutdown`.
+/// `on_refused` is called for each handshake that fails or times out.
 pub fn tls_incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
+    on_refused: impl Fn() + Send + Sync + 'static,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let on_refused = Arc::new(on_refused);
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -31,14 +34,20 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, conn_tx, on_refused) = (acceptor.clone(), tx.clone(), on_refused.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => info!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => info!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        info!(%peer, "TLS handshake failed: {e}");
+                        on_refused();
+                    }
+                    Err(_) => {
+                        info!(%peer, "TLS handshake timed out");
+                        on_refused();
+                    }
                 }
             });
             if tx.is_closed() {

@@ -2,11 +2,12 @@
 //!
 //! Tokens are stored hashed. Every change takes an exclusive lock on `STATE/registry.lock`,
 //! re-reads the file, changes it and writes it atomically, so admin commands run against the
-//! state directory while `serve` runs, and the server sees their effect at its next check.
+//! state directory while `serve` runs. The server keeps a copy in memory, which a watcher task
+//! refreshes when the file changes (at most a second later), and authenticates from the copy.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fl_common::token::{hash_secret, JoinToken};
@@ -145,23 +146,42 @@ impl Registry {
     }
 }
 
-/// The registry file with its lock.
+/// What identifies a version of the registry file: modification time, length and inode. A
+/// rename by `write_atomic` always changes the inode, so a change within one mtime tick is seen.
+type FileStamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok()?, meta.len(), inode))
+}
+
+/// The registry file with its lock, and an in-memory copy of it.
+///
+/// [`RegistryStore::snapshot`] reads the copy without I/O (the server authenticates every RPC
+/// with it); [`RegistryStore::refresh`] re-reads the file when another process (the admin CLI)
+/// changed it, and [`RegistryStore::update`] changes file and copy together. `refresh` and
+/// `update` block: async code calls them on a blocking thread.
 #[derive(Debug)]
 pub struct RegistryStore {
     path: PathBuf,
     lock_path: PathBuf,
-    cache: Mutex<(Option<SystemTime>, Registry)>,
+    copy: RwLock<(FileStamp, Arc<Registry>)>,
 }
 
 impl RegistryStore {
-    /// The registry of the state directory `dir`.
+    /// The registry of the state directory `dir`, read once.
     pub fn open(dir: &Path) -> std::io::Result<RegistryStore> {
         let store = RegistryStore {
             path: dir.join("registry.json"),
             lock_path: dir.join("registry.lock"),
-            cache: Mutex::new((None, Registry::default())),
+            copy: RwLock::new((None, Arc::new(Registry::default()))),
         };
-        store.read()?;
+        let loaded = store.load_file()?;
+        store.set_copy(loaded);
         Ok(store)
     }
 
@@ -171,27 +191,46 @@ impl RegistryStore {
         Ok(file)
     }
 
-    fn load_file(&self) -> std::io::Result<(Option<SystemTime>, Registry)> {
+    fn load_file(&self) -> std::io::Result<(FileStamp, Registry)> {
+        // The stamp is taken first: a change after it is seen by the next refresh.
+        let stamp = stamp(&self.path);
         match std::fs::read(&self.path) {
             Ok(bytes) => {
                 let registry = serde_json::from_slice(&bytes).map_err(|e| {
                     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", self.path.display()))
                 })?;
-                Ok((std::fs::metadata(&self.path)?.modified().ok(), registry))
+                Ok((stamp, registry))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, Registry::default())),
             Err(e) => Err(e),
         }
     }
 
-    /// The current registry, re-read if the file changed since the last read.
-    pub fn read(&self) -> std::io::Result<Registry> {
-        let mtime = std::fs::metadata(&self.path).ok().and_then(|m| m.modified().ok());
-        let mut cache = self.cache.lock().expect("registry cache lock");
-        if mtime.is_none() || cache.0 != mtime {
-            *cache = self.load_file()?;
+    fn set_copy(&self, (stamp, registry): (FileStamp, Registry)) {
+        *self.copy.write().unwrap_or_else(PoisonError::into_inner) = (stamp, Arc::new(registry));
+    }
+
+    /// The in-memory copy, as of the last `refresh` or `update`. No I/O.
+    pub fn snapshot(&self) -> Arc<Registry> {
+        self.copy.read().unwrap_or_else(PoisonError::into_inner).1.clone()
+    }
+
+    /// Re-reads the file if it changed since the copy was made; returns whether it did.
+    pub fn refresh(&self) -> std::io::Result<bool> {
+        let current = stamp(&self.path);
+        if current.is_some() && self.copy.read().unwrap_or_else(PoisonError::into_inner).0 == current {
+            return Ok(false);
         }
-        Ok(cache.1.clone())
+        let loaded = self.load_file()?;
+        let changed = *self.snapshot() != loaded.1;
+        self.set_copy(loaded);
+        Ok(changed)
+    }
+
+    /// The current registry, re-read if the file changed.
+    pub fn read(&self) -> std::io::Result<Registry> {
+        self.refresh()?;
+        Ok((*self.snapshot()).clone())
     }
 
     /// Changes the registry under the file lock and writes it back.
@@ -199,10 +238,9 @@ impl RegistryStore {
         let _lock = self.lock()?;
         let (_, mut registry) = self.load_file()?;
         let out = change(&mut registry);
-        let bytes = serde_json::to_vec_pretty(&registry).expect("registry serializes");
+        let bytes = serde_json::to_vec_pretty(&registry).map_err(std::io::Error::other)?;
         fl_common::files::write_atomic(&self.path, &bytes, 0o600)?;
-        let mtime = std::fs::metadata(&self.path)?.modified().ok();
-        *self.cache.lock().expect("registry cache lock") = (mtime, registry);
+        self.set_copy((stamp(&self.path), registry));
         Ok(out)
     }
 }
@@ -233,7 +271,25 @@ mod tests {
         let a = RegistryStore::open(dir.path()).unwrap();
         let b = RegistryStore::open(dir.path()).unwrap();
         let token = JoinToken::generate(&"0".repeat(64));
+        assert!(a.snapshot().tokens.is_empty());
         b.update(|r| r.add_token(&token, None, None, 1)).unwrap();
+        assert!(a.snapshot().tokens.is_empty(), "the copy changes only on refresh");
+        assert!(a.refresh().unwrap(), "the change is seen");
+        assert_eq!(a.snapshot().tokens.len(), 1);
+        assert!(!a.refresh().unwrap(), "nothing new");
         assert_eq!(a.read().unwrap().tokens.len(), 1);
+    }
+
+    #[test]
+    fn a_change_within_one_mtime_tick_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = RegistryStore::open(dir.path()).unwrap();
+        let b = RegistryStore::open(dir.path()).unwrap();
+        for i in 0..5 {
+            let token = JoinToken::generate(&"0".repeat(64));
+            b.update(|r| r.add_token(&token, None, None, i)).unwrap();
+            a.refresh().unwrap();
+            assert_eq!(a.snapshot().tokens.len(), i as usize + 1);
+        }
     }
 }

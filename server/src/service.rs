@@ -1,22 +1,26 @@
-//! The gRPC handlers of `fl.v1.Federation`. They authenticate the caller by its certificate,
-//! check and convert the request, and call the [`Coordinator`].
+//! The gRPC handlers of `fl.v1.Federation`. They authenticate the caller by its certificate
+//! (against the registry copy in memory), convert the request to the engine's types, call the
+//! [`Coordinator`], and convert the answer back. Every failure is a [`ServiceError`], turned into
+//! a `tonic::Status` in one place.
 
-use std::io::Write;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fl_common::tensors::{TensorSet, CODEC_SAFETENSORS_F32};
+use fl_common::tensors::CODEC_SAFETENSORS_F32;
 use fl_common::tls::cert_fingerprint;
 use fl_common::token::JoinToken;
 use fl_proto::pb;
 use sha2::Digest;
+use tokio::io::AsyncWriteExt;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::coordinator::{Coordinator, UpdateRefusal};
+use crate::coordinator::{Coordinator, InvalidUpdate, RoundTask, SpooledUpload, UpdateHeader, UpdateRefusal, WorkItem};
+use crate::error::ServiceError;
 use crate::registry::{now_unix, AccessError, ClientRecord, ClientStatus};
+use crate::spool::{RemoveOnDrop, Spool};
 
 /// Bytes per chunk of a model download.
 pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
@@ -27,99 +31,135 @@ pub const MAX_UPLOAD_CHUNK_BYTES: usize = 4 << 20;
 #[derive(Debug, Clone)]
 pub struct FederationService {
     coord: Arc<Coordinator>,
+    spool: Arc<dyn Spool>,
+}
+
+impl From<&RoundTask> for pb::RoundTask {
+    fn from(task: &RoundTask) -> pb::RoundTask {
+        pb::RoundTask {
+            round: task.round,
+            attempt: task.attempt,
+            config: Some(pb::TrainConfig {
+                local_epochs: task.local_epochs,
+                batch_size: task.batch_size,
+                learning_rate: task.learning_rate,
+                optimizer: task.optimizer.clone(),
+                seed: task.seed,
+            }),
+            deadline_unix_ms: task.deadline_unix_ms,
+            model_bytes: task.model_bytes,
+            model_codec: task.model_codec.clone(),
+            update_codecs: task.update_codecs.clone(),
+        }
+    }
+}
+
+impl From<pb::UpdateHeader> for UpdateHeader {
+    fn from(h: pb::UpdateHeader) -> UpdateHeader {
+        UpdateHeader {
+            round: h.round,
+            attempt: h.attempt,
+            codec: h.codec,
+            total_bytes: h.total_bytes,
+            num_examples: h.num_examples,
+            train_loss: h.train_loss,
+            train_accuracy: h.train_accuracy,
+        }
+    }
+}
+
+/// A work item as the client sees it; a revocation ends the stream with its refusal.
+fn instruction(item: WorkItem) -> Result<pb::Instruction, Status> {
+    use pb::instruction::Kind;
+    let kind = match item {
+        WorkItem::Round(task) => Kind::Round(task.as_ref().into()),
+        WorkItem::Finished { rounds_completed } => Kind::Finished(pb::FederationFinished { rounds_completed }),
+        WorkItem::Revoked { client_id } => return Err(ServiceError::from(AccessError::ClientRevoked(client_id)).into()),
+    };
+    Ok(pb::Instruction { kind: Some(kind) })
 }
 
 impl FederationService {
-    /// A service over `coord`.
-    pub fn new(coord: Arc<Coordinator>) -> Self {
-        FederationService { coord }
+    /// A service over `coord` that spools uploads with `spool`.
+    pub fn new(coord: Arc<Coordinator>, spool: Arc<dyn Spool>) -> Self {
+        FederationService { coord, spool }
     }
 
     /// The enrolled, active client that made this request.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<ClientRecord, Status> {
-        let certs =
-            request.peer_certs().ok_or_else(|| Status::unauthenticated("client certificate required: enroll first"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("client certificate required: enroll first"))?;
-        let registry = self.coord.registry.read().map_err(|e| Status::internal(format!("registry: {e}")))?;
-        registry.authenticate(&cert_fingerprint(leaf)).cloned().map_err(Status::from)
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<ClientRecord, ServiceError> {
+        let certs = request.peer_certs().ok_or(ServiceError::NoCertificate)?;
+        let leaf = certs.first().ok_or(ServiceError::NoCertificate)?;
+        Ok(self.coord.registry.snapshot().authenticate(&cert_fingerprint(leaf))?.clone())
     }
-}
 
-impl From<AccessError> for Status {
-    fn from(e: AccessError) -> Status {
-        match e {
-            AccessError::ClientRevoked(_) | AccessError::TokenRevoked(_) => Status::permission_denied(e.to_string()),
-            _ => Status::unauthenticated(e.to_string()),
-        }
+    fn welcome(&self, client_id: &str) -> Result<pb::Instruction, ServiceError> {
+        Ok(pb::Instruction {
+            kind: Some(pb::instruction::Kind::Welcome(pb::Welcome {
+                client_id: client_id.to_string(),
+                model_spec_json: serde_json::to_string(&self.coord.spec)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                rounds_total: self.coord.settings.rounds,
+                rounds_completed: self.coord.completed_rounds(),
+            })),
+        })
     }
-}
 
-type InstructionStream = Pin<Box<dyn Stream<Item = Result<pb::Instruction, Status>> + Send>>;
-type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::federation_server::Federation for FederationService {
-    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
-    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
-        let req = request.into_inner();
-        let token = JoinToken::parse(&req.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    async fn enroll(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, ServiceError> {
+        let token = JoinToken::parse(&req.token)?;
         if token.ca_fingerprint != self.coord.spec.federation {
-            return Err(Status::unauthenticated("join token is for another federation (CA fingerprint differs)"));
+            return Err(ServiceError::OtherFederation);
         }
         let client_id = format!("c-{}", hex::encode(rand::random::<[u8; 6]>()));
-        let cert_pem = self
-            .coord
-            .ca
-            .sign_client_csr(&req.csr_pem, &client_id)
-            .map_err(|e| Status::invalid_argument(format!("bad certificate signing request: {e}")))?;
-        let der = fl_common::tls::parse_certs(&cert_pem).map_err(|e| Status::internal(e.to_string()))?;
+        let cert_pem = self.coord.ca.sign_client_csr(&req.csr_pem, &client_id).map_err(ServiceError::BadCsr)?;
+        let der = fl_common::tls::parse_certs(&cert_pem).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let fingerprint = cert_fingerprint(&der[0]);
         let now = now_unix();
         let name: String = req.name.chars().filter(|c| !c.is_control()).take(64).collect();
-        self.coord
-            .registry
-            .update(|reg| {
+        let record = ClientRecord {
+            id: client_id.clone(),
+            name: name.clone(),
+            cert_sha256: fingerprint,
+            token_id: token.id.clone(),
+            enrolled_unix: now,
+            last_seen_unix: now,
+            rounds_joined: 0,
+            status: ClientStatus::Active,
+        };
+        let registry = self.coord.registry.clone();
+        let redeemed = tokio::task::spawn_blocking(move || {
+            registry.update(|reg| {
                 reg.redeem(&token, now)?;
-                reg.clients.push(ClientRecord {
-                    id: client_id.clone(),
-                    name: name.clone(),
-                    cert_sha256: fingerprint,
-                    token_id: token.id.clone(),
-                    enrolled_unix: now,
-                    last_seen_unix: now,
-                    rounds_joined: 0,
-                    status: ClientStatus::Active,
-                });
-                Ok::<_, AccessError>(())
+                reg.clients.push(record);
+                Ok::<_, AccessError>(token.id.clone())
             })
-            .map_err(|e| Status::internal(format!("registry: {e}")))?
-            .inspect_err(|e| warn!("enrollment refused: {e}"))?;
-        info!(client = %client_id, name = %name, token = %token.id, "client enrolled");
-        Ok(Response::new(pb::EnrollResponse {
-            client_id,
-            certificate_pem: cert_pem,
-            ca_pem: self.coord.ca.cert_pem.clone(),
-        }))
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
+        .map_err(ServiceError::Registry)?;
+        let token_id = redeemed.inspect_err(|e| warn!("enrollment refused: {e}"))?;
+        info!(client = %client_id, name = %name, token = %token_id, "client enrolled");
+        Ok(pb::EnrollResponse { client_id, certificate_pem: cert_pem, ca_pem: self.coord.ca.cert_pem.clone() })
     }
 
-    type JoinStream = InstructionStream;
-
-    #[tracing::instrument(skip_all)]
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<Self::JoinStream>, Status> {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<InstructionStream, ServiceError> {
         let client = self.authenticate(&request)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tx.send(Ok(self.coord.welcome(&client.id))).await.map_err(|_| Status::cancelled("client went away"))?;
+        let welcome = self.welcome(&client.id)?;
         if self.coord.is_finished() {
-            let _ = tx.send(Ok(self.coord.finished_message())).await;
-            return Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))));
+            let finished = instruction(WorkItem::Finished { rounds_completed: self.coord.completed_rounds() });
+            return Ok(Box::pin(tokio_stream::iter([Ok(welcome), finished])));
         }
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
         let connection = self.coord.connect(&client.id, tx.clone());
         info!(client = %client.id, name = %request.get_ref().name, examples = request.get_ref().num_examples, "client connected");
-        let now = now_unix();
-        let id = client.id.clone();
-        let _ = self.coord.registry.update(|reg| {
-            if let Some(c) = reg.clients.iter_mut().find(|c| c.id == id) {
-                c.last_seen_unix = now;
+        let (registry, id, now) = (self.coord.registry.clone(), client.id.clone(), now_unix());
+        tokio::task::spawn_blocking(move || {
+            let seen = registry.update(|reg| {
+                if let Some(c) = reg.clients.iter_mut().find(|c| c.id == id) {
+                    c.last_seen_unix = now;
+                }
+            });
+            if let Err(e) = seen {
+                warn!("could not record when {id} was last seen: {e}");
             }
         });
         let coord = self.coord.clone();
@@ -127,18 +167,11 @@ impl pb::federation_server::Federation for FederationService {
             tx.closed().await;
             coord.disconnect(&client.id, connection);
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        let work = tokio_stream::wrappers::ReceiverStream::new(rx).map(instruction);
+        Ok(Box::pin(tokio_stream::once(Ok(welcome)).chain(work)))
     }
 
-    type FetchModelStream = ModelStream;
-
-    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
-    async fn fetch_model(
-        &self,
-        request: Request<pb::FetchModelRequest>,
-    ) -> Result<Response<Self::FetchModelStream>, Status> {
-        let client = self.authenticate(&request)?;
-        let req = request.into_inner();
+    fn fetch_model(&self, client: &ClientRecord, req: pb::FetchModelRequest) -> Result<ModelStream, ServiceError> {
         let (model, counter) = self.coord.model_for(&client.id, req.round, req.attempt)?;
         let bytes = model.bytes.clone();
         let total = bytes.len();
@@ -154,7 +187,142 @@ impl pb::federation_server::Federation for FederationService {
                 codec: CODEC_SAFETENSORS_F32.to_string(),
             })
         });
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        Ok(Box::pin(tokio_stream::iter(chunks)))
+    }
+
+    /// Refuses an upload that started: the client counts as having answered.
+    fn refuse(&self, client_id: &str, header: &UpdateHeader, why: InvalidUpdate) -> ServiceError {
+        warn!(client = client_id, round = header.round, attempt = header.attempt, "update rejected: {why}");
+        self.coord.record_rejection(client_id, header.round, header.attempt);
+        UpdateRefusal::Invalid(why).into()
+    }
+
+    /// An upload that cannot be stored: not the client's fault, but the update is lost; count it
+    /// so the round does not wait for it.
+    fn spool_failed(&self, client_id: &str, header: &UpdateHeader, e: std::io::Error) -> ServiceError {
+        let dir = self.coord.state.spool_dir();
+        tracing::error!(client = client_id, round = header.round, "cannot spool the upload in {}: {e}", dir.display());
+        self.coord.record_rejection(client_id, header.round, header.attempt);
+        self.coord.record_spool_failure(format!(
+            "cannot spool the upload of {client_id} for round {} attempt {} in {}: {e}",
+            header.round,
+            header.attempt,
+            dir.display()
+        ));
+        ServiceError::Spool(e)
+    }
+
+    async fn submit_update(
+        &self,
+        client: &ClientRecord,
+        mut stream: Streaming<pb::UpdateChunk>,
+    ) -> Result<pb::SubmitAck, ServiceError> {
+        let id = client.id.as_str();
+        let header: UpdateHeader = match stream.next().await {
+            Some(Ok(pb::UpdateChunk { kind: Some(pb::update_chunk::Kind::Header(h)) })) => h.into(),
+            Some(Ok(_)) => return Err(ServiceError::NoHeader),
+            Some(Err(status)) => return Err(ServiceError::Stream(status)),
+            None => return Err(ServiceError::EmptyUpload),
+        };
+        let ticket = self.coord.begin_upload(id, &header).inspect_err(|e| {
+            warn!(client = id, round = header.round, attempt = header.attempt, "update refused: {e}");
+        })?;
+        header.check(ticket.model.bytes.len()).map_err(|why| self.refuse(id, &header, why))?;
+
+        // Spool the upload, checking order, size and digest as it arrives.
+        let spool_dir = self.coord.state.spool_dir();
+        let spool_path = spool_dir.join(format!("{id}-r{}-a{}.part", header.round, header.attempt));
+        let _cleanup = RemoveOnDrop(spool_path.clone());
+        let opened = async {
+            tokio::fs::create_dir_all(&spool_dir).await?;
+            self.spool.create(spool_path.clone()).await
+        };
+        let mut spool = opened.await.map_err(|e| self.spool_failed(id, &header, e))?;
+        let mut received: u64 = 0;
+        let mut digest = sha2::Sha256::new();
+        let mut trailer = None;
+        while let Some(message) = stream.next().await {
+            let invalid = |why| Err(self.refuse(id, &header, why));
+            let chunk = match message {
+                Ok(c) => c,
+                Err(status) => return invalid(InvalidUpdate::BrokeOff(status.message().to_string())),
+            };
+            match chunk.kind {
+                Some(pb::update_chunk::Kind::Data(data)) => {
+                    if trailer.is_some() {
+                        return invalid(InvalidUpdate::DataAfterTrailer);
+                    }
+                    if data.offset != received {
+                        return invalid(InvalidUpdate::OutOfOrder { offset: data.offset, received });
+                    }
+                    if data.data.len() > MAX_UPLOAD_CHUNK_BYTES {
+                        return invalid(InvalidUpdate::ChunkTooLarge(data.data.len()));
+                    }
+                    received += data.data.len() as u64;
+                    if received > header.total_bytes {
+                        return invalid(InvalidUpdate::LongerThanDeclared(header.total_bytes));
+                    }
+                    digest.update(&data.data);
+                    spool.write_all(&data.data).await.map_err(|e| self.spool_failed(id, &header, e))?;
+                }
+                Some(pb::update_chunk::Kind::Trailer(t)) => {
+                    if trailer.is_some() {
+                        return invalid(InvalidUpdate::SecondTrailer);
+                    }
+                    trailer = Some(t);
+                }
+                Some(pb::update_chunk::Kind::Header(_)) => return invalid(InvalidUpdate::SecondHeader),
+                None => return invalid(InvalidUpdate::EmptyChunk),
+            }
+        }
+        let Some(trailer) = trailer else {
+            return Err(self.refuse(id, &header, InvalidUpdate::NoTrailer { received, total: header.total_bytes }));
+        };
+        if received != header.total_bytes {
+            return Err(self.refuse(id, &header, InvalidUpdate::Truncated { received, total: header.total_bytes }));
+        }
+        if hex::encode(digest.finalize()) != trailer.sha256.to_lowercase() {
+            return Err(self.refuse(id, &header, InvalidUpdate::DigestMismatch));
+        }
+        spool.shutdown().await.map_err(|e| self.spool_failed(id, &header, e))?;
+        drop(spool);
+
+        let (round, attempt, examples) = (header.round, header.attempt, header.num_examples);
+        let upload = SpooledUpload { header, path: spool_path, bytes: received };
+        self.coord.fold_upload(id, ticket, upload).await.inspect_err(|e| {
+            warn!(client = id, round, attempt, "update refused: {e}");
+        })?;
+        info!(client = id, round, attempt, examples, bytes = received, "update folded");
+        Ok(pb::SubmitAck { accepted: true, message: String::new() })
+    }
+}
+
+type InstructionStream = Pin<Box<dyn Stream<Item = Result<pb::Instruction, Status>> + Send>>;
+type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::federation_server::Federation for FederationService {
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        Ok(Response::new(FederationService::enroll(self, request.into_inner()).await?))
+    }
+
+    type JoinStream = InstructionStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<Self::JoinStream>, Status> {
+        Ok(Response::new(FederationService::join(self, request).await?))
+    }
+
+    type FetchModelStream = ModelStream;
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(FederationService::fetch_model(self, &client, request.into_inner())?))
     }
 
     #[tracing::instrument(skip_all)]
@@ -163,150 +331,7 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitAck>, Status> {
         let client = self.authenticate(&request)?;
-        let mut stream = request.into_inner();
-        let header = match stream.next().await {
-            Some(Ok(pb::UpdateChunk { kind: Some(pb::update_chunk::Kind::Header(h)) })) => h,
-            Some(Ok(_)) => return Err(Status::invalid_argument("an upload must start with a header")),
-            Some(Err(status)) => return Err(status),
-            None => return Err(Status::invalid_argument("empty upload")),
-        };
-        let (round, attempt) = (header.round, header.attempt);
-        let refuse = |coord: &Coordinator, reason: String| {
-            warn!(client = %client.id, round, attempt, "update rejected: {reason}");
-            coord.record_rejection(&client.id, round, attempt);
-            Status::from(UpdateRefusal::Invalid(reason))
-        };
-        let model = self.coord.check_may_submit(&client.id, round, attempt).inspect_err(|e| {
-            warn!(client = %client.id, round, attempt, "update refused: {e}");
-        })?;
-        if header.codec != CODEC_SAFETENSORS_F32 {
-            return Err(refuse(&self.coord, format!("unsupported codec '{}'", header.codec)));
-        }
-        let limit = model.bytes.len() as u64 + (1 << 20);
-        if header.total_bytes > limit {
-            return Err(refuse(
-                &self.coord,
-                format!("upload of {} bytes exceeds the limit of {limit}", header.total_bytes),
-            ));
-        }
-        if header.num_examples == 0 {
-            return Err(refuse(&self.coord, "update reports 0 examples".into()));
-        }
-        if !header.train_loss.is_finite() || !header.train_accuracy.is_finite() {
-            return Err(refuse(&self.coord, "non-finite training metrics".into()));
-        }
-
-        // Spool the upload to disk, checking order, size and digest as it arrives.
-        let spool_dir = self.coord.state.spool_dir();
-        let spool_failed = |coord: &Coordinator, e: std::io::Error| {
-            // Not the client's fault, but the update is lost: count it so the round does not wait for it.
-            tracing::error!(client = %client.id, round, "cannot spool the upload in {}: {e}", spool_dir.display());
-            coord.record_rejection(&client.id, round, attempt);
-            Status::unavailable(format!("coordinator cannot store the upload: {e}"))
-        };
-        std::fs::create_dir_all(&spool_dir).map_err(|e| spool_failed(&self.coord, e))?;
-        let spool_path = spool_dir.join(format!("{}-r{round}-a{attempt}.part", client.id));
-        let mut spool = std::fs::File::create(&spool_path).map_err(|e| spool_failed(&self.coord, e))?;
-        let _cleanup = RemoveOnDrop(spool_path.clone());
-        let mut received: u64 = 0;
-        let mut digest = sha2::Sha256::new();
-        let mut trailer = None;
-        while let Some(message) = stream.next().await {
-            let chunk = match message {
-                Ok(c) => c,
-                Err(status) => return Err(refuse(&self.coord, format!("upload broke off: {}", status.message()))),
-            };
-            match chunk.kind {
-                Some(pb::update_chunk::Kind::Data(data)) => {
-                    if trailer.is_some() {
-                        return Err(refuse(&self.coord, "data after the trailer".into()));
-                    }
-                    if data.offset != received {
-                        return Err(refuse(
-                            &self.coord,
-                            format!("chunk out of order: offset {} after {received} bytes", data.offset),
-                        ));
-                    }
-                    if data.data.len() > MAX_UPLOAD_CHUNK_BYTES {
-                        return Err(refuse(
-                            &self.coord,
-                            format!("chunk of {} bytes exceeds {MAX_UPLOAD_CHUNK_BYTES}", data.data.len()),
-                        ));
-                    }
-                    received += data.data.len() as u64;
-                    if received > header.total_bytes {
-                        return Err(refuse(
-                            &self.coord,
-                            format!("upload exceeds its declared {} bytes", header.total_bytes),
-                        ));
-                    }
-                    digest.update(&data.data);
-                    spool.write_all(&data.data).map_err(|e| spool_failed(&self.coord, e))?;
-                }
-                Some(pb::update_chunk::Kind::Trailer(t)) => {
-                    if trailer.is_some() {
-                        return Err(refuse(&self.coord, "second trailer".into()));
-                    }
-                    trailer = Some(t);
-                }
-                Some(pb::update_chunk::Kind::Header(_)) => return Err(refuse(&self.coord, "second header".into())),
-                None => return Err(refuse(&self.coord, "empty chunk".into())),
-            }
-        }
-        let Some(trailer) = trailer else {
-            return Err(refuse(
-                &self.coord,
-                format!("truncated upload: no trailer after {received} of {} bytes", header.total_bytes),
-            ));
-        };
-        if received != header.total_bytes {
-            return Err(refuse(&self.coord, format!("truncated upload: {received} of {} bytes", header.total_bytes)));
-        }
-        if hex::encode(digest.finalize()) != trailer.sha256.to_lowercase() {
-            return Err(refuse(&self.coord, "SHA-256 of the payload does not match the trailer".into()));
-        }
-        drop(spool);
-
-        // Validate the whole update, then fold it; one at a time.
-        let _gate = self.coord.fold_gate.lock().await;
-        let max_norm = self.coord.settings.max_update_norm;
-        let reference = model.tensors.clone();
-        let path = spool_path.clone();
-        let decoded = tokio::task::spawn_blocking(move || -> Result<TensorSet, String> {
-            let bytes = std::fs::read(&path).map_err(|e| format!("reading spool: {e}"))?;
-            let (delta, _) = TensorSet::decode(&bytes).map_err(|e| e.to_string())?;
-            delta.check_matches(&reference).map_err(|e| e.to_string())?;
-            let norm = delta.l2_norm();
-            if norm > max_norm {
-                return Err(format!("L2 norm {norm:.3} exceeds the bound {max_norm}"));
-            }
-            Ok(delta)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let delta = match decoded {
-            Ok(d) => d,
-            Err(reason) => return Err(refuse(&self.coord, reason)),
-        };
-        let coord = self.coord.clone();
-        let id = client.id.clone();
-        tokio::task::spawn_blocking(move || {
-            coord.fold(
-                &id,
-                round,
-                attempt,
-                &delta,
-                header.num_examples,
-                header.train_loss,
-                header.train_accuracy,
-                received,
-            )
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .inspect_err(|e| warn!(client = %client.id, round, attempt, "update refused: {e}"))?;
-        info!(client = %client.id, round, attempt, examples = header.num_examples, bytes = received, "update folded");
-        Ok(Response::new(pb::SubmitAck { accepted: true, message: String::new() }))
+        Ok(Response::new(FederationService::submit_update(self, &client, request.into_inner()).await?))
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatAck>, Status> {
@@ -314,14 +339,5 @@ impl pb::federation_server::Federation for FederationService {
         let req = request.into_inner();
         let open = self.coord.heartbeat(&client.id, req.round, req.attempt, req.progress);
         Ok(Response::new(pb::HeartbeatAck { round_open: open }))
-    }
-}
-
-/// Removes a file when dropped (the spool file of an upload, whatever the outcome).
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }

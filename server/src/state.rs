@@ -9,6 +9,7 @@
 //! registry.json        tokens (hashed) and enrolled clients
 //! progress.json        last completed round and elapsed training time
 //! metrics.jsonl        one line per completed round
+//! status.json          what the coordinator is doing now (below); rewritten on every change
 //! model/initial.safetensors, model/round-NNNN.safetensors, model/final.safetensors
 //! spool/               uploads being received
 //! ```
@@ -16,6 +17,25 @@
 //! A round is committed in this order: model file, metrics line, progress. On start, metrics
 //! lines past the recorded progress are dropped and that round is run again, so a crash at any
 //! point neither counts a round twice nor loses or duplicates a metrics line.
+//!
+//! `status.json` is [`CoordinatorStatus`], written atomically (off the async runtime) whenever it
+//! changes, so that operators and tests ask the coordinator what it is doing instead of reading
+//! its log (`fl-coordinator status --state-dir D` prints it):
+//!
+//! ```json
+//! {"completed_rounds":2,"rounds_total":10,"round":3,"attempt":0,"phase":"collecting",
+//!  "sampled":["c-1","c-2"],"accepted":["c-1"],"rejected":[],"connected":["c-1","c-2"],
+//!  "failed_attempts":0,"last_failure":null,"failed_handshakes":0}
+//! ```
+//!
+//! `phase` is `waiting` (for enough clients to start `round`), `collecting` (updates of
+//! `round`/`attempt` from the `sampled` clients), `aggregating` (folding, evaluating and
+//! committing `round`) or `finished` (all rounds done, the final model written). `sampled`,
+//! `accepted` and `rejected` are those of the current or last attempt; `connected` are the
+//! clients with an open work stream; ids are sorted. `failed_attempts` counts the attempts of
+//! this serve run that were retried, `last_failure` says why the last one failed, or names the
+//! last upload that could not be stored (a full disk); `failed_handshakes` counts the TLS
+//! handshakes refused since the start.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +63,50 @@ pub struct Progress {
     pub completed_round: u32,
     /// Seconds of serving up to the last completed round.
     pub elapsed_s: f64,
+}
+
+/// What the coordinator is doing: the content of `STATE/status.json` (see the module doc).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CoordinatorStatus {
+    /// Rounds completed, counting from 1.
+    pub completed_rounds: u32,
+    /// Rounds of the federation.
+    pub rounds_total: u32,
+    /// The round being waited for, collected or aggregated (the last one once finished).
+    pub round: u32,
+    /// Its attempt, from 0.
+    pub attempt: u32,
+    /// What the coordinator does now.
+    pub phase: Phase,
+    /// Clients sampled for the attempt.
+    pub sampled: Vec<String>,
+    /// Sampled clients whose update was accepted.
+    pub accepted: Vec<String>,
+    /// Sampled clients whose update was refused or lost.
+    pub rejected: Vec<String>,
+    /// Clients with an open work stream.
+    pub connected: Vec<String>,
+    /// Attempts of this serve run that failed and were retried.
+    pub failed_attempts: u32,
+    /// Why the last attempt failed, or the last upload that could not be stored.
+    pub last_failure: Option<String>,
+    /// TLS handshakes refused since the start.
+    pub failed_handshakes: u64,
+}
+
+/// The phase of the coordinator, in `status.json`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Waiting for enough clients to start a round.
+    #[default]
+    Waiting,
+    /// Collecting the updates of a round attempt.
+    Collecting,
+    /// Aggregating, evaluating and committing a round.
+    Aggregating,
+    /// All rounds are done.
+    Finished,
 }
 
 /// The state directory.
@@ -89,6 +153,28 @@ impl StateDir {
     /// Directory for uploads in flight.
     pub fn spool_dir(&self) -> PathBuf {
         self.root.join("spool")
+    }
+
+    /// Path of the status file.
+    pub fn status_path(&self) -> PathBuf {
+        self.root.join("status.json")
+    }
+
+    /// Writes `status.json` atomically. Blocking.
+    pub fn write_status(&self, status: &CoordinatorStatus) -> std::io::Result<()> {
+        let json = serde_json::to_vec(status).map_err(std::io::Error::other)?;
+        write_atomic(&self.status_path(), &json, 0o644)
+    }
+
+    /// Reads `status.json`; `None` if there is none yet.
+    pub fn read_status(&self) -> Result<Option<CoordinatorStatus>> {
+        match std::fs::read(self.status_path()) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", self.status_path().display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.status_path().display())),
+        }
     }
 
     /// True if a federation was created here.

@@ -37,6 +37,9 @@ struct Args {
     /// fastText hash buckets.
     #[arg(long, default_value_t = 65_536)]
     buckets: u32,
+    /// fastText embedding width.
+    #[arg(long, default_value_t = 64)]
+    embed_dim: u32,
     /// Write every round as a JSON line here.
     #[arg(long)]
     jsonl: Option<PathBuf>,
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         rounds: args.rounds,
         clients_per_round: args.clients_per_round,
         buckets: args.buckets,
+        embed_dim: args.embed_dim,
         ..SimConfig::new(&args.data)
     };
     let base =

@@ -32,6 +32,8 @@ pub struct SimConfig {
     pub local: TrainConfig,
     /// Embedding buckets of the fastText model.
     pub buckets: u32,
+    /// Embedding width of the fastText model.
+    pub embed_dim: u32,
     /// Seed of the initial model and of the sampling.
     pub seed: u64,
     /// Where to write each round's model file (`round-N.safetensors`), if anywhere.
@@ -48,6 +50,7 @@ impl SimConfig {
             dp: None,
             local: TrainConfig { epochs: 1, batch_size: 32, lr: 0.05, optimizer: OptimizerKind::Adam, seed: 0 },
             buckets: 65_536,
+            embed_dim: 64,
             seed: 1,
             save_models: None,
         }
@@ -98,6 +101,7 @@ pub fn sim_spec(config: &SimConfig) -> Result<ModelSpec> {
     labels.sort_by_key(|l| fl_model::datagen::TOPICS.iter().position(|t| t == l).unwrap_or(usize::MAX));
     let mut spec = ModelSpec::with_defaults(ModelKind::Fasttext, labels);
     spec.buckets = config.buckets;
+    spec.embed_dim = config.embed_dim;
     Ok(spec)
 }
 

@@ -1,9 +1,21 @@
-//! Helpers for the cross-process tests: find the built binaries, start a coordinator on port 0,
-//! enroll and run clients, read the coordinator's metrics.
+//! Helpers for the integration tests: find the built binaries, start a coordinator on port 0,
+//! enroll and run clients, read the coordinator's metrics and status; a raw gRPC client that
+//! plays a client by hand.
+
+pub mod dp_sim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use fl_client::daemon::upload_chunks;
+use fl_client::identity::{ClientState, Identity};
+use fl_common::tensors::sha256_hex;
+use fl_common::{decode_model, TensorSet};
+use fl_proto::pb::{self, federation_client::FederationClient};
+use fl_server::state::StateDir;
+pub use fl_server::state::{CoordinatorStatus, Phase};
+use tonic::transport::Channel;
 
 /// Directory of the built binaries: the profile directory above this test executable.
 pub fn bin_dir() -> PathBuf {
@@ -64,7 +76,9 @@ impl CoordinatorProcess {
     /// Starts `fl-coordinator serve` on `listen` with `args` and extra environment `env`, and
     /// waits until it listens.
     pub fn start_with(state_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
+        // Both describe a running coordinator: a restarted one writes its own.
         let _ = std::fs::remove_file(state_dir.join("listen-addr"));
+        let _ = std::fs::remove_file(state_dir.join("status.json"));
         let log = state_dir.with_extension(format!(
             "log{}",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
@@ -117,6 +131,26 @@ impl CoordinatorProcess {
     pub fn metrics(&self) -> Vec<serde_json::Value> {
         read_metrics(&self.state_dir)
     }
+
+    /// Its `status.json` (the default status before the first write).
+    pub fn status(&self) -> CoordinatorStatus {
+        read_status(&self.state_dir)
+    }
+
+    /// Waits until its status satisfies `condition`, failing with `what` after `limit`.
+    pub fn wait_status(&self, limit: Duration, what: &str, mut condition: impl FnMut(&CoordinatorStatus) -> bool) {
+        wait_until(limit, what, || condition(&self.status()));
+    }
+}
+
+/// The coordinator's `STATE/status.json`, or the default status when there is none yet.
+pub fn read_status(state_dir: &Path) -> CoordinatorStatus {
+    StateDir::new(state_dir).read_status().expect("status.json parses").unwrap_or_default()
+}
+
+/// The client id an enrolled client's state directory holds.
+pub fn client_id(client_dir: &Path) -> String {
+    ClientState::new(client_dir).load().expect("enrolled client").record.client_id
 }
 
 impl Drop for CoordinatorProcess {
@@ -170,6 +204,11 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::Ex
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The last completed round that `STATE/progress.json` records (0 before the first).
+pub fn committed_rounds(state_dir: &Path) -> u32 {
+    StateDir::new(state_dir).progress().expect("progress.json parses").completed_round
 }
 
 /// Parsed lines of `STATE/metrics.jsonl`.
@@ -257,4 +296,129 @@ pub fn enrolled_federation(
     (coordinator, dirs)
 }
 
-pub mod dp_sim;
+/// A client played by hand over gRPC: joined, with its work stream.
+#[derive(Debug)]
+pub struct RawClient {
+    /// The client's id.
+    pub id: String,
+    /// The gRPC client.
+    pub client: FederationClient<Channel>,
+    /// The work stream of its Join.
+    pub work: tonic::Streaming<pb::Instruction>,
+}
+
+impl RawClient {
+    /// Connects with `identity`, joins, and reads the welcome.
+    pub async fn join(url: &str, identity: &Identity) -> RawClient {
+        Self::try_join(url, identity).await.expect("join succeeds")
+    }
+
+    /// Connects with `identity` and joins; the refusal if the coordinator refuses it.
+    pub async fn try_join(url: &str, identity: &Identity) -> Result<RawClient, tonic::Status> {
+        let channel = fl_common::tls::connect(url, &identity.ca_pem, Some(&identity.key)).await.unwrap();
+        let mut client = FederationClient::new(channel);
+        let mut work = client.join(pb::JoinRequest { name: "raw".into(), num_examples: 10 }).await?.into_inner();
+        let welcome = work.message().await?.expect("a welcome");
+        assert!(matches!(welcome.kind, Some(pb::instruction::Kind::Welcome(_))), "first message is the welcome");
+        Ok(RawClient { id: identity.record.client_id.clone(), client, work })
+    }
+
+    /// The next message of the work stream, within 30 s.
+    pub async fn next_message(&mut self) -> Result<Option<pb::Instruction>, tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(30), self.work.message()).await.expect("a message within 30 s")
+    }
+
+    /// The next round task, within 30 s.
+    pub async fn next_task(&mut self) -> pb::RoundTask {
+        loop {
+            let message = self.next_message().await.unwrap().expect("the work stream is open");
+            if let Some(pb::instruction::Kind::Round(task)) = message.kind {
+                return task;
+            }
+        }
+    }
+
+    /// The next round task of `round`, skipping older ones.
+    pub async fn task_of_round(&mut self, round: u32) -> pb::RoundTask {
+        loop {
+            let task = self.next_task().await;
+            if task.round >= round {
+                return task;
+            }
+        }
+    }
+
+    /// Downloads the global model of `task`.
+    pub async fn global(&mut self, task: &pb::RoundTask) -> TensorSet {
+        let mut stream = self
+            .client
+            .fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        decode_model(&bytes).unwrap().1
+    }
+
+    /// Uploads `chunks`.
+    pub async fn submit(&mut self, chunks: Vec<pb::UpdateChunk>) -> Result<pb::SubmitAck, tonic::Status> {
+        self.client.submit_update(tokio_stream::iter(chunks)).await.map(|r| r.into_inner())
+    }
+
+    /// Sends a heartbeat; whether the attempt is still open for this client.
+    pub async fn heartbeat(&mut self, task: &pb::RoundTask) -> Result<bool, tonic::Status> {
+        let ack = self
+            .client
+            .heartbeat(pb::HeartbeatRequest { round: task.round, attempt: task.attempt, progress: 0.5 })
+            .await?;
+        Ok(ack.into_inner().round_open)
+    }
+}
+
+/// The header of an upload of `payload` for `task`.
+pub fn update_header(task: &pb::RoundTask, payload: &[u8], examples: u64) -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        round: task.round,
+        attempt: task.attempt,
+        codec: "safetensors-f32".into(),
+        total_bytes: payload.len() as u64,
+        num_examples: examples,
+        train_loss: 1.0,
+        train_accuracy: 0.5,
+    }
+}
+
+/// A well-formed upload of `delta`.
+pub fn upload(task: &pb::RoundTask, delta: &TensorSet, examples: u64) -> Vec<pb::UpdateChunk> {
+    let payload = delta.encode(None);
+    let digest = sha256_hex(&payload);
+    upload_chunks(update_header(task, &payload, examples), payload, digest).collect()
+}
+
+/// A tensor set shaped like `global` with every value `value`.
+pub fn filled(global: &TensorSet, value: f32) -> TensorSet {
+    let mut delta = global.zeros_like();
+    for t in &mut delta.tensors {
+        t.data.iter_mut().for_each(|v| *v = value);
+    }
+    delta
+}
+
+/// Checks that an upload was refused with `code` and a message containing `reason`.
+pub fn expect_refused(result: Result<pb::SubmitAck, tonic::Status>, code: tonic::Code, reason: &str) {
+    let status = result.expect_err("the upload is refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(reason), "expected '{reason}' in '{}'", status.message());
+}
+
+/// Checks that every value of `after` is the one of `before` plus `delta`.
+pub fn assert_moved_by(before: &TensorSet, after: &TensorSet, delta: f32) {
+    for (t, t0) in after.tensors.iter().zip(&before.tensors) {
+        for (v, v0) in t.data.iter().zip(&t0.data) {
+            assert!((v - v0 - delta).abs() < 1e-5, "{} moved by {} instead of {delta}", t.name, v - v0);
+        }
+    }
+}

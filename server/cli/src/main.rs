@@ -12,10 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fl_common::token::JoinToken;
 use fl_common::ModelKind;
-use fl_server::coordinator::RoundSettings;
 use fl_server::registry::{now_unix, ClientStatus, RegistryStore};
 use fl_server::state::StateDir;
-use fl_server::{ModelArgs, ServeConfig, ServeOutcome};
+use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -38,6 +37,11 @@ enum Command {
         /// The federation CA (STATE/ca.pem).
         #[arg(long)]
         ca: PathBuf,
+    },
+    /// Print what a coordinator is doing (its STATE/status.json): phase, round, clients.
+    Status {
+        #[arg(long, env = "FL_STATE_DIR")]
+        state_dir: PathBuf,
     },
     /// Manage join tokens.
     Token {
@@ -171,6 +175,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Health { coordinator, ca } => runtime.block_on(health(&coordinator, &ca)),
+        Command::Status { state_dir } => status(&state_dir),
         Command::Token { command } => token(command),
         Command::Clients { command } => clients(command),
     }
@@ -205,6 +210,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         tls_sans: sans,
         seed: args.seed,
         init_model: args.init_model.clone(),
+        spool: None,
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -227,6 +233,18 @@ async fn health(url: &str, ca: &std::path::Path) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn status(state_dir: &std::path::Path) -> Result<ExitCode> {
+    let state = StateDir::new(state_dir);
+    if !state.exists() {
+        bail!("{}: no federation here", state_dir.display());
+    }
+    match state.read_status()? {
+        Some(status) => println!("{}", serde_json::to_string_pretty(&status)?),
+        None => bail!("{}: no status yet (the coordinator has not served)", state.status_path().display()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_registry(state_dir: &std::path::Path) -> Result<(StateDir, RegistryStore)> {

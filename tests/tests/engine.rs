@@ -1,0 +1,451 @@
+//! The round engine in process, in the manner of mini-redis's tests: `fl_server::serve` on
+//! 127.0.0.1:0 with real gRPC and mutual TLS, clients enrolled by a real Enroll RPC and played
+//! by hand, and a plain model backend (no libtorch). Each test asks the coordinator what
+//! happened (its `status.json`, `metrics.jsonl`, the model files), never its log.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::bail;
+use fl_client::identity::{ClientState, Identity};
+use fl_common::{decode_model, ModelSpec, NamedTensor, TensorSet};
+use fl_proto::pb;
+use fl_server::backend::{BackendError, Evaluator, ModelBackend};
+use fl_server::registry::{ClientStatus, RegistryStore};
+use fl_server::spool::{FileSpool, Spool, SpoolFile, SpoolOpen};
+use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
+use fl_tests::*;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A model backend of plain weights: `w` of four zeros and `b` of two halves.
+#[derive(Debug)]
+struct PlainBackend;
+
+impl ModelBackend for PlainBackend {
+    fn initial_weights(&self, _spec: &ModelSpec, _seed: u64) -> Result<TensorSet, BackendError> {
+        Ok(TensorSet::new(vec![
+            NamedTensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 4] },
+            NamedTensor { name: "b".into(), shape: vec![2], data: vec![0.5; 2] },
+        ]))
+    }
+
+    fn check_weights(&self, _spec: &ModelSpec, _weights: &TensorSet) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn labels_of(&self, path: &Path) -> Result<Vec<String>, BackendError> {
+        bail!("{}: the plain backend reads no data", path.display())
+    }
+
+    fn evaluator(&self, path: &Path, _spec: &ModelSpec) -> Result<Arc<dyn Evaluator>, BackendError> {
+        bail!("{}: the plain backend evaluates nothing", path.display())
+    }
+}
+
+fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
+    RoundSettings {
+        rounds,
+        min_clients,
+        clients_per_round: 0,
+        over_sample: 1.0,
+        round_timeout: Duration::from_secs(60),
+        local_epochs: 1,
+        batch_size: 32,
+        lr: 0.01,
+        optimizer: "adam".into(),
+        seed: 7,
+        max_update_norm: 1.0e4,
+    }
+}
+
+/// A coordinator served in this process.
+struct Served {
+    root: tempfile::TempDir,
+    state_dir: PathBuf,
+    url: String,
+    token: String,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<ServeOutcome>>>,
+}
+
+impl Served {
+    async fn start(settings: RoundSettings, spool: Option<Arc<dyn Spool>>) -> Served {
+        fl_common::tls::install_crypto_provider();
+        let root = tempfile::tempdir().unwrap();
+        let state_dir = root.path().join("coordinator");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = ServeConfig {
+            state_dir: state_dir.clone(),
+            model: ModelArgs { labels: Some(vec!["a".into(), "b".into()]), ..ModelArgs::default() },
+            eval_data: None,
+            settings,
+            tls_sans: vec!["localhost".into(), "127.0.0.1".into()],
+            seed: 1,
+            init_model: None,
+            spool,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
+        // The address is published once the listener accepts.
+        wait_async(Duration::from_secs(30), "the coordinator to listen", || state_dir.join("listen-addr").exists())
+            .await;
+        let token = std::fs::read_to_string(state_dir.join("join-token")).unwrap().trim().to_string();
+        Served { url: format!("https://localhost:{port}"), token, state_dir, root, shutdown, task: Some(task) }
+    }
+
+    /// Enrolls a client through the Enroll RPC, as `fl-client enroll` does.
+    async fn enroll(&self, name: &str) -> Identity {
+        let dir = self.root.path().join(name);
+        fl_client::enroll::enroll(&self.url, &self.token, name, &ClientState::new(&dir)).await.unwrap()
+    }
+
+    async fn join(&self, identity: &Identity) -> RawClient {
+        RawClient::join(&self.url, identity).await
+    }
+
+    fn status(&self) -> CoordinatorStatus {
+        read_status(&self.state_dir)
+    }
+
+    async fn wait_status(&self, what: &str, condition: impl Fn(&CoordinatorStatus) -> bool) -> CoordinatorStatus {
+        wait_async(Duration::from_secs(30), what, || condition(&self.status())).await;
+        self.status()
+    }
+
+    fn initial(&self) -> TensorSet {
+        self.model("model/initial.safetensors")
+    }
+
+    fn model(&self, file: &str) -> TensorSet {
+        decode_model(&std::fs::read(self.state_dir.join(file)).unwrap()).unwrap().1
+    }
+
+    /// Waits for `serve` to return.
+    async fn outcome(&mut self) -> ServeOutcome {
+        let task = self.task.take().expect("serve runs");
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("serve returns").unwrap().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn wait_async(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ids(clients: &[&RawClient]) -> Vec<String> {
+    let mut ids: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_completes_with_the_fedavg_of_the_uploaded_deltas() {
+    let mut served = Served::start(settings(1, 2), None).await;
+    let status = served.status();
+    assert_eq!((status.phase, status.round, status.rounds_total), (Phase::Waiting, 1, 1), "{status:?}");
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let mut a = served.join(&ia).await;
+    let status = served.wait_status("a connected", |s| s.connected.len() == 1).await;
+    assert_eq!(status.phase, Phase::Waiting, "one client is not enough to start");
+    let mut b = served.join(&ib).await;
+
+    let task = a.next_task().await;
+    assert_eq!(b.next_task().await, task, "both get the same task");
+    assert_eq!((task.round, task.attempt), (1, 0));
+    let status = served.wait_status("round 1 to start", |s| s.phase == Phase::Collecting).await;
+    assert_eq!(status.sampled, ids(&[&a, &b]));
+    let initial = served.initial();
+    assert_eq!(a.global(&task).await, initial);
+    assert!(a.submit(upload(&task, &filled(&initial, 0.1), 10)).await.unwrap().accepted);
+    let status = served.wait_status("a's update", |s| !s.accepted.is_empty()).await;
+    assert_eq!(status.accepted, vec![a.id.clone()]);
+    assert!(b.submit(upload(&task, &filled(&initial, 0.4), 30)).await.unwrap().accepted);
+
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    // (10 * 0.1 + 30 * 0.4) / 40 = 0.325
+    assert_moved_by(&initial, &served.model("model/round-0001.safetensors"), 0.325);
+    assert_eq!(served.model("model/final.safetensors"), served.model("model/round-0001.safetensors"));
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics.len(), 1);
+    assert_eq!((metrics[0]["round"].as_u64(), metrics[0]["attempt"].as_u64()), (Some(1), Some(0)));
+    assert_eq!((metrics[0]["participants"].as_u64(), metrics[0]["examples"].as_u64()), (Some(2), Some(40)));
+    assert!(metrics[0]["accuracy"].is_null(), "no eval data, no accuracy");
+    let status = served.status();
+    assert_eq!((status.phase, status.completed_rounds, status.round), (Phase::Finished, 1, 1), "{status:?}");
+    assert_eq!(status.last_failure, None);
+    for client in [&mut a, &mut b] {
+        let finished = client.next_message().await.unwrap().unwrap();
+        assert!(matches!(finished.kind, Some(pb::instruction::Kind::Finished(_))), "{finished:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_client_that_reconnects_mid_round_gets_the_task_again() {
+    let mut served = Served::start(settings(1, 2), None).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let mut a = served.join(&ia).await;
+    let b = served.join(&ib).await;
+    let task = a.next_task().await;
+    let b_id = b.id.clone();
+    served.wait_status("round 1 with both", |s| s.phase == Phase::Collecting && s.connected.contains(&b_id)).await;
+    drop(b);
+    served.wait_status("b to disconnect", |s| !s.connected.contains(&b_id)).await;
+    let status = served.status();
+    assert_eq!((status.phase, status.attempt), (Phase::Collecting, 0), "the round waits for b: {status:?}");
+
+    let mut b = served.join(&ib).await;
+    assert_eq!(b.next_task().await, task, "the reconnected client gets the same task again");
+    let initial = served.initial();
+    assert!(a.submit(upload(&task, &filled(&initial, 0.2), 10)).await.unwrap().accepted);
+    assert!(b.submit(upload(&task, &filled(&initial, 0.2), 10)).await.unwrap().accepted);
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!((metrics[0]["attempt"].as_u64(), metrics[0]["participants"].as_u64()), (Some(0), Some(2)));
+    assert_moved_by(&initial, &served.model("model/round-0001.safetensors"), 0.2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_late_and_unsampled_updates_are_refused() {
+    let mut served = Served::start(settings(2, 2), None).await;
+    let (ia, ib, ic) = (served.enroll("a").await, served.enroll("b").await, served.enroll("c").await);
+    let mut a = served.join(&ia).await;
+    let mut b = served.join(&ib).await;
+    let first = a.next_task().await;
+    b.next_task().await;
+    let initial = served.initial();
+    let update = upload(&first, &filled(&initial, 0.1), 10);
+    assert!(a.submit(update.clone()).await.unwrap().accepted);
+    expect_refused(a.submit(update.clone()).await, tonic::Code::FailedPrecondition, "duplicate");
+    assert!(!a.heartbeat(&first).await.unwrap(), "the round is over for a client that answered");
+    assert!(b.submit(upload(&first, &filled(&initial, 0.1), 10)).await.unwrap().accepted);
+
+    let second = a.task_of_round(2).await;
+    assert_eq!(b.task_of_round(2).await, second);
+    expect_refused(a.submit(update).await, tonic::Code::FailedPrecondition, "stale");
+    let mut c = served.join(&ic).await;
+    served.wait_status("c connected", |s| s.connected.contains(&c.id)).await;
+    expect_refused(
+        c.submit(upload(&second, &filled(&initial, 0.1), 10)).await,
+        tonic::Code::PermissionDenied,
+        "not sampled",
+    );
+    let fetch = c.client.fetch_model(pb::FetchModelRequest { round: second.round, attempt: second.attempt }).await;
+    assert_eq!(fetch.err().map(|s| s.code()), Some(tonic::Code::PermissionDenied), "only sampled clients fetch");
+    let global = a.global(&second).await;
+    assert!(a.submit(upload(&second, &filled(&global, -0.1), 10)).await.unwrap().accepted);
+    assert!(b.submit(upload(&second, &filled(&global, -0.1), 10)).await.unwrap().accepted);
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics.len(), 2);
+    assert!(metrics.iter().all(|m| m["participants"] == 2 && m["rejected"] == 0), "{metrics:?}");
+    assert_moved_by(&initial, &served.model("model/final.safetensors"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_at_once() {
+    let served = Served::start(settings(100, 1), None).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let _a = served.join(&ia).await;
+    let mut b = served.join(&ib).await;
+    served.wait_status("both connected", |s| s.connected.len() == 2).await;
+    // Revoke b as `fl-coordinator clients revoke` does: through the registry file.
+    let registry = RegistryStore::open(&served.state_dir).unwrap();
+    let revoked = registry
+        .update(|r| r.clients.iter_mut().filter(|c| c.id == b.id).map(|c| c.status = ClientStatus::Revoked).count())
+        .unwrap();
+    assert_eq!(revoked, 1);
+    // Its work stream ends with the refusal.
+    let refusal = loop {
+        match b.next_message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a reason"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    assert!(refusal.message().contains("revoked"), "{}", refusal.message());
+    let again = RawClient::try_join(&served.url, &ib).await.expect_err("its certificate no longer joins");
+    assert_eq!(again.code(), tonic::Code::PermissionDenied);
+    let heartbeat =
+        b.client.heartbeat(pb::HeartbeatRequest { round: 1, attempt: 0, progress: 0.0 }).await.expect_err("refused");
+    assert_eq!(heartbeat.code(), tonic::Code::PermissionDenied);
+    let status = served.wait_status("b to leave the status", |s| s.connected.len() == 1).await;
+    assert!(!status.connected.contains(&b.id) && !status.sampled.contains(&b.id), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_sampling_closes_the_round_at_the_target() {
+    let mut settings = settings(3, 2);
+    (settings.clients_per_round, settings.over_sample) = (2, 2.0);
+    let mut served = Served::start(settings, None).await;
+    let mut clients = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let identity = served.enroll(name).await;
+        clients.push(served.join(&identity).await);
+    }
+    // Round 1 started as soon as two clients were connected; its sampled clients answer it.
+    let status = served.wait_status("round 1", |s| s.phase == Phase::Collecting && s.round == 1).await;
+    let initial = served.initial();
+    let mut answered = 0;
+    for c in clients.iter_mut().filter(|c| status.sampled.contains(&c.id)) {
+        let task = c.task_of_round(1).await;
+        if answered < 2 {
+            assert!(c.submit(upload(&task, &filled(&initial, 0.1), 10)).await.unwrap().accepted);
+            answered += 1;
+        }
+    }
+    // Round 2 samples all four (2 wanted, times 2) and closes when two updates are in.
+    let status = served.wait_status("round 2", |s| s.phase == Phase::Collecting && s.round == 2).await;
+    assert_eq!(status.sampled.len(), 4, "{status:?}");
+    let mut tasks = Vec::new();
+    for c in clients.iter_mut() {
+        tasks.push(c.task_of_round(2).await);
+    }
+    let global = clients[0].global(&tasks[0]).await;
+    for (c, task) in clients.iter_mut().zip(&tasks).take(2) {
+        assert!(c.submit(upload(task, &filled(&global, 0.1), 10)).await.unwrap().accepted);
+    }
+    served.wait_status("round 2 to complete", |s| s.completed_rounds == 2).await;
+    let (straggler, task) = (&mut clients[2], &tasks[2]);
+    assert!(!straggler.heartbeat(task).await.unwrap(), "stragglers are told to stop");
+    expect_refused(
+        straggler.submit(upload(task, &filled(&global, 0.1), 10)).await,
+        tonic::Code::FailedPrecondition,
+        "stale",
+    );
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!((metrics[1]["sampled"].as_u64(), metrics[1]["participants"].as_u64()), (Some(4), Some(2)));
+    assert_moved_by(&initial, &served.model("model/round-0002.safetensors"), 0.2);
+    served.shutdown.cancel();
+    assert_eq!(served.outcome().await, ServeOutcome::Interrupted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_completes_a_round_with_enough_updates_and_retries_one_without() {
+    let mut settings = settings(1, 2);
+    settings.round_timeout = Duration::from_secs(3);
+    let mut served = Served::start(settings, None).await;
+    let mut clients = Vec::new();
+    for name in ["a", "b", "c"] {
+        let identity = served.enroll(name).await;
+        clients.push(served.join(&identity).await);
+    }
+    // Attempt 0 may have started with two clients; only one answers it.
+    let status = served.wait_status("attempt 0", |s| s.phase == Phase::Collecting).await;
+    let initial = served.initial();
+    let first = clients.iter_mut().find(|c| status.sampled.contains(&c.id)).unwrap();
+    let task = first.next_task().await;
+    assert!(first.submit(upload(&task, &filled(&initial, 0.1), 10)).await.unwrap().accepted);
+    let status = served.wait_status("attempt 1", |s| s.attempt == 1 && s.phase == Phase::Collecting).await;
+    assert_eq!(status.failed_attempts, 1);
+    let failure = status.last_failure.clone().unwrap_or_default();
+    assert!(failure.contains("round 1 attempt 0: too few good updates: 1 accepted, 2 needed"), "{failure}");
+    assert_eq!(status.sampled.len(), 3, "all three are connected now");
+    // Attempt 1: two of three answer; the third is silent, and the deadline closes the round.
+    for c in clients.iter_mut().take(2) {
+        let task = loop {
+            let task = c.next_task().await;
+            if task.attempt == 1 {
+                break task;
+            }
+        };
+        assert!(c.submit(upload(&task, &filled(&initial, 0.3), 10)).await.unwrap().accepted);
+    }
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics.len(), 1, "no line for the failed attempt");
+    assert_eq!((metrics[0]["attempt"].as_u64(), metrics[0]["participants"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(metrics[0]["sampled"].as_u64(), Some(3));
+    assert_moved_by(&initial, &served.model("model/round-0001.safetensors"), 0.3);
+}
+
+/// A spool that fails every write with ENOSPC while `full` is set, as a full disk does.
+#[derive(Debug, Default)]
+struct FullDisk {
+    full: Arc<AtomicBool>,
+}
+
+struct NoSpace;
+
+impl tokio::io::AsyncWrite for NoSpace {
+    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Err(std::io::Error::from_raw_os_error(libc_enospc())))
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// ENOSPC on Linux and the BSDs.
+fn libc_enospc() -> i32 {
+    28
+}
+
+impl Spool for FullDisk {
+    fn create(&self, path: PathBuf) -> SpoolOpen {
+        if self.full.load(Ordering::SeqCst) {
+            Box::pin(async { Ok(Box::pin(NoSpace) as SpoolFile) })
+        } else {
+            FileSpool.create(path)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_attempt_visibly_and_the_federation_recovers() {
+    let disk = FullDisk::default();
+    let full = disk.full.clone();
+    full.store(true, Ordering::SeqCst);
+    let mut served = Served::start(settings(2, 2), Some(Arc::new(disk))).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let mut clients = [served.join(&ia).await, served.join(&ib).await];
+    let initial = served.initial();
+    for c in clients.iter_mut() {
+        let task = c.next_task().await;
+        let refused = c.submit(upload(&task, &filled(&initial, 0.1), 10)).await.expect_err("cannot be stored");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("No space left on device"), "{}", refused.message());
+    }
+    let status = served.wait_status("the failed attempt", |s| s.failed_attempts >= 1).await;
+    let failure = status.last_failure.clone().unwrap_or_default();
+    assert!(failure.contains("round 1 attempt 0: too few good updates: 0 accepted"), "{failure}");
+    assert!(failure.contains("cannot spool the upload") && failure.contains("No space left on device"), "{failure}");
+    assert!(read_metrics(&served.state_dir).is_empty(), "no metrics line for an uncommitted round");
+    assert!(
+        std::fs::read_dir(served.state_dir.join("spool")).unwrap().next().is_none(),
+        "no half-written spool file is left"
+    );
+
+    // Space comes back: the next attempts go through.
+    full.store(false, Ordering::SeqCst);
+    for round in 1..=2 {
+        for c in clients.iter_mut() {
+            let task = c.task_of_round(round).await;
+            assert!(task.attempt >= u32::from(round == 1));
+            let global = c.global(&task).await;
+            assert!(c.submit(upload(&task, &filled(&global, 0.1), 10)).await.unwrap().accepted);
+        }
+    }
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    let rounds: Vec<u64> = read_metrics(&served.state_dir).iter().map(|m| m["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2]);
+    assert_moved_by(&initial, &served.model("model/final.safetensors"), 0.2);
+    assert_eq!(served.status().phase, Phase::Finished);
+}
