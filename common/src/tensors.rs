@@ -100,6 +100,19 @@ impl TensorSet {
         self.tensors.iter().flat_map(|t| t.data.iter()).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
     }
 
+    /// Scales the set in place so that its L2 norm is at most `max_norm`; returns the norm it had.
+    /// Differential privacy clips each client's update this way, on the client or the coordinator.
+    pub fn clip_l2_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.l2_norm();
+        if norm > max_norm {
+            let factor = max_norm / norm;
+            for v in self.tensors.iter_mut().flat_map(|t| t.data.iter_mut()) {
+                *v = (f64::from(*v) * factor) as f32;
+            }
+        }
+        norm
+    }
+
     /// `self - other`, element-wise; names and shapes must match (checked by the caller).
     pub fn minus(&self, other: &TensorSet) -> TensorSet {
         TensorSet {

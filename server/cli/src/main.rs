@@ -114,6 +114,8 @@ struct ServeArgs {
     /// Names in the server certificate (DNS names or IPs) [default: localhost, 127.0.0.1].
     #[arg(long = "tls-san")]
     tls_san: Vec<String>,
+    #[command(flatten)]
+    dp: fl_server::dp::DpArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,6 +213,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         seed: args.seed,
         init_model: args.init_model.clone(),
         spool: None,
+        dp: args.dp.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

@@ -30,24 +30,35 @@ impl std::fmt::Display for ClipSite {
     }
 }
 
-/// The DP flags of `serve` as given; `None` (or false) means "not given".
-#[derive(Clone, Debug, Default, PartialEq)]
+/// The DP flags of `serve` as given; `None` (or false) means "not given". A restart without
+/// them keeps the federation's own.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct DpArgs {
-    /// `--dp-noise-multiplier Z`: turns DP on.
+    /// Client-level differential privacy (DP-FedAvg): Gaussian noise of this multiplier Z times the
+    /// clip norm on the sum of the clipped updates. Turns DP on [default: off].
+    #[arg(long = "dp-noise-multiplier", env = "FL_DP_NOISE_MULTIPLIER")]
     pub noise_multiplier: Option<f64>,
-    /// `--dp-clip-norm C`: the clip norm, or the initial one under adaptive clipping.
+    /// L2 norm C each client's update is clipped to (the initial C with --dp-adaptive-clip,
+    /// default 0.1 there).
+    #[arg(long = "dp-clip-norm", env = "FL_DP_CLIP_NORM")]
     pub clip_norm: Option<f64>,
-    /// `--dp-adaptive-clip`.
+    /// Adapt C each round towards a quantile of the update norms (Andrew et al. 2021).
+    #[arg(long = "dp-adaptive-clip")]
     pub adaptive_clip: bool,
-    /// `--dp-target-quantile`.
+    /// Fraction of clients to leave unclipped under --dp-adaptive-clip [default: 0.5].
+    #[arg(long = "dp-target-quantile")]
     pub target_quantile: Option<f64>,
-    /// `--dp-clip-lr`.
+    /// Step of the geometric update of C under --dp-adaptive-clip [default: 0.2].
+    #[arg(long = "dp-clip-lr")]
     pub clip_lr: Option<f64>,
-    /// `--dp-clip-on`.
+    /// Where updates are clipped: server, or client (the round task carries C) [default: server].
+    #[arg(long = "dp-clip-on", value_enum)]
     pub clip_on: Option<ClipSite>,
-    /// `--dp-delta`.
+    /// δ of the (ε, δ) guarantee [default: 1/n^1.1 for n enrolled clients].
+    #[arg(long = "dp-delta")]
     pub delta: Option<f64>,
-    /// `--dp-max-epsilon`.
+    /// End the federation, with a final model, before a round that would take ε past this.
+    #[arg(long = "dp-max-epsilon", env = "FL_DP_MAX_EPSILON")]
     pub max_epsilon: Option<f64>,
 }
 
@@ -99,6 +110,12 @@ pub enum DpConfigError {
     /// An adaptive-clipping flag without `--dp-adaptive-clip`.
     #[error("{0} needs --dp-adaptive-clip")]
     NeedsAdaptiveClip(&'static str),
+    /// Clients that clip cannot yet tell the coordinator whether they had to.
+    #[error(
+        "--dp-clip-on client cannot be combined with --dp-adaptive-clip yet: the coordinator would need each \
+         client's unclipped bit; use --dp-clip-on server, or a fixed --dp-clip-norm"
+    )]
+    ClientClipAdaptive,
     /// The clip count's noise would use the whole budget.
     #[error(
         "--dp-adaptive-clip: the noise on the count of unclipped clients (standard deviation {count_stddev}, \
@@ -159,6 +176,9 @@ impl DpArgs {
             (None, Some(_)) => DEFAULT_INITIAL_ADAPTIVE_CLIP,
             (None, None) => return Err(DpConfigError::NeedsClipNorm),
         };
+        if adaptive.is_some() && self.clip_on == Some(ClipSite::Client) {
+            return Err(DpConfigError::ClientClipAdaptive);
+        }
         let delta = self.delta.map(|d| check("--dp-delta", d, d > 0.0 && d < 1.0, "in (0, 1)")).transpose()?;
         let max_epsilon = self.max_epsilon.map(|e| check("--dp-max-epsilon", e, e > 0.0, "more than 0")).transpose()?;
         Ok(Some(DpConfig {

@@ -89,6 +89,21 @@ impl DpFedAvg {
     pub fn last_round(&self) -> Option<&DpRoundReport> {
         self.last_round.as_ref()
     }
+
+    /// A strategy for a new round attempt with the same settings, clip norm `clip_norm` and a
+    /// fresh generator seeded by the operating system.
+    pub fn for_attempt(&self, clip_norm: f64) -> DpFedAvg {
+        DpFedAvg {
+            clip_norm,
+            update_noise_multiplier: self.update_noise_multiplier,
+            adaptive: self.adaptive.clone().map(|a| AdaptiveClipNorm { clip_norm, ..a }),
+            sum: None,
+            folded: 0,
+            unclipped: 0,
+            rng: StdRng::from_os_rng(),
+            last_round: None,
+        }
+    }
 }
 
 impl AggregationStrategy for DpFedAvg {
@@ -137,6 +152,10 @@ impl AggregationStrategy for DpFedAvg {
             next_clip_norm: self.clip_norm,
         });
         Some(next)
+    }
+
+    fn dp_round(&self) -> Option<&DpRoundReport> {
+        self.last_round.as_ref()
     }
 }
 

@@ -31,14 +31,8 @@ pub fn clip_factor(norm: f64, clip_norm: f64) -> f64 {
 
 /// Scales `delta` in place to L2 norm at most `clip_norm`.
 pub fn clip_to_norm(delta: &mut TensorSet, clip_norm: f64) -> ClipOutcome {
-    let norm = delta.l2_norm();
-    let factor = clip_factor(norm, clip_norm);
-    if factor < 1.0 {
-        for v in delta.tensors.iter_mut().flat_map(|t| t.data.iter_mut()) {
-            *v = (f64::from(*v) * factor) as f32;
-        }
-    }
-    ClipOutcome { norm, clipped: factor < 1.0 }
+    let norm = delta.clip_l2_norm(clip_norm);
+    ClipOutcome { norm, clipped: norm > clip_norm }
 }
 
 /// Adds independent N(0, std²) noise to every coordinate of `values`, touched or not.
