@@ -212,4 +212,15 @@ mod tests {
         let renamed = TensorSet::new(vec![NamedTensor { name: "x".into(), shape: vec![1], data: vec![0.0] }]);
         assert!(matches!(renamed.check_matches(&reference), Err(TensorError::Names { .. })));
     }
+
+    #[test]
+    fn clipping_scales_down_to_the_norm_and_keeps_small_sets() {
+        let mut big = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![3.0, 4.0] }]);
+        assert_eq!(big.clip_l2_norm(1.0), 5.0);
+        assert!((big.l2_norm() - 1.0).abs() < 1e-6);
+        assert!((big.tensors[0].data[0] - 0.6).abs() < 1e-6, "the direction is kept");
+        let mut small = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![0.3, 0.4] }]);
+        small.clip_l2_norm(1.0);
+        assert_eq!(small.tensors[0].data, vec![0.3, 0.4]);
+    }
 }

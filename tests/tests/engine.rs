@@ -568,3 +568,24 @@ async fn a_restart_with_other_dp_flags_is_refused() {
     let err = restart(DpArgs { noise_multiplier: Some(-1.0), ..DpArgs::default() }).await.unwrap_err().to_string();
     assert!(err.contains("--dp-noise-multiplier -1: must be zero or more"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_clipping_on_the_client_the_task_carries_c_and_the_coordinator_still_clips() {
+    let dp = DpArgs { clip_on: Some(fl_server::dp::ClipSite::Client), ..dp_args(None) };
+    let mut served = Served::start_with_dp(settings(1, 2), None, dp).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
+    let task = a.next_task().await;
+    assert_eq!(task.dp_clip_norm, 0.5, "clients learn C from the task");
+    assert_eq!(b.next_task().await, task);
+    let global = a.global(&task).await;
+    // a clips as asked; b does not, and the coordinator clips it anyway.
+    let mut clipped = filled(&global, 10.0);
+    clipped.clip_l2_norm(task.dp_clip_norm);
+    assert!(a.submit(upload(&task, &clipped, 10)).await.unwrap().accepted);
+    assert!(b.submit(upload(&task, &filled(&global, 10.0), 10)).await.unwrap().accepted);
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics[0]["dp_clip_norm"].as_f64(), Some(0.5));
+    assert_eq!(metrics[0]["dp_unclipped"].as_u64(), Some(1), "a's update was already within C, b's was not");
+}
