@@ -10,14 +10,19 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fl_client::daemon::{self, DaemonConfig, DaemonExit};
 use fl_client::identity::ClientState;
+use fl_common::compact::Precision;
+use fl_common::prune::PruneScope;
 use fl_common::{ModelKind, SpecOverrides};
-use fl_model::central::{default_train_config, train_central, CentralConfig, Progress};
-use fl_model::data::read_labelled_csv;
+use fl_model::central::{
+    default_train_config, split_validation, train_central, train_student, CentralConfig, Progress, Teacher,
+};
+use fl_model::data::{read_labelled_csv, read_unlabelled_csv};
 use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
+use fl_model::edge::{export, ExportOptions};
 use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_model::model::{default_device, Classifier};
 use fl_model::predict::{describe_prediction, evaluate_rows};
-use fl_model::train::OptimizerKind;
+use fl_model::train::{Distillation, OptimizerKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
@@ -138,6 +143,75 @@ enum Command {
         #[command(flatten)]
         arch: SpecOverrides,
     },
+    /// Distill a teacher model into a (smaller) student: the student trains on the labels mixed
+    /// with the teacher's softened outputs (Hinton et al.), keeps its best validation epoch, and
+    /// is compared with the teacher on the rows held out.
+    Distill {
+        /// The teacher model file (any architecture; plain or compact).
+        #[arg(long)]
+        teacher: PathBuf,
+        /// The student's architecture.
+        #[arg(long, default_value = "fasttext")]
+        student_model: ModelKind,
+        /// Labelled CSV (`text,label`) with the teacher's labels.
+        #[arg(long)]
+        data: PathBuf,
+        /// CSV with a `text` column: more texts, which the student learns from the teacher alone.
+        #[arg(long)]
+        unlabeled: Option<PathBuf>,
+        /// Temperature T that softens the teacher's outputs (1 = as they are).
+        #[arg(long, default_value_t = 2.0)]
+        temperature: f64,
+        /// Weight of the labels' loss in [0, 1]; the rest goes to matching the teacher.
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+        /// Where to write the student's model file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Passes over the training rows [default: per architecture].
+        #[arg(long)]
+        epochs: Option<u32>,
+        /// Learning rate [default: per architecture].
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Fraction of the labelled rows held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        validation: f64,
+        /// libtorch intra-op threads (default: all cores).
+        #[arg(long, env = "FL_THREADS")]
+        threads: Option<i32>,
+        /// Seed of the weights, the split, the shuffling and dropout.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[command(flatten)]
+        arch: SpecOverrides,
+    },
+    /// Shrink a model for an edge box: int8 or f16 weights, pruned, in a compact file that
+    /// `predict` reads directly. Prints sizes, weights kept and, with --data, accuracy.
+    Export {
+        /// Model file to shrink (e.g. STATE/model/final.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Where to write the compact model file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Precision of the weight matrices; biases and norms stay f32.
+        #[arg(long, value_enum, default_value_t = QuantizeArg::Int8)]
+        quantize: QuantizeArg,
+        /// Fraction of the weights with the smallest magnitude to drop, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        prune: f64,
+        /// Where the pruning threshold is taken: in each weight matrix, or over all of them.
+        #[arg(long, value_enum, default_value_t = ScopeArg::Tensor)]
+        prune_scope: ScopeArg,
+        /// Drop the --prune fraction of embedding rows with the smallest norm (buckets that
+        /// training never or barely moved) instead of single weights; other layers stay whole.
+        #[arg(long)]
+        prune_rows: bool,
+        /// Labelled CSV to measure the accuracy before and after.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
     GenData {
         /// Output directory.
@@ -183,6 +257,26 @@ enum MethodArg {
     Ig,
 }
 
+/// `--quantize` of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum QuantizeArg {
+    /// 8-bit integers with one scale per row: a quarter of the size.
+    Int8,
+    /// Half precision: half the size.
+    F16,
+    /// Keep f32 (pruning only).
+    None,
+}
+
+/// `--prune-scope` of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ScopeArg {
+    /// The same fraction of each weight matrix.
+    Tensor,
+    /// One magnitude threshold over all weight matrices.
+    Global,
+}
+
 /// `--partition` of `gen-data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PartitionArg {
@@ -214,7 +308,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
-    if matches!(cli.command, Command::Predict { .. } | Command::Train { .. } | Command::GenData { .. }) {
+    if matches!(
+        cli.command,
+        Command::Predict { .. }
+            | Command::Train { .. }
+            | Command::GenData { .. }
+            | Command::Export { .. }
+            | Command::Distill { .. }
+    ) {
         fl_common::cli::die_quietly_on_closed_stdout();
     }
     match cli.command {
@@ -292,7 +393,16 @@ true label: {label}"
                         println!();
                     }
                 }
-                print!("{}", evaluate_rows(&classifier, &rows)?);
+                let started = std::time::Instant::now();
+                let evaluation = evaluate_rows(&classifier, &rows)?;
+                let seconds = started.elapsed().as_secs_f64();
+                print!("{evaluation}");
+                println!(
+                    "predicted {} rows in {seconds:.2} s: {:.0} examples/s ({})",
+                    rows.len(),
+                    rows.len() as f64 / seconds.max(1e-9),
+                    if classifier.runs_int8() { "int8" } else { "f32" }
+                );
             } else {
                 for (i, t) in text.iter().enumerate() {
                     if text.len() > 1 || explaining || attention {
@@ -338,44 +448,9 @@ true label: {label}"
             let rt = runtime()?;
             rt.spawn(fl_common::cli::cancel_on_signal(cancel.clone()));
             let started = std::time::Instant::now();
-            let mut bar = ProgressBar::hidden();
-            let mut rows_per_epoch = 0u64;
-            let outcome = train_central(&rows, &config, device, &cancel, |p| match p {
-                Progress::Start { train_rows, validation_rows } => {
-                    eprintln!(
-                        "training {} on {train_rows} rows ({validation_rows} held out), {} epochs, lr {}, batch {}, {threads} threads, {device:?}",
-                        config.spec.kind, config.train.epochs, config.train.lr, config.train.batch_size
-                    );
-                    rows_per_epoch = train_rows as u64;
-                    bar = ProgressBar::new(rows_per_epoch * u64::from(config.train.epochs));
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "{elapsed_precise} [{bar:30}] {pos}/{len} examples, epoch {prefix}, {msg} (eta {eta})",
-                        )
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                    );
-                }
-                Progress::Step { epoch, stats, examples_per_s } => {
-                    bar.set_prefix(epoch.to_string());
-                    bar.set_position(u64::from(epoch - 1) * rows_per_epoch + stats.examples as u64);
-                    bar.set_message(format!("loss {:.4}, {examples_per_s:.0} examples/s", stats.loss));
-                }
-                Progress::Epoch(r) => {
-                    let validation = match (r.validation_accuracy, r.validation_loss) {
-                        (Some(a), Some(l)) => format!(", validation accuracy {a:.4} loss {l:.4}"),
-                        _ => String::new(),
-                    };
-                    // Printed even when stderr is not a terminal and the bar stays hidden.
-                    bar.suspend(|| {
-                        println!(
-                            "epoch {}: train loss {:.4} accuracy {:.4}{validation}, {:.0} examples/s",
-                            r.epoch, r.train_loss, r.train_accuracy, r.examples_per_s
-                        )
-                    });
-                }
-            })?;
-            bar.finish_and_clear();
+            let mut reporter = TrainingProgress::new(&config, threads, device);
+            let outcome = train_central(&rows, &config, device, &cancel, |p| reporter.report(p))?;
+            reporter.finish();
             if outcome.cancelled {
                 eprintln!("interrupted; no model written");
                 return Ok(ExitCode::from(130));
@@ -398,6 +473,148 @@ true label: {label}"
                 started.elapsed().as_secs_f64(),
                 median_speed,
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Distill {
+            teacher,
+            student_model,
+            data,
+            unlabeled,
+            temperature,
+            alpha,
+            out,
+            epochs,
+            lr,
+            validation,
+            threads,
+            seed,
+            arch,
+        } => {
+            anyhow::ensure!((0.0..1.0).contains(&validation), "--validation must be in [0, 1)");
+            anyhow::ensure!(temperature > 0.0 && temperature.is_finite(), "--temperature must be > 0");
+            anyhow::ensure!((0.0..=1.0).contains(&alpha), "--alpha must be in [0, 1]");
+            let threads =
+                threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
+            tch::set_num_threads(threads);
+            tch::set_num_interop_threads(1);
+            let device = default_device();
+            let teacher_model = Classifier::load(&teacher, device)?;
+            let rows = read_labelled_csv(&data)?;
+            let unlabelled = unlabeled.as_deref().map(read_unlabelled_csv).transpose()?.unwrap_or_default();
+            let spec = arch.spec(student_model, teacher_model.spec.labels.clone()).map_err(anyhow::Error::msg)?;
+            let mut train = default_train_config(student_model);
+            train.epochs = epochs.unwrap_or(train.epochs);
+            train.lr = lr.unwrap_or(train.lr);
+            train.seed = seed;
+            let config = CentralConfig { spec, train, validation, keep_best: true };
+            let cancel = CancellationToken::new();
+            let rt = runtime()?;
+            rt.spawn(fl_common::cli::cancel_on_signal(cancel.clone()));
+            let started = std::time::Instant::now();
+            let mut reporter = TrainingProgress::new(&config, threads, device);
+            let teacher_ref = Teacher {
+                model: &teacher_model,
+                distillation: Distillation { temperature, alpha },
+                unlabelled: &unlabelled,
+            };
+            let outcome = train_student(&rows, &config, Some(&teacher_ref), device, &cancel, |p| reporter.report(p))
+                .with_context(|| format!("distilling {}", teacher.display()))?;
+            reporter.finish();
+            if outcome.cancelled {
+                eprintln!("interrupted; no model written");
+                return Ok(ExitCode::from(130));
+            }
+            outcome.model.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            let (_, held_out) = split_validation(&rows, validation, seed);
+            let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+            println!("{:<8} {:<12} {:>12} {:>10} {:>22}", "", "model", "parameters", "size", "held-out accuracy");
+            for (who, model, path) in [("teacher", &teacher_model, &teacher), ("student", &outcome.model, &out)] {
+                let accuracy = if held_out.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.4}", evaluate_rows(model, &held_out)?.accuracy)
+                };
+                println!(
+                    "{who:<8} {:<12} {:>12} {:>7.2} MB {:>22}",
+                    model.spec.kind.to_string(),
+                    model.num_parameters(),
+                    size(path),
+                    accuracy
+                );
+            }
+            println!(
+                "wrote {} (weights of epoch {}, {} held-out rows) in {:.1} s",
+                out.display(),
+                outcome.kept_epoch,
+                held_out.len(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { model, out, quantize, prune, prune_scope, prune_rows, data } => {
+            anyhow::ensure!((0.0..1.0).contains(&prune), "--prune must be in [0, 1), got {prune}");
+            anyhow::ensure!(!prune_rows || prune > 0.0, "--prune-rows needs --prune FRACTION (of rows to drop)");
+            let options = ExportOptions {
+                precision: match quantize {
+                    QuantizeArg::Int8 => Precision::Int8,
+                    QuantizeArg::F16 => Precision::F16,
+                    QuantizeArg::None => Precision::F32,
+                },
+                prune,
+                scope: match prune_scope {
+                    ScopeArg::Tensor => PruneScope::Tensor,
+                    ScopeArg::Global => PruneScope::Global,
+                },
+                prune_rows,
+            };
+            let rows = data.as_ref().map(|p| read_labelled_csv(p)).transpose()?;
+            let before_size = std::fs::metadata(&model).with_context(|| format!("reading {}", model.display()))?.len();
+            let original = Classifier::load(&model, tch::Device::Cpu)?;
+            let exported = export(&original.spec, &original.to_tensors(), &options)
+                .with_context(|| format!("exporting {}", model.display()))?;
+            fl_common::files::write_atomic(&out, &exported.bytes, 0o644)
+                .with_context(|| format!("writing {}", out.display()))?;
+            let shrunk = Classifier::load(&out, tch::Device::Cpu)?;
+            let mut what = options.precision.to_string();
+            if prune > 0.0 {
+                let scope = if prune_rows {
+                    "of embedding rows".to_string()
+                } else {
+                    format!("of weights, per {prune_scope:?}").to_lowercase()
+                };
+                what += &format!(", {:.0}% {scope} pruned", prune * 100.0);
+            }
+            let mb = |b: u64| b as f64 / 1e6;
+            println!("{:<12} {:>14} {:>14}", "", "before", "after");
+            println!("{:<12} {:>14} {:>14}", "format", "f32", what);
+            println!(
+                "{:<12} {:>11.2} MB {:>11.2} MB  ({:.3} of the size)",
+                "file size",
+                mb(before_size),
+                mb(exported.bytes.len() as u64),
+                exported.bytes.len() as f64 / before_size.max(1) as f64
+            );
+            println!(
+                "{:<12} {:>14} {:>14}  ({:.1}% non-zero)",
+                "parameters",
+                exported.parameters,
+                exported.nonzero,
+                100.0 * exported.nonzero as f64 / exported.parameters.max(1) as f64
+            );
+            if let (Some(rows), Some(path)) = (rows, &data) {
+                let before = evaluate_rows(&original, &rows)?.accuracy;
+                let after = evaluate_rows(&shrunk, &rows)?.accuracy;
+                println!(
+                    "{:<12} {:>14.4} {:>14.4}  ({:+.2} points on {}, {} rows)",
+                    "accuracy",
+                    before,
+                    after,
+                    100.0 * (after - before),
+                    path.display(),
+                    rows.len()
+                );
+            }
+            println!("wrote {}{}", out.display(), if shrunk.runs_int8() { " (predict runs it in int8)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }
         Command::GenData { out, rows, eval_rows, test_rows, classes, shards, partition: how, alpha, signal, seed } => {
@@ -428,6 +645,73 @@ true label: {label}"
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The progress bar and epoch lines of `train` and `distill`.
+struct TrainingProgress {
+    bar: ProgressBar,
+    rows_per_epoch: u64,
+    header: String,
+    epochs: u32,
+}
+
+impl TrainingProgress {
+    fn new(config: &CentralConfig, threads: i32, device: tch::Device) -> TrainingProgress {
+        let header = format!(
+            "{} epochs, lr {}, batch {}, {threads} threads, {device:?}",
+            config.train.epochs, config.train.lr, config.train.batch_size
+        );
+        TrainingProgress {
+            bar: ProgressBar::hidden(),
+            rows_per_epoch: 0,
+            header: format!("training {} on {{train}} rows ({{held}} held out), {header}", config.spec.kind),
+            epochs: config.train.epochs,
+        }
+    }
+
+    fn report(&mut self, p: Progress<'_>) {
+        match p {
+            Progress::Start { train_rows, validation_rows } => {
+                eprintln!(
+                    "{}",
+                    self.header
+                        .replace("{train}", &train_rows.to_string())
+                        .replace("{held}", &validation_rows.to_string())
+                );
+                self.rows_per_epoch = train_rows as u64;
+                self.bar = ProgressBar::new(self.rows_per_epoch * u64::from(self.epochs));
+                self.bar.set_style(
+                    ProgressStyle::with_template(
+                        "{elapsed_precise} [{bar:30}] {pos}/{len} examples, epoch {prefix}, {msg} (eta {eta})",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+            }
+            Progress::Step { epoch, stats, examples_per_s } => {
+                self.bar.set_prefix(epoch.to_string());
+                self.bar.set_position(u64::from(epoch - 1) * self.rows_per_epoch + stats.examples as u64);
+                self.bar.set_message(format!("loss {:.4}, {examples_per_s:.0} examples/s", stats.loss));
+            }
+            Progress::Epoch(r) => {
+                let validation = match (r.validation_accuracy, r.validation_loss) {
+                    (Some(a), Some(l)) => format!(", validation accuracy {a:.4} loss {l:.4}"),
+                    _ => String::new(),
+                };
+                // Printed even when stderr is not a terminal and the bar stays hidden.
+                self.bar.suspend(|| {
+                    println!(
+                        "epoch {}: train loss {:.4} accuracy {:.4}{validation}, {:.0} examples/s",
+                        r.epoch, r.train_loss, r.train_accuracy, r.examples_per_s
+                    )
+                });
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
     }
 }
 

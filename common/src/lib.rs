@@ -2,9 +2,11 @@
 //! the client daemon (`fl-client`) and the ML library (`fl-model`). Nothing here needs libtorch.
 
 pub mod cli;
+pub mod compact;
 pub mod files;
 pub mod model_file;
 pub mod model_spec;
+pub mod prune;
 pub mod tensors;
 pub mod tls;
 pub mod token;

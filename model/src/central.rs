@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::data::{DataError, LabelledTexts};
 use crate::model::{Classifier, ModelError};
-use crate::train::{EncodedDataset, EpochStats, OptimizerKind, TrainConfig, Trainer};
+use crate::train::{Distillation, EncodedDataset, EpochStats, OptimizerKind, TrainConfig, Trainer, UNLABELLED};
 
 /// Why central training could not run.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,9 @@ pub enum CentralError {
     /// The spec does not make a model.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The teacher or the distillation settings do not fit.
+    #[error("{0}")]
+    Teacher(String),
     /// Nothing is left to train on after the validation split.
     #[error("no training rows left after holding out {validation} for validation")]
     NoTrainingRows {
@@ -132,19 +135,81 @@ pub fn train_central(
     config: &CentralConfig,
     device: Device,
     cancel: &CancellationToken,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<CentralOutcome, CentralError> {
+    train_student(rows, config, None, device, cancel, progress)
+}
+
+/// A trained model that a student learns from, and how.
+#[derive(Debug)]
+pub struct Teacher<'a> {
+    /// The teacher; any architecture, with the student's labels.
+    pub model: &'a Classifier,
+    /// Temperature and the labels' weight.
+    pub distillation: Distillation,
+    /// Texts without labels that the student learns from the teacher alone.
+    pub unlabelled: &'a [String],
+}
+
+/// The teacher's probabilities `p` softened to temperature `t`: softmax(ln p / t), which is
+/// softmax(logits / t).
+fn soften(p: &[f32], t: f64) -> Vec<f32> {
+    let z: Vec<f64> = p.iter().map(|&x| f64::from(x.max(1e-30)).ln() / t).collect();
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = z.iter().map(|v| (v - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    e.iter().map(|v| (v / total) as f32).collect()
+}
+
+/// As [`train_central`], and with a teacher, knowledge distillation: the student trains on the
+/// labels mixed with the teacher's softened outputs (and on `unlabelled` texts through the
+/// teacher alone). Validation, and the best epoch, are on the labelled rows held out.
+pub fn train_student(
+    rows: &LabelledTexts,
+    config: &CentralConfig,
+    teacher: Option<&Teacher<'_>>,
+    device: Device,
+    cancel: &CancellationToken,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<CentralOutcome, CentralError> {
     let labels = &config.spec.labels;
+    if let Some(t) = teacher {
+        let d = t.distillation;
+        if !(d.temperature.is_finite() && d.temperature > 0.0 && (0.0..=1.0).contains(&d.alpha)) {
+            return Err(CentralError::Teacher(format!(
+                "temperature must be > 0 and alpha in [0, 1] (got {} and {})",
+                d.temperature, d.alpha
+            )));
+        }
+        if &t.model.spec.labels != labels {
+            return Err(CentralError::Teacher(format!(
+                "the teacher's labels {:?} differ from the student's {:?}",
+                t.model.spec.labels, labels
+            )));
+        }
+    }
     let (train_rows, validation_rows) = split_validation(rows, config.validation, config.train.seed);
     if train_rows.is_empty() {
         return Err(CentralError::NoTrainingRows { validation: validation_rows.len() });
     }
     let model = Classifier::new(config.spec.clone(), device, config.train.seed)?;
-    let train_data = EncodedDataset::encode(&model, &train_rows.texts, train_rows.label_indices(labels)?);
+    let mut train_data = EncodedDataset::encode(&model, &train_rows.texts, train_rows.label_indices(labels)?);
     let validation = EncodedDataset::encode(&model, &validation_rows.texts, validation_rows.label_indices(labels)?);
+    if let Some(t) = teacher {
+        for text in t.unlabelled {
+            train_data.docs.push(model.token_ids(text));
+            train_data.labels.push(UNLABELLED);
+        }
+        let texts: Vec<&str> = train_rows.texts.iter().chain(t.unlabelled).map(String::as_str).collect();
+        let probs = t.model.predict_proba(&texts);
+        train_data.soft = Some(probs.iter().map(|p| soften(p, t.distillation.temperature)).collect());
+    }
     progress(Progress::Start { train_rows: train_data.len(), validation_rows: validation.len() });
 
     let mut trainer = Trainer::new(&model, &config.train);
+    if let Some(t) = teacher {
+        trainer = trainer.distill(t.distillation);
+    }
     let mut outcome = CentralOutcome { model, kept_epoch: 0, epochs: Vec::new(), cancelled: false };
     let mut best: Option<(f64, u32, fl_common::TensorSet)> = None;
     for epoch in 1..=config.train.epochs {
@@ -326,6 +391,63 @@ mod tests {
         let (_, validation) = split_validation(&rows, 0.3, config.train.seed);
         let again = crate::predict::evaluate_rows(&outcome.model, &validation).unwrap().accuracy;
         assert!((again - best).abs() < 1e-9, "kept model scores {again}, best epoch {best}");
+    }
+
+    #[test]
+    fn distilling_at_temperature_1_with_alpha_1_is_training_on_the_labels() {
+        let generator = generator();
+        let rows = table(&generator, &generator.rows(300, 8));
+        let mut config = small_config(ModelKind::Fasttext, generator.labels());
+        config.train.epochs = 2;
+        let run = |teacher: Option<&Teacher<'_>>| {
+            train_student(&rows, &config, teacher, Device::Cpu, &CancellationToken::new(), |_| {}).unwrap().model
+        };
+        let labels_only = run(None).to_tensors();
+        let teacher_model = trained(ModelKind::Transformer);
+        let teacher = |temperature, alpha| Teacher {
+            model: &teacher_model,
+            distillation: Distillation { temperature, alpha },
+            unlabelled: &[],
+        };
+        let distilled = run(Some(&teacher(1.0, 1.0))).to_tensors();
+        let max_diff = |a: &fl_common::TensorSet, b: &fl_common::TensorSet| {
+            a.tensors
+                .iter()
+                .zip(&b.tensors)
+                .flat_map(|(x, y)| x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs()))
+                .fold(0.0f32, f32::max)
+        };
+        assert!(max_diff(&labels_only, &distilled) < 1e-6, "{}", max_diff(&labels_only, &distilled));
+        // The teacher's term is live: with alpha 0.5 the weights move elsewhere.
+        assert!(max_diff(&labels_only, &run(Some(&teacher(2.0, 0.5))).to_tensors()) > 1e-3);
+        let err =
+            train_student(&rows, &config, Some(&teacher(0.0, 0.5)), Device::Cpu, &CancellationToken::new(), |_| {})
+                .unwrap_err();
+        assert!(err.to_string().contains("temperature must be > 0"), "{err}");
+    }
+
+    #[test]
+    fn a_student_learns_unlabelled_texts_from_its_teacher() {
+        let generator = generator();
+        let labelled = table(&generator, &generator.rows(20, 9));
+        let unlabelled: Vec<String> = generator.rows(1200, 10).into_iter().map(|r| r.text).collect();
+        let teacher_model = trained(ModelKind::Fasttext);
+        let teacher = Teacher {
+            model: &teacher_model,
+            distillation: Distillation { temperature: 2.0, alpha: 0.0 },
+            unlabelled: &unlabelled,
+        };
+        let mut config = small_config(ModelKind::Fasttext, generator.labels());
+        config.train.seed = 5;
+        let student = train_student(&labelled, &config, Some(&teacher), Device::Cpu, &CancellationToken::new(), |_| {})
+            .unwrap()
+            .model;
+        let labels_only =
+            train_central(&labelled, &config, Device::Cpu, &CancellationToken::new(), |_| {}).unwrap().model;
+        let test = table(&generator, &generator.rows(400, 2));
+        let accuracy = |m: &Classifier| evaluate_rows(m, &test).unwrap().accuracy;
+        let (s, l, t) = (accuracy(&student), accuracy(&labels_only), accuracy(&teacher_model));
+        assert!(s > l + 0.1 && s > t - 0.15, "student {s:.3}, 20 labels only {l:.3}, teacher {t:.3}");
     }
 
     #[test]

@@ -79,8 +79,19 @@ pub fn read_labelled_csv(path: &Path) -> Result<LabelledTexts, DataError> {
     read_labelled_csv_from(path, file)
 }
 
+/// Reads the texts of a CSV file with a `text` column (a `label` column, if any, is ignored),
+/// checked as [`read_labelled_csv`] checks: texts for a teacher to label.
+pub fn read_unlabelled_csv(path: &Path) -> Result<Vec<String>, DataError> {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+    Ok(read_csv_from(path, file, false)?.texts)
+}
+
 /// As [`read_labelled_csv`], from any reader; `path` is used in messages.
 pub fn read_labelled_csv_from(path: &Path, reader: impl std::io::Read) -> Result<LabelledTexts, DataError> {
+    read_csv_from(path, reader, true)
+}
+
+fn read_csv_from(path: &Path, reader: impl std::io::Read, labelled: bool) -> Result<LabelledTexts, DataError> {
     let record_error = |line: u64, field: &str, message: String| DataError::Record {
         path: path.to_owned(),
         line,
@@ -110,7 +121,8 @@ pub fn read_labelled_csv_from(path: &Path, reader: impl std::io::Read) -> Result
             found: header.join(","),
         })
     };
-    let (text_col, label_col) = (column("text")?, column("label")?);
+    let text_col = column("text")?;
+    let label_col = if labelled { Some(column("label")?) } else { None };
     let mut rows = LabelledTexts { path: path.to_owned(), ..Default::default() };
     while read(&mut csv, &mut record)? {
         let line = record.position().map(|p| p.line()).unwrap_or(0);
@@ -127,8 +139,11 @@ pub fn read_labelled_csv_from(path: &Path, reader: impl std::io::Read) -> Result
                 .map_err(|e| record_error(line, name, format!("not valid UTF-8 (byte {})", e.valid_up_to())))
         };
         let text = field(text_col, "text")?;
-        let label = field(label_col, "label")?.trim().to_owned();
-        if label.is_empty() {
+        let label = match label_col {
+            Some(col) => field(col, "label")?.trim().to_owned(),
+            None => String::new(),
+        };
+        if labelled && label.is_empty() {
             return Err(record_error(line, "label", "empty label".into()));
         }
         rows.texts.push(text);
@@ -172,6 +187,8 @@ mod tests {
             msg(b"text,label\nok,pos\nbad \xff,pos\n"),
             "data.csv: line 3, field 'text': not valid UTF-8 (byte 4)"
         );
+        let texts = read_csv_from(Path::new("u.csv"), b"id,text\n1,a b\n2,c\n".as_slice(), false).unwrap().texts;
+        assert_eq!(texts, vec!["a b", "c"]);
         let rows = parse(b"text,label\na,pos\nb,what\n").unwrap();
         let err = rows.label_indices(&["pos".into(), "neg".into()]).unwrap_err().to_string();
         assert_eq!(err, "data.csv: line 3, field 'label': unknown label 'what' (this federation's labels: pos,neg)");

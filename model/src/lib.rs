@@ -8,6 +8,7 @@
 pub mod central;
 pub mod data;
 pub mod datagen;
+pub mod edge;
 pub mod evaluate;
 pub mod explain;
 pub mod model;

@@ -64,14 +64,31 @@ pub struct TrainConfig {
 pub struct EncodedDataset {
     /// Token ids per example.
     pub docs: Vec<Vec<i64>>,
-    /// Label index per example.
+    /// Label index per example; [`UNLABELLED`] for an example that only a teacher labels.
     pub labels: Vec<i64>,
+    /// The teacher's class probabilities at the distillation temperature, per example, when
+    /// distilling (see [`Distillation`]).
+    pub soft: Option<Vec<Vec<f32>>>,
+}
+
+/// Label of an example without one: the labels' loss ignores it (libtorch's `ignore_index`).
+pub const UNLABELLED: i64 = -100;
+
+/// Knowledge distillation (Hinton et al., 2015): the loss is `alpha` × cross-entropy on the
+/// labels plus `(1 - alpha)` × T² × KL(teacher ‖ student), both softened by temperature T.
+/// With `alpha` 1 it is training on the labels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Distillation {
+    /// Temperature T (> 0): above 1 softens the teacher's outputs to show its second choices.
+    pub temperature: f64,
+    /// Weight of the labels' loss, in [0, 1].
+    pub alpha: f64,
 }
 
 impl EncodedDataset {
     /// Tokenizes texts for `model`.
     pub fn encode(model: &Classifier, texts: &[String], labels: Vec<i64>) -> EncodedDataset {
-        EncodedDataset { docs: texts.iter().map(|t| model.token_ids(t)).collect(), labels }
+        EncodedDataset { docs: texts.iter().map(|t| model.token_ids(t)).collect(), labels, soft: None }
     }
 
     /// Number of examples.
@@ -135,6 +152,7 @@ pub struct Trainer {
     row_adam: Option<SparseRowAdam>,
     rng: rand::rngs::StdRng,
     row_of: HashMap<i64, i64>,
+    distillation: Option<Distillation>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -165,7 +183,14 @@ impl Trainer {
             row_adam,
             rng: rand::rngs::StdRng::seed_from_u64(config.seed),
             row_of: HashMap::new(),
+            distillation: None,
         }
+    }
+
+    /// Trains on a mix of the labels and the teacher's outputs (`EncodedDataset::soft`) from now on.
+    pub fn distill(mut self, distillation: Distillation) -> Trainer {
+        self.distillation = Some(distillation);
+        self
     }
 
     /// One pass over `data` in a fresh random order. `progress` is called after every step.
@@ -181,6 +206,7 @@ impl Trainer {
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.shuffle(&mut self.rng);
         let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+        let mut labelled_seen = 0usize;
         let mut stats = EpochStats::default();
         for chunk in order.chunks(self.config.batch_size.max(1) as usize) {
             if cancel.is_cancelled() {
@@ -212,7 +238,20 @@ impl Trainer {
             let table = self.embedding.index_select(0, &row_ids).detach().set_requires_grad(true);
 
             let logits = model.forward_with_table(&table, &batch, true);
-            let loss = logits.cross_entropy_for_logits(&target);
+            let loss = match (self.distillation, &data.soft) {
+                (Some(d), Some(soft)) => {
+                    let soft: Vec<f32> = chunk.iter().flat_map(|&i| soft[i].iter().copied()).collect();
+                    let soft = Tensor::from_slice(&soft).view([labels.len() as i64, -1]).to_device(device);
+                    let log_student = (&logits / d.temperature).log_softmax(-1, Kind::Float);
+                    // KL(teacher ‖ student), summed over classes, averaged over the batch.
+                    let kl =
+                        (&soft * (soft.clamp_min(1e-12).log() - log_student)).sum(Kind::Float) / labels.len() as f64;
+                    let labelled = labels.iter().filter(|&&l| l != UNLABELLED).count();
+                    let ce = if labelled > 0 { logits.cross_entropy_for_logits(&target) } else { kl.zeros_like() };
+                    ce * d.alpha + kl * ((1.0 - d.alpha) * d.temperature * d.temperature)
+                }
+                _ => logits.cross_entropy_for_logits(&target),
+            };
             self.dense_opt.zero_grad();
             loss.backward();
             self.dense_opt.step();
@@ -224,7 +263,8 @@ impl Trainer {
             stats.steps += 1;
             stats.examples += labels.len();
             stats.loss = loss_sum / stats.examples as f64;
-            stats.accuracy = correct / stats.examples as f64;
+            labelled_seen += labels.iter().filter(|&&l| l != UNLABELLED).count();
+            stats.accuracy = correct / labelled_seen.max(1) as f64;
             progress(&stats);
         }
         stats

@@ -432,8 +432,13 @@ pub struct Coordinator {
     next_connection: AtomicU64,
     completed: AtomicU32,
     finished: AtomicBool,
+    new_strategy: fn() -> Box<dyn AggregationStrategy>,
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
+}
+
+fn fed_avg() -> Box<dyn AggregationStrategy> {
+    Box::new(FedAvg::default())
 }
 
 /// Differential privacy of a federation: its ledger and the strategy each attempt copies.
@@ -472,6 +477,7 @@ impl Coordinator {
             next_connection: AtomicU64::new(1),
             completed: AtomicU32::new(completed),
             finished: AtomicBool::new(false),
+            new_strategy: fed_avg,
             dp: None,
             budget_exhausted: AtomicBool::new(false),
             settings,
@@ -781,13 +787,14 @@ impl Coordinator {
     fn open_round(&self, round: u32, attempt: u32, sampled: Vec<String>, target: usize) -> Arc<RoundTask> {
         let settings = &self.settings;
         let model = self.global();
+        // DP wraps the mean: with DP on, each attempt aggregates with a copy of the DpFedAvg.
         let (mut strategy, dp_clip_norm): (Box<dyn AggregationStrategy>, _) = match &self.dp {
             Some(dp) => {
                 let ledger = lock(&dp.ledger);
                 let client_clip = (ledger.config.clip_on == crate::dp::ClipSite::Client).then_some(ledger.clip_norm);
                 (Box::new(dp.strategy.for_attempt(ledger.clip_norm)), client_clip)
             }
-            None => (Box::new(FedAvg::default()), None),
+            None => ((self.new_strategy)(), None),
         };
         strategy.begin_round(&model.tensors);
         let deadline_unix_ms = (std::time::SystemTime::now() + settings.round_timeout)
@@ -1243,4 +1250,92 @@ pub async fn drain(coord: &Arc<Coordinator>, limit: Duration) {
     let never = CancellationToken::new();
     let all_gone = coord.wait_for(Instant::now() + limit, &never, || coord.connected_ids().is_empty().then_some(()));
     let _ = tokio::time::timeout(limit, all_gone).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use fl_common::{ModelKind, NamedTensor, SpecOverrides};
+
+    use super::*;
+
+    /// A strategy whose fold panics, as a bug would.
+    #[derive(Debug)]
+    struct PanickingFold;
+
+    impl AggregationStrategy for PanickingFold {
+        fn begin_round(&mut self, _global: &TensorSet) {}
+        fn fold(&mut self, _update: ClientUpdate<'_>) {
+            panic!("a bug in the fold");
+        }
+        fn folded(&self) -> usize {
+            0
+        }
+        fn finish(&mut self, _global: &TensorSet) -> Option<TensorSet> {
+            None
+        }
+    }
+
+    fn settings() -> RoundSettings {
+        RoundSettings {
+            rounds: 1,
+            min_clients: 1,
+            clients_per_round: 0,
+            over_sample: 1.0,
+            round_timeout: Duration::from_secs(60),
+            local_epochs: 1,
+            batch_size: 1,
+            lr: 0.1,
+            optimizer: "sgd".into(),
+            seed: 1,
+            max_update_norm: 10.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fold_fails_the_update_and_poisons_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let registry = Arc::new(RegistryStore::open(dir.path()).unwrap());
+        let spec = SpecOverrides::default().spec(ModelKind::Fasttext, vec!["a".into(), "b".into()]).unwrap();
+        let weights = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![0.0; 2] }]);
+        let ca = fl_common::tls::CertificateAuthority::generate("test CA").unwrap();
+        let mut coord = Coordinator::new(
+            state,
+            registry,
+            spec.clone(),
+            settings(),
+            ca,
+            GlobalModel::encode(&spec, weights.clone()),
+            0,
+        );
+        coord.new_strategy = || Box::new(PanickingFold);
+        let task = coord.open_round(1, 0, vec!["a".into(), "b".into()], 2);
+
+        let header = UpdateHeader {
+            round: 1,
+            attempt: 0,
+            codec: CODEC_SAFETENSORS_F32.into(),
+            total_bytes: 0,
+            num_examples: 3,
+            train_loss: 1.0,
+            train_accuracy: 0.5,
+        };
+        let path = dir.path().join("a.part");
+        std::fs::write(&path, weights.encode(None)).unwrap();
+        let ticket = coord.begin_upload("a", &header).unwrap();
+        let upload = SpooledUpload { header: header.clone(), path, bytes: 8 };
+        let refused = coord.fold_upload("a", ticket, upload).await.expect_err("the fold panicked");
+        assert!(matches!(refused, UpdateRefusal::FoldFailed(_)), "{refused:?}");
+
+        // Every lock still works: the other client heartbeats, downloads and may upload.
+        assert!(coord.heartbeat("b", 1, 0, 0.5));
+        assert!(coord.model_for("b", 1, 0).is_ok());
+        assert!(coord.begin_upload("b", &header).is_ok());
+        assert!(matches!(coord.begin_upload("a", &header), Err(UpdateRefusal::Duplicate(1))));
+        let status = coord.status();
+        assert_eq!((status.round, status.rejected.clone()), (task.round, vec!["a".to_string()]), "{status:?}");
+        // The damaged sum fails the attempt when it closes.
+        let book = coord.close_round().expect("the attempt was open");
+        assert!(book.sum.lock().await.folding, "the sum is marked damaged");
+    }
 }

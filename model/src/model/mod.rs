@@ -145,6 +145,9 @@ pub struct Classifier {
     pub vs: nn::VarStore,
     net: Box<dyn Architecture>,
     tokenizer: HashedNgramTokenizer,
+    /// Set when the model was loaded from an int8 compact fastText file: predictions then run
+    /// from the int8 table (training and explanations use the f32 weights in `vs`).
+    int8: Option<crate::edge::Int8FastText>,
 }
 
 impl Classifier {
@@ -164,7 +167,7 @@ impl Classifier {
             ModelKind::Transformer => Box::new(Transformer::new(&vs.root(), &spec)),
         };
         let tokenizer = HashedNgramTokenizer::new(spec.buckets, spec.ngrams);
-        Ok(Classifier { spec, vs, net, tokenizer })
+        Ok(Classifier { spec, vs, net, tokenizer, int8: None })
     }
 
     /// A model with the given weights.
@@ -225,8 +228,17 @@ impl Classifier {
         self.net.forward(&self.embedding(), batch, false)
     }
 
+    /// True when [`Classifier::predict_proba`] runs from an int8 table (see [`crate::edge`]).
+    pub fn runs_int8(&self) -> bool {
+        self.int8.is_some()
+    }
+
     /// Class probabilities for each text.
     pub fn predict_proba(&self, texts: &[&str]) -> Vec<Vec<f32>> {
+        if let Some(int8) = &self.int8 {
+            let docs: Vec<Vec<i64>> = texts.iter().map(|t| self.token_ids(t)).collect();
+            return int8.predict_proba(&docs);
+        }
         let _guard = tch::no_grad_guard();
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(256) {
@@ -308,13 +320,21 @@ impl Classifier {
             .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
     }
 
-    /// Reads a model file.
+    /// Reads a model file: the plain f32 model file, or a compact one (`fl-client export`).
+    /// Errors name the file.
     pub fn load(path: &Path, device: Device) -> Result<Classifier, ModelError> {
+        let invalid = |reason: String| ModelError::Invalid { path: path.display().to_string(), reason };
         let bytes =
             std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
-        let (spec, weights) = decode_model(&bytes)
-            .map_err(|e| ModelError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
-        Classifier::from_tensors(spec, &weights, device)
+        if fl_common::compact::is_compact(&bytes) {
+            let compact = fl_common::compact::decode_compact(&bytes).map_err(|e| invalid(e.to_string()))?;
+            let mut model = Classifier::from_tensors(compact.spec.clone(), &compact.to_tensor_set(), device)
+                .map_err(|e| invalid(e.to_string()))?;
+            model.int8 = crate::edge::Int8FastText::from_compact(&compact);
+            return Ok(model);
+        }
+        let (spec, weights) = decode_model(&bytes).map_err(|e| invalid(e.to_string()))?;
+        Classifier::from_tensors(spec, &weights, device).map_err(|e| invalid(e.to_string()))
     }
 }
 
