@@ -300,6 +300,8 @@ async fn do_round(
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
     let (round, attempt) = (task.round, task.attempt);
+    // A finite positive clip norm asks for clipping here; anything else means none.
+    let dp_clip_norm = if task.dp_clip_norm.is_finite() && task.dp_clip_norm > 0.0 { task.dp_clip_norm } else { 0.0 };
     let config = task.config.ok_or_else(|| anyhow!("round task without a training config"))?;
     let train_config = TrainConfig {
         epochs: config.local_epochs,
@@ -329,7 +331,7 @@ async fn do_round(
             tch::set_num_threads(threads);
             let started = std::time::Instant::now();
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
-            let (stats, delta) = match &personal {
+            let (stats, mut delta) = match &personal {
                 None => {
                     let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
                     let stats = train(&mut model, &data, &train_config, &cancel, report);
@@ -341,6 +343,10 @@ async fn do_round(
                     (stats, delta)
                 }
             };
+            if dp_clip_norm > 0.0 {
+                // Differential privacy with clipping on the client: only the clipped update leaves.
+                delta.clip_l2_norm(dp_clip_norm);
+            }
             Ok((stats, delta.encode(None), started.elapsed().as_secs_f64()))
         })
     };

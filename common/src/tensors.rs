@@ -100,6 +100,19 @@ impl TensorSet {
         self.tensors.iter().flat_map(|t| t.data.iter()).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
     }
 
+    /// Scales the set in place so that its L2 norm is at most `max_norm`; returns the norm it had.
+    /// Differential privacy clips each client's update this way, on the client or the coordinator.
+    pub fn clip_l2_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.l2_norm();
+        if norm > max_norm {
+            let factor = max_norm / norm;
+            for v in self.tensors.iter_mut().flat_map(|t| t.data.iter_mut()) {
+                *v = (f64::from(*v) * factor) as f32;
+            }
+        }
+        norm
+    }
+
     /// `self - other`, element-wise; names and shapes must match (checked by the caller).
     pub fn minus(&self, other: &TensorSet) -> TensorSet {
         TensorSet {
@@ -198,5 +211,16 @@ mod tests {
         ));
         let renamed = TensorSet::new(vec![NamedTensor { name: "x".into(), shape: vec![1], data: vec![0.0] }]);
         assert!(matches!(renamed.check_matches(&reference), Err(TensorError::Names { .. })));
+    }
+
+    #[test]
+    fn clipping_scales_down_to_the_norm_and_keeps_small_sets() {
+        let mut big = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![3.0, 4.0] }]);
+        assert_eq!(big.clip_l2_norm(1.0), 5.0);
+        assert!((big.l2_norm() - 1.0).abs() < 1e-6);
+        assert!((big.tensors[0].data[0] - 0.6).abs() < 1e-6, "the direction is kept");
+        let mut small = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![0.3, 0.4] }]);
+        small.clip_l2_norm(1.0);
+        assert_eq!(small.tensors[0].data, vec![0.3, 0.4]);
     }
 }

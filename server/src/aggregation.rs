@@ -25,6 +25,10 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
     /// Applies the round's aggregate to `global`, returning the new global model; None if
     /// nothing was folded.
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet>;
+    /// What differential privacy did in the last finished round; `None` for a strategy without DP.
+    fn dp_round(&self) -> Option<&crate::dp::DpRoundReport> {
+        None
+    }
 }
 
 /// FedAvg: the new model is the global plus the mean of the deltas weighted by example counts.

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
 use crate::backend::Evaluator;
+use crate::dp::{Budget, DpFedAvg, DpLedger};
 use crate::policy::{self, Close, RoundView};
 use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::state::{self, CoordinatorStatus, StateDir};
@@ -108,6 +109,8 @@ pub struct RoundTask {
     pub model_codec: String,
     /// Codecs accepted for updates.
     pub update_codecs: Vec<String>,
+    /// The clip norm clients apply to their update, when DP clips on the client.
+    pub dp_clip_norm: Option<f64>,
 }
 
 /// What the engine sends down a client's work stream.
@@ -471,10 +474,19 @@ pub struct Coordinator {
     completed: AtomicU32,
     finished: AtomicBool,
     new_strategy: fn() -> Box<dyn AggregationStrategy>,
+    dp: Option<DpState>,
+    budget_exhausted: AtomicBool,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
     Box::new(FedAvg::default())
+}
+
+/// Differential privacy of a federation: its ledger and the strategy each attempt copies.
+#[derive(Debug)]
+struct DpState {
+    ledger: Mutex<DpLedger>,
+    strategy: DpFedAvg,
 }
 
 impl Coordinator {
@@ -508,11 +520,31 @@ impl Coordinator {
             completed: AtomicU32::new(completed),
             finished: AtomicBool::new(false),
             new_strategy: fed_avg,
+            dp: None,
+            budget_exhausted: AtomicBool::new(false),
             settings,
             ca,
         };
         coord.publish();
         coord
+    }
+
+    /// Turns on differential privacy: `strategy` (made for the ledger's configuration) is the
+    /// template of each attempt's aggregation, and `ledger` is charged for each round.
+    pub fn with_dp(mut self, ledger: DpLedger, strategy: DpFedAvg) -> Coordinator {
+        self.dp = Some(DpState { ledger: Mutex::new(ledger), strategy });
+        self
+    }
+
+    /// True when the federation ended early because the next round would exceed
+    /// `--dp-max-epsilon`.
+    pub fn budget_exhausted(&self) -> bool {
+        self.budget_exhausted.load(Ordering::SeqCst)
+    }
+
+    /// Clients enrolled and not revoked: the population that q and the default δ refer to.
+    fn enrolled_clients(&self) -> usize {
+        self.registry.snapshot().clients.iter().filter(|c| c.status == ClientStatus::Active).count()
     }
 
     /// The current global model.
@@ -805,7 +837,15 @@ impl Coordinator {
     fn open_round(&self, round: u32, attempt: u32, sampled: Vec<String>, target: usize) -> Arc<RoundTask> {
         let settings = &self.settings;
         let model = self.global();
-        let mut strategy = (self.new_strategy)();
+        // DP wraps the mean: with DP on, each attempt aggregates with a copy of the DpFedAvg.
+        let (mut strategy, dp_clip_norm): (Box<dyn AggregationStrategy>, _) = match &self.dp {
+            Some(dp) => {
+                let ledger = lock(&dp.ledger);
+                let client_clip = (ledger.config.clip_on == crate::dp::ClipSite::Client).then_some(ledger.clip_norm);
+                (Box::new(dp.strategy.for_attempt(ledger.clip_norm)), client_clip)
+            }
+            None => ((self.new_strategy)(), None),
+        };
         strategy.begin_round(&model.tensors);
         let deadline_unix_ms = (std::time::SystemTime::now() + settings.round_timeout)
             .duration_since(std::time::UNIX_EPOCH)
@@ -823,6 +863,7 @@ impl Coordinator {
             model_bytes: model.bytes.len() as u64,
             model_codec: CODEC_SAFETENSORS_F32.to_string(),
             update_codecs: vec![CODEC_SAFETENSORS_F32.to_string()],
+            dp_clip_norm,
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -1001,6 +1042,19 @@ pub async fn run_rounds(
                 settings.over_sample,
             );
             let sampled = policy::sample(eligible, size, &mut rng);
+            if let Some(dp) = &coord.dp {
+                let budget = lock(&dp.ledger).check_budget(sampled.len(), coord.enrolled_clients());
+                if let Budget::Exhausted { epsilon_after, max_epsilon } = budget {
+                    info!(
+                        round,
+                        epsilon_after,
+                        max_epsilon,
+                        "the privacy budget is spent: the federation ends before this round"
+                    );
+                    coord.budget_exhausted.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+            }
             let task = coord.open_round(round, attempt, sampled.clone(), size.target);
             info!(round, attempt, sampled = sampled.len(), "round started");
             for client in &sampled {
@@ -1103,6 +1157,21 @@ struct MetricsLine {
     bytes_down: u64,
     round_s: f64,
     elapsed_s: f64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    dp: Option<DpMetrics>,
+}
+
+/// The DP fields of a metrics line.
+#[derive(serde::Serialize)]
+struct DpMetrics {
+    /// ε spent after this round (at `dp_delta`); null when infinite (no noise).
+    dp_epsilon: Option<f64>,
+    dp_delta: f64,
+    dp_noise_multiplier: f64,
+    /// The clip norm used this round.
+    dp_clip_norm: f64,
+    /// Updates this round whose norm was at most the clip norm.
+    dp_unclipped: usize,
 }
 
 async fn complete_round(
@@ -1116,15 +1185,39 @@ async fn complete_round(
     let global = book.model.tensors.clone();
     let spec = coord.spec.clone();
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
-    let (next, evaluation) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (next, evaluation, dp_round) = tokio::task::spawn_blocking(move || -> Result<_> {
         let next = strategy.finish(&global).context("no update was folded")?;
         let evaluation = match eval {
             Some(e) => Some(e.evaluate(&next)?),
             None => None,
         };
-        Ok((GlobalModel::encode(&spec, next), evaluation))
+        Ok((GlobalModel::encode(&spec, next), evaluation, strategy.dp_round().cloned()))
     })
     .await??;
+    // The round is charged, and the ledger written, before the model is committed: a crash in
+    // between overstates ε, never understates it.
+    let dp = match (&coord.dp, dp_round) {
+        (Some(dp), Some(report)) => {
+            let enrolled = coord.enrolled_clients();
+            let ledger = {
+                let mut ledger = lock(&dp.ledger);
+                ledger.charge(book.sampled.len(), enrolled, report.next_clip_norm);
+                ledger.clone()
+            };
+            let root = coord.state.root().to_path_buf();
+            tokio::task::spawn_blocking(move || ledger.save(&root).map(|()| ledger)).await?.map(|ledger| {
+                let epsilon = ledger.epsilon(enrolled);
+                Some(DpMetrics {
+                    dp_epsilon: epsilon.is_finite().then_some(epsilon),
+                    dp_delta: ledger.delta(enrolled),
+                    dp_noise_multiplier: ledger.config.noise_multiplier,
+                    dp_clip_norm: report.clip_norm,
+                    dp_unclipped: report.unclipped,
+                })
+            })?
+        }
+        _ => None,
+    };
     let participants = sum.folded.len();
     let examples = sum.examples.max(1) as f64;
     let line = MetricsLine {
@@ -1142,6 +1235,7 @@ async fn complete_round(
         bytes_down: book.bytes_down.load(Ordering::SeqCst),
         round_s: book.started.elapsed().as_secs_f64(),
         elapsed_s,
+        dp,
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;

@@ -10,6 +10,7 @@
 pub mod aggregation;
 pub mod backend;
 pub mod coordinator;
+pub mod dp;
 pub mod error;
 pub mod health;
 pub mod http;
@@ -34,6 +35,7 @@ use tracing::info;
 pub use crate::backend::{Evaluation, Evaluator, ModelBackend};
 pub use crate::coordinator::RoundSettings;
 use crate::coordinator::{Coordinator, GlobalModel};
+use crate::dp::{DpArgs, DpFedAvg, DpLedger};
 use crate::registry::{now_unix, RegistryStore};
 pub use crate::spool::{FileSpool, Spool};
 use crate::state::StateDir;
@@ -92,6 +94,8 @@ pub struct ServeConfig {
     pub spool: Option<Arc<dyn Spool>>,
     /// The HTTP side port's view, told when the gRPC port accepts clients (`/readyz`).
     pub dashboard: Option<Arc<http::Dashboard>>,
+    /// Differential privacy flags; all unset is DP off (or, on a restart, the stored ones).
+    pub dp: DpArgs,
 }
 
 /// How `serve` ended.
@@ -168,7 +172,7 @@ pub async fn serve(
 
     let rounds = coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), elapsed_s).await;
     let outcome = match rounds {
-        Ok(()) if coord.completed_rounds() >= config.settings.rounds => {
+        Ok(()) if coord.completed_rounds() >= config.settings.rounds || coord.budget_exhausted() => {
             coordinator::finish(&coord).await?;
             coordinator::drain(&coord, Duration::from_secs(3)).await;
             Ok(ServeOutcome::Finished)
@@ -193,8 +197,18 @@ const REGISTRY_POLL: Duration = Duration::from_secs(1);
 fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared> {
     let state = StateDir::new(&config.state_dir);
     let mut new_token = None;
+    // Bad DP flags fail before anything is created.
+    let new_dp = config.dp.resolve()?;
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
+        let ledger = DpLedger::load(state.root())?;
+        let conflicts = config.dp.conflicts_with(ledger.as_ref().map(|l| &l.config));
+        if !conflicts.is_empty() {
+            bail!(
+                "these flags would change the existing federation's differential privacy: {}; use a new --state-dir for a new federation",
+                conflicts.join(", ")
+            );
+        }
         let conflicts = config.model.conflicts_with(&record.spec);
         if !conflicts.is_empty() {
             bail!(
@@ -237,7 +251,14 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         if let Some(path) = &config.eval_data {
             backend.evaluator(path, &spec)?;
         }
+        if let Some(dp) = &new_dp {
+            // Checks the noise split before anything is created.
+            DpFedAvg::new(dp, dp.clip_norm, expected_clients_per_round(&config.settings))?;
+        }
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
+        if let Some(dp) = new_dp {
+            DpLedger::new(dp).save(state.root())?;
+        }
         let initial = match init_weights {
             Some(weights) => weights,
             None => backend.initial_weights(&record.spec, config.seed)?,
@@ -268,8 +289,31 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let registry = Arc::new(RegistryStore::open(state.root())?);
     let tls = fl_common::tls::server_config(&server_cert, &ca.cert_pem)?;
     let global = GlobalModel::encode(&spec, global);
-    let coord = Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round);
+    let ledger = DpLedger::load(state.root())?;
+    let mut coord =
+        Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round);
+    if let Some(ledger) = ledger {
+        let strategy = DpFedAvg::new(&ledger.config, ledger.clip_norm, expected_clients_per_round(&config.settings))?;
+        info!(
+            noise_multiplier = ledger.config.noise_multiplier,
+            clip_norm = ledger.clip_norm,
+            clip_on = %ledger.config.clip_on,
+            rounds_charged = ledger.accountant.rounds(),
+            "differential privacy is on"
+        );
+        coord = coord.with_dp(ledger, strategy);
+    }
     Ok(Prepared { coord, tls, eval, new_token, elapsed_s: progress.elapsed_s })
+}
+
+/// The number of updates a round expects, which sizes the noise on the adaptive clip count:
+/// `--clients-per-round`, or `--min-clients` when every connected client is asked.
+fn expected_clients_per_round(settings: &RoundSettings) -> usize {
+    if settings.clients_per_round > 0 {
+        settings.clients_per_round
+    } else {
+        settings.min_clients.max(1)
+    }
 }
 
 /// Reads a starting model: a model file from a previous federation or from central training.

@@ -50,6 +50,7 @@ impl From<&RoundTask> for pb::RoundTask {
             model_bytes: task.model_bytes,
             model_codec: task.model_codec.clone(),
             update_codecs: task.update_codecs.clone(),
+            dp_clip_norm: task.dp_clip_norm.unwrap_or(0.0),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! enroll and run clients, read the coordinator's metrics and status; a raw gRPC client that
 //! plays a client by hand.
 
+pub mod dp_sim;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

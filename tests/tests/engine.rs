@@ -14,6 +14,8 @@ use fl_client::identity::{ClientState, Identity};
 use fl_common::{decode_model, ModelSpec, NamedTensor, TensorSet};
 use fl_proto::pb;
 use fl_server::backend::{BackendError, Evaluator, ModelBackend};
+use fl_server::dp::accountant::RdpAccountant;
+use fl_server::dp::{DpArgs, DpLedger};
 use fl_server::registry::{ClientStatus, RegistryStore};
 use fl_server::spool::{FileSpool, Spool, SpoolFile, SpoolOpen};
 use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
@@ -74,6 +76,10 @@ struct Served {
 
 impl Served {
     async fn start(settings: RoundSettings, spool: Option<Arc<dyn Spool>>) -> Served {
+        Self::start_with_dp(settings, spool, DpArgs::default()).await
+    }
+
+    async fn start_with_dp(settings: RoundSettings, spool: Option<Arc<dyn Spool>>, dp: DpArgs) -> Served {
         fl_common::tls::install_crypto_provider();
         let root = tempfile::tempdir().unwrap();
         let state_dir = root.path().join("coordinator");
@@ -89,6 +95,7 @@ impl Served {
             init_model: None,
             spool,
             dashboard: None,
+            dp,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
@@ -449,4 +456,138 @@ async fn a_full_disk_fails_the_attempt_visibly_and_the_federation_recovers() {
     assert_eq!(rounds, vec![1, 2]);
     assert_moved_by(&initial, &served.model("model/final.safetensors"), 0.2);
     assert_eq!(served.status().phase, Phase::Finished);
+}
+
+/// DP flags: noise multiplier 1, clip norm 0.5, and a budget.
+fn dp_args(max_epsilon: Option<f64>) -> DpArgs {
+    DpArgs { noise_multiplier: Some(1.0), clip_norm: Some(0.5), max_epsilon, ..DpArgs::default() }
+}
+
+/// Plays `rounds` rounds with clients `a` and `b`, each sending a delta of 10 in every
+/// coordinate (far above the clip norm).
+async fn play_dp_rounds(served: &Served, a: &mut RawClient, b: &mut RawClient, rounds: u32) {
+    for round in 1..=rounds {
+        let task = a.task_of_round(round).await;
+        assert_eq!(b.task_of_round(round).await, task);
+        assert_eq!(task.dp_clip_norm, 0.0, "the coordinator clips: clients are not asked to");
+        let global = a.global(&task).await;
+        for client in [&mut *a, &mut *b] {
+            assert!(client.submit(upload(&task, &filled(&global, 10.0), 10)).await.unwrap().accepted);
+        }
+        served.wait_status("the round to complete", |s| s.completed_rounds >= round).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_federation_clips_noises_and_accounts_each_round() {
+    let mut served = Served::start_with_dp(settings(3, 2), None, dp_args(None)).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
+    let initial = served.initial();
+    play_dp_rounds(&served, &mut a, &mut b, 3).await;
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+
+    // Clipped to 0.5 the two deltas average to 0.5/sqrt(6) per coordinate; noise of
+    // standard deviation 1·0.5/2 moves every coordinate on top of that, untouched or not.
+    let round1 = served.model("model/round-0001.safetensors");
+    let moved: Vec<f32> = round1
+        .tensors
+        .iter()
+        .zip(&initial.tensors)
+        .flat_map(|(n, o)| n.data.iter().zip(&o.data).map(|(x, y)| x - y).collect::<Vec<_>>())
+        .collect();
+    assert!(moved.iter().all(|d| *d != 0.0), "every coordinate gets noise: {moved:?}");
+    assert!(moved.iter().any(|d| (d - 0.5 / 6f32.sqrt()).abs() > 1e-3), "not a plain mean: {moved:?}");
+
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics.len(), 3);
+    let mut accountant = RdpAccountant::new();
+    let delta = 2f64.powf(-1.1);
+    for (i, line) in metrics.iter().enumerate() {
+        accountant.compose(1.0, 1.0, 1);
+        let want = accountant.epsilon(delta);
+        let got = line["dp_epsilon"].as_f64().unwrap_or_else(|| panic!("no dp_epsilon in {line}"));
+        assert!((got - want).abs() < 1e-9 * want, "round {}: ε {got} vs {want}", i + 1);
+        assert!((line["dp_delta"].as_f64().unwrap() - delta).abs() < 1e-12, "δ = 1/n^1.1 for n = 2: {line}");
+        assert_eq!(line["dp_noise_multiplier"].as_f64(), Some(1.0));
+        assert_eq!(line["dp_clip_norm"].as_f64(), Some(0.5));
+        assert_eq!(line["dp_unclipped"].as_u64(), Some(0), "both updates were clipped");
+    }
+    // The ledger in the state dir holds the three rounds, for a restart to continue from.
+    let ledger = DpLedger::load(&served.state_dir).unwrap().expect("a DP ledger");
+    assert_eq!(ledger.accountant.rounds(), 3);
+    assert_eq!(ledger.epsilon(2), metrics[2]["dp_epsilon"].as_f64().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_privacy_budget_ends_the_federation_cleanly_before_it_is_exceeded() {
+    // One round of q = 1, z = 1 fits the budget; a second does not.
+    let delta = 2f64.powf(-1.1);
+    let mut accountant = RdpAccountant::new();
+    accountant.compose(1.0, 1.0, 1);
+    let one = accountant.epsilon(delta);
+    accountant.compose(1.0, 1.0, 1);
+    let two = accountant.epsilon(delta);
+    let mut served = Served::start_with_dp(settings(5, 2), None, dp_args(Some((one + two) / 2.0))).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
+    play_dp_rounds(&served, &mut a, &mut b, 1).await;
+    assert_eq!(served.outcome().await, ServeOutcome::Finished, "a spent budget is a clean end");
+    assert_eq!(read_metrics(&served.state_dir).len(), 1);
+    assert_eq!(served.model("model/final.safetensors"), served.model("model/round-0001.safetensors"));
+    let finished = a.next_message().await.unwrap().unwrap();
+    assert!(matches!(finished.kind, Some(pb::instruction::Kind::Finished(_))), "{finished:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_other_dp_flags_is_refused() {
+    let served = Served::start_with_dp(settings(1, 2), None, dp_args(Some(4.0))).await;
+    served.shutdown.cancel();
+    let restart = |dp: DpArgs| {
+        let state_dir = served.state_dir.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let config = ServeConfig {
+                state_dir,
+                model: ModelArgs::default(),
+                eval_data: None,
+                settings: settings(1, 2),
+                tls_sans: vec!["localhost".into()],
+                seed: 1,
+                init_model: None,
+                spool: None,
+                dashboard: None,
+                dp,
+            };
+            fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = restart(DpArgs { noise_multiplier: Some(0.5), ..dp_args(Some(4.0)) }).await.unwrap_err().to_string();
+    assert!(err.contains("--dp-noise-multiplier 0.5 (federation: 1)"), "{err}");
+    let err = restart(dp_args(Some(8.0))).await.unwrap_err().to_string();
+    assert!(err.contains("--dp-max-epsilon 8 (federation: 4)"), "{err}");
+    let err = restart(DpArgs { noise_multiplier: Some(-1.0), ..DpArgs::default() }).await.unwrap_err().to_string();
+    assert!(err.contains("--dp-noise-multiplier -1: must be zero or more"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_clipping_on_the_client_the_task_carries_c_and_the_coordinator_still_clips() {
+    let dp = DpArgs { clip_on: Some(fl_server::dp::ClipSite::Client), ..dp_args(None) };
+    let mut served = Served::start_with_dp(settings(1, 2), None, dp).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
+    let task = a.next_task().await;
+    assert_eq!(task.dp_clip_norm, 0.5, "clients learn C from the task");
+    assert_eq!(b.next_task().await, task);
+    let global = a.global(&task).await;
+    // a clips as asked; b does not, and the coordinator clips it anyway.
+    let mut clipped = filled(&global, 10.0);
+    clipped.clip_l2_norm(task.dp_clip_norm);
+    assert!(a.submit(upload(&task, &clipped, 10)).await.unwrap().accepted);
+    assert!(b.submit(upload(&task, &filled(&global, 10.0), 10)).await.unwrap().accepted);
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics[0]["dp_clip_norm"].as_f64(), Some(0.5));
+    assert_eq!(metrics[0]["dp_unclipped"].as_u64(), Some(1), "a's update was already within C, b's was not");
 }

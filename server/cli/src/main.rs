@@ -172,6 +172,8 @@ struct ServeArgs {
     tls_san: Vec<String>,
     #[command(flatten)]
     http: HttpArgs,
+    #[command(flatten)]
+    dp: fl_server::dp::DpArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,6 +273,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         init_model: args.init_model.clone(),
         spool: None,
         dashboard: None,
+        dp: args.dp.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
