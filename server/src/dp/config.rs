@@ -36,29 +36,29 @@ impl std::fmt::Display for ClipSite {
 pub struct DpArgs {
     /// Client-level differential privacy (DP-FedAvg): Gaussian noise of this multiplier Z times the
     /// clip norm on the sum of the clipped updates. Turns DP on [default: off].
-    #[arg(long = "dp-noise-multiplier", env = "FL_DP_NOISE_MULTIPLIER")]
+    #[arg(long = "dp-noise-multiplier", allow_negative_numbers = true, env = "FL_DP_NOISE_MULTIPLIER")]
     pub noise_multiplier: Option<f64>,
     /// L2 norm C each client's update is clipped to (the initial C with --dp-adaptive-clip,
     /// default 0.1 there).
-    #[arg(long = "dp-clip-norm", env = "FL_DP_CLIP_NORM")]
+    #[arg(long = "dp-clip-norm", allow_negative_numbers = true, env = "FL_DP_CLIP_NORM")]
     pub clip_norm: Option<f64>,
     /// Adapt C each round towards a quantile of the update norms (Andrew et al. 2021).
     #[arg(long = "dp-adaptive-clip")]
     pub adaptive_clip: bool,
     /// Fraction of clients to leave unclipped under --dp-adaptive-clip [default: 0.5].
-    #[arg(long = "dp-target-quantile")]
+    #[arg(long = "dp-target-quantile", allow_negative_numbers = true)]
     pub target_quantile: Option<f64>,
     /// Step of the geometric update of C under --dp-adaptive-clip [default: 0.2].
-    #[arg(long = "dp-clip-lr")]
+    #[arg(long = "dp-clip-lr", allow_negative_numbers = true)]
     pub clip_lr: Option<f64>,
     /// Where updates are clipped: server, or client (the round task carries C) [default: server].
     #[arg(long = "dp-clip-on", value_enum)]
     pub clip_on: Option<ClipSite>,
     /// δ of the (ε, δ) guarantee [default: 1/n^1.1 for n enrolled clients].
-    #[arg(long = "dp-delta")]
+    #[arg(long = "dp-delta", allow_negative_numbers = true)]
     pub delta: Option<f64>,
     /// End the federation, with a final model, before a round that would take ε past this.
-    #[arg(long = "dp-max-epsilon", env = "FL_DP_MAX_EPSILON")]
+    #[arg(long = "dp-max-epsilon", allow_negative_numbers = true, env = "FL_DP_MAX_EPSILON")]
     pub max_epsilon: Option<f64>,
 }
 
@@ -307,5 +307,37 @@ mod tests {
         assert!(conflicts[0].starts_with("--dp-noise-multiplier 1.2"));
         assert!(conflicts[1].starts_with("--dp-max-epsilon 16"));
         assert_eq!(on(1.0, 0.5).conflicts_with(None).len(), 1, "DP on a federation that ran without it");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        dp: DpArgs,
+    }
+
+    #[test]
+    fn the_flags_parse_and_a_negative_value_reaches_the_check() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--dp-noise-multiplier",
+            "1.1",
+            "--dp-adaptive-clip",
+            "--dp-target-quantile",
+            "0.7",
+            "--dp-clip-on",
+            "server",
+            "--dp-max-epsilon",
+            "8",
+        ])
+        .unwrap();
+        let cfg = cli.dp.resolve().unwrap().unwrap();
+        assert_eq!(cfg.noise_multiplier, 1.1);
+        assert_eq!(cfg.adaptive.unwrap().target_quantile, 0.7);
+        assert_eq!(cfg.max_epsilon, Some(8.0));
+        let negative = Cli::try_parse_from(["serve", "--dp-noise-multiplier", "-1"]).unwrap();
+        let err = negative.dp.resolve().unwrap_err().to_string();
+        assert_eq!(err, "--dp-noise-multiplier -1: must be zero or more");
+        assert!(Cli::try_parse_from(["serve"]).unwrap().dp.resolve().unwrap().is_none(), "off by default");
     }
 }
