@@ -20,8 +20,6 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
     fn begin_round(&mut self, global: &TensorSet);
     /// Folds one validated update into the running state.
     fn fold(&mut self, update: ClientUpdate<'_>);
-    /// Number of updates folded this round.
-    fn folded(&self) -> usize;
     /// Applies the round's aggregate to `global`, returning the new global model; None if
     /// nothing was folded.
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet>;
@@ -51,10 +49,6 @@ impl AggregationStrategy for FedAvg {
         sum.add_scaled(update.delta, update.num_examples as f32);
         self.total_weight += update.num_examples as f64;
         self.folded += 1;
-    }
-
-    fn folded(&self) -> usize {
-        self.folded
     }
 
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {

@@ -1317,9 +1317,6 @@ mod tests {
         fn fold(&mut self, _update: ClientUpdate<'_>) {
             panic!("a bug in the fold");
         }
-        fn folded(&self) -> usize {
-            0
-        }
         fn finish(&mut self, _global: &TensorSet) -> Option<TensorSet> {
             None
         }

@@ -129,10 +129,6 @@ impl AggregationStrategy for DpFedAvg {
         self.folded += 1;
     }
 
-    fn folded(&self) -> usize {
-        self.folded
-    }
-
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
         let mut sum = self.sum.take()?;
         if self.folded == 0 {
