@@ -179,7 +179,7 @@ impl Metrics {
         if let Some(l) = number("loss") {
             self.loss.set(l);
         }
-        if let Some(e) = number("epsilon") {
+        if let Some(e) = number("dp_epsilon") {
             let mut slot = self.epsilon.lock().unwrap_or_else(PoisonError::into_inner);
             slot.get_or_insert_with(|| {
                 let gauge = Gauge::default();
