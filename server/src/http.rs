@@ -561,7 +561,7 @@ mod tests {
         }
         assert!(!text.contains("epsilon"), "no DP, no epsilon");
         // A line being written is read once it is whole.
-        let third = line(3, 0.8, ",\"epsilon\":1.25");
+        let third = line(3, 0.8, ",\"dp_epsilon\":1.25");
         append(&path, &third[..10]);
         dashboard.refresh();
         assert_eq!(dashboard.state().rounds_completed, 2);
