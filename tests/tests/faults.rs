@@ -291,7 +291,7 @@ fn tokens_expire_run_out_and_are_revoked() {
     let mode = std::fs::metadata(root.path().join("a1/client.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "client key");
     // `fl-coordinator status` prints status.json: nobody joined, so the first round waits.
-    let out = run(command("fl-coordinator").args(["status", "--state-dir", &state]));
+    let out = run(command("fl-coordinator").args(["status", "--json", "--state-dir", &state]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status: CoordinatorStatus = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((status.phase, status.round, status.rounds_total), (Phase::Waiting, 1, 1), "{status:?}");
