@@ -324,8 +324,8 @@ enum Command {
         /// Dirichlet concentration (smaller is more skewed).
         #[arg(long, default_value_t = 0.5)]
         alpha: f64,
-        /// Probability that a word is a keyword of its class (lower is harder).
-        #[arg(long, default_value_t = 0.2)]
+        /// Probability that a content word of a sentence is a word of the row's topic (lower is harder).
+        #[arg(long, default_value_t = 0.45)]
         signal: f64,
         /// Seed.
         #[arg(long, default_value_t = 7)]
