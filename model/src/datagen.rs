@@ -210,7 +210,7 @@ pub struct GeneratorConfig {
 
 impl Default for GeneratorConfig {
     fn default() -> Self {
-        GeneratorConfig { classes: 10, signal: 0.45, confusion: 0.08, ambiguous: 0.1, label_noise: 0.05, seed: 7 }
+        GeneratorConfig { classes: 10, signal: 0.8, confusion: 0.05, ambiguous: 0.1, label_noise: 0.05, seed: 7 }
     }
 }
 

@@ -47,7 +47,7 @@ fn an_exported_model_round_trips_through_predict_and_explain_distills_and_bad_fi
     assert!((before - after).abs() <= 0.01, "f32 {before}, int8 {after}");
     let out = run(command("fl-client").args(["predict", "--model"]).arg(&int8).args([
         "--text",
-        "kavo lomi nesu tari",
+        "the striker scored a late goal",
         "--explain",
         "--top",
         "2",
@@ -81,7 +81,7 @@ fn an_exported_model_round_trips_through_predict_and_explain_distills_and_bad_fi
             .arg(&int8)
             .arg("--data")
             .arg(data.join("train.csv"))
-            .args(["--buckets", "4096", "--epochs", "2", "--threads", "2", "--temperature", "2", "--alpha", alpha])
+            .args(["--buckets", "4096", "--epochs", "5", "--threads", "2", "--temperature", "2", "--alpha", alpha])
             .arg("--out")
             .arg(&student))
     };

@@ -121,7 +121,21 @@ fn personalised_clients_keep_a_personal_model_and_predict_with_it() {
         1200,
         2,
         "127.0.0.1:0",
-        &["--rounds", "2", "--min-clients", "2", "--round-timeout", "60", "--buckets", "8192", "--lr", "0.01"],
+        // Three local epochs: 600 rows a client learn the generated English slowly in one.
+        &[
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "3",
+            "--min-clients",
+            "2",
+            "--round-timeout",
+            "60",
+            "--buckets",
+            "8192",
+            "--lr",
+            "0.01",
+        ],
     );
     let url = coordinator.url();
     let methods = ["finetune", "ditto"];

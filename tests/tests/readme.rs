@@ -15,6 +15,8 @@ fn readme_examples() -> Vec<(String, String)> {
         let quoted = line.split_once("--text \"").and_then(|(_, rest)| rest.split_once('"')).map(|(t, _)| t);
         let label = line.rsplit_once('#').map(|(_, l)| l.trim().to_string());
         match (quoted, label) {
+            // A placeholder ("...") shows the flags, not a text.
+            (Some("..."), _) => {}
             (Some(t), Some(l)) if !l.contains(' ') => examples.push((t.to_string(), l)),
             _ => panic!("README.md: every `predict --text` example names its class in a comment (# LABEL): {line}"),
         }
