@@ -10,15 +10,19 @@
 //!
 //! - `NAME`: the stored values (F32, F16 or I8), row-major, the kept rows only, and with a mask
 //!   only the non-zero ones;
-//! - `NAME:scale` (int8): F32, one scale per kept row; a value is `q × scale`;
+//! - `NAME:scale` (int8): F32, one scale per kept row, or with `block` B > 1 in the layout one
+//!   scale per B consecutive rows of the full tensor (`ceil(shape[0] / B)` of them, dropped rows
+//!   included); a value is `q × scale`;
 //! - `NAME:rows` (row-sparse): I32, the indices of the kept rows, strictly increasing; the other
 //!   rows are zero;
 //! - `NAME:mask` (masked): U8, one bit per value of the kept rows (least significant bit first),
 //!   set where a stored value follows; the other values are zero.
 //!
 //! The encoder picks rows and masks itself, when they make the file smaller; they lose nothing.
-//! Quantization is the only lossy step: int8 rounds each row to 255 levels symmetric around 0
-//! (error at most `max|row| / 254` per value), f16 to 11 significant bits. Vectors (biases,
+//! Quantization is the only lossy step: int8 rounds each row (or block of [`INT8_BLOCK_ROWS`]
+//! rows of a large table, whose 4-byte scale would otherwise cost 1/16 of a 64-wide row) to 255
+//! levels symmetric around 0 (error at most `max|block| / 254` per value), f16 to 11 significant
+//! bits. Vectors (biases,
 //! norms) stay f32. The decoder checks everything it reads and refuses a file that claims what
 //! it does not hold.
 
@@ -41,6 +45,12 @@ pub const META_FORMAT: &str = "fl.format";
 pub const META_LAYOUT: &str = "fl.layout";
 /// Largest safetensors payload the decoder inflates: a zlib bomb must not take the machine down.
 const MAX_INFLATED: u64 = 2 << 30;
+/// Rows of a large int8 matrix that share one scale: a 64-wide fastText row is 64 bytes in int8,
+/// and a scale per row would add 4 bytes to each.
+pub const INT8_BLOCK_ROWS: usize = 16;
+/// Matrices with at least this many rows get block scales; smaller ones (a classifier head) keep
+/// one scale per row, which costs nothing worth saving.
+const INT8_BLOCK_MIN_ROWS: usize = 256;
 /// Largest tensor the decoder builds (the model spec's own limit on the embedding table).
 const MAX_ELEMENTS: usize = 1 << 28;
 
@@ -52,7 +62,7 @@ pub enum Precision {
     F32,
     /// IEEE half precision.
     F16,
-    /// Symmetric 8-bit integers with one f32 scale per row.
+    /// Symmetric 8-bit integers with one f32 scale per row, or per block of rows of a large table.
     Int8,
 }
 
@@ -75,6 +85,17 @@ struct Layout {
     rows: bool,
     #[serde(default)]
     mask: bool,
+    /// Int8: rows per scale (1, or [`INT8_BLOCK_ROWS`] for large tables).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    block: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// Why bytes are not a compact model file, or a model cannot be written as one.
@@ -214,17 +235,23 @@ fn rows_of(shape: &[usize]) -> usize {
 /// Symmetric int8 quantization of each of the `data.len() / cols` rows: `scale = max|row| / 127`,
 /// `q = round(x / scale)`. Each value is off by at most `scale / 2` after [`dequantize_int8_rows`].
 pub fn quantize_int8_rows(data: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
-    let cols = cols.max(1);
+    quantize_int8_blocks(data, cols, 1)
+}
+
+/// [`quantize_int8_rows`] with one scale per `block` consecutive rows (`max|block| / 127`);
+/// returns one scale per block. Each value is off by at most half its block's scale.
+pub fn quantize_int8_blocks(data: &[f32], cols: usize, block: usize) -> (Vec<i8>, Vec<f32>) {
+    let width = cols.max(1) * block.max(1);
     let mut q = Vec::with_capacity(data.len());
-    let mut scales = Vec::with_capacity(data.len().div_ceil(cols));
-    for row in data.chunks(cols) {
-        let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let mut scales = Vec::with_capacity(data.len().div_ceil(width));
+    for chunk in data.chunks(width) {
+        let max = chunk.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let scale = max / 127.0;
         scales.push(scale);
         if scale == 0.0 {
-            q.extend(std::iter::repeat_n(0i8, row.len()));
+            q.extend(std::iter::repeat_n(0i8, chunk.len()));
         } else {
-            q.extend(row.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8));
+            q.extend(chunk.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8));
         }
     }
     (q, scales)
@@ -239,7 +266,8 @@ pub fn dequantize_int8_rows(q: &[i8], scales: &[f32], cols: usize) -> Vec<f32> {
 enum Stored {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
-    Int8(Vec<i8>, Vec<f32>),
+    /// Values, and one scale per block of `.2` rows.
+    Int8(Vec<i8>, Vec<f32>, usize),
 }
 
 impl Stored {
@@ -255,7 +283,7 @@ impl Stored {
         match self {
             Stored::F32(v) => v[i] == 0.0,
             Stored::F16(v) => v[i].to_f32() == 0.0,
-            Stored::Int8(q, _) => q[i] == 0,
+            Stored::Int8(q, ..) => q[i] == 0,
         }
     }
 
@@ -264,7 +292,7 @@ impl Stored {
         match self {
             Stored::F32(v) => idx.iter().flat_map(|&i| v[i].to_le_bytes()).collect(),
             Stored::F16(v) => idx.iter().flat_map(|&i| v[i].to_le_bytes()).collect(),
-            Stored::Int8(q, _) => idx.iter().map(|&i| q[i] as u8).collect(),
+            Stored::Int8(q, ..) => idx.iter().map(|&i| q[i] as u8).collect(),
         }
     }
 }
@@ -293,12 +321,17 @@ pub fn encode_compact(spec: &ModelSpec, weights: &TensorSet, precision: Precisio
                 Stored::F16(out)
             }
             Precision::Int8 => {
-                let (q, scales) = quantize_int8_rows(&t.data, cols);
-                Stored::Int8(q, scales)
+                let block = if rows >= INT8_BLOCK_MIN_ROWS { INT8_BLOCK_ROWS } else { 1 };
+                let (q, scales) = quantize_int8_blocks(&t.data, cols, block);
+                Stored::Int8(q, scales, block)
             }
         };
         let bpv = stored.bytes_per_value();
-        let scale_bytes = if precision == Precision::Int8 { 4 } else { 0 };
+        // A dropped row saves its scale only when it has one of its own.
+        let scale_bytes = match &stored {
+            Stored::Int8(_, _, 1) => 4,
+            _ => 0,
+        };
         let zero_row = |r: usize| (r * cols..(r + 1) * cols).all(|i| stored.is_zero(i));
         let kept: Vec<usize> = (0..rows).filter(|&r| !zero_row(r)).collect();
         // Row indices cost 4 bytes per kept row; a dropped row saves its values and its scale.
@@ -326,15 +359,22 @@ pub fn encode_compact(spec: &ModelSpec, weights: &TensorSet, precision: Precisio
             let shape = if t.shape.len() >= 2 { vec![kept.len(), cols] } else { vec![positions.len()] };
             entries.push((t.name.clone(), dtype, shape, values.bytes(&positions)));
         }
-        if let Stored::Int8(_, scales) = &stored {
-            let bytes = kept.iter().flat_map(|&r| scales[r].to_le_bytes()).collect();
-            entries.push((format!("{}:scale", t.name), Dtype::F32, vec![kept.len()], bytes));
+        let mut block = 1;
+        if let Stored::Int8(_, scales, rows_per_scale) = &stored {
+            block = *rows_per_scale;
+            let bytes: Vec<u8> = if block == 1 {
+                kept.iter().flat_map(|&r| scales[r].to_le_bytes()).collect()
+            } else {
+                scales.iter().flat_map(|s| s.to_le_bytes()).collect()
+            };
+            entries.push((format!("{}:scale", t.name), Dtype::F32, vec![bytes.len() / 4], bytes));
         }
         if row_sparse {
             let bytes = kept.iter().flat_map(|&r| (r as i32).to_le_bytes()).collect();
             entries.push((format!("{}:rows", t.name), Dtype::I32, vec![kept.len()], bytes));
         }
-        layout.insert(t.name.clone(), Layout { shape: t.shape.clone(), precision, rows: row_sparse, mask: masked });
+        let entry = Layout { shape: t.shape.clone(), precision, rows: row_sparse, mask: masked, block };
+        layout.insert(t.name.clone(), entry);
     }
     let mut meta = HashMap::new();
     meta.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
@@ -397,6 +437,9 @@ pub fn decode_compact(bytes: &[u8]) -> Result<CompactModel, CompactError> {
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .filter(|&n| n <= MAX_ELEMENTS)
             .ok_or_else(|| bad(name, format!("shape {:?} is too large", entry.shape)))?;
+        if entry.block != 1 && entry.precision != Precision::Int8 {
+            return Err(bad(name, "only int8 values have blocks of scales"));
+        }
         if entry.shape.len() < 2 && (entry.rows || entry.precision != Precision::F32) {
             return Err(bad(name, "a vector must be stored dense in f32"));
         }
@@ -452,17 +495,19 @@ pub fn decode_compact(bytes: &[u8]) -> Result<CompactModel, CompactError> {
             Precision::Int8 => {
                 let view = need(format!("{name}:scale"), Dtype::F32)?;
                 used.insert(format!("{name}:scale"));
-                let kept_scales: Vec<f32> =
+                let stored_scales: Vec<f32> =
                     view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                if kept_scales.len() != kept.len() || kept_scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
-                    return Err(bad(
-                        &format!("{name}:scale"),
-                        format!("needs {} finite non-negative scales", kept.len()),
-                    ));
+                if entry.block == 0 || entry.block > rows.max(1) {
+                    return Err(bad(name, format!("block of {} rows, expected 1 to {rows}", entry.block)));
                 }
+                let want = if entry.block == 1 { kept.len() } else { rows.div_ceil(entry.block) };
+                if stored_scales.len() != want || stored_scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+                    return Err(bad(&format!("{name}:scale"), format!("needs {want} finite non-negative scales")));
+                }
+                // One scale per row, as inference reads them; zero for a dropped row.
                 let mut scales = vec![0.0f32; rows];
-                for (&r, &s) in kept.iter().zip(&kept_scales) {
-                    scales[r] = s;
+                for (i, &r) in kept.iter().enumerate() {
+                    scales[r] = if entry.block == 1 { stored_scales[i] } else { stored_scales[r / entry.block] };
                 }
                 let mut q = vec![0i8; elements];
                 for (&p, &b) in present.iter().zip(data) {
@@ -594,6 +639,48 @@ mod tests {
     }
 
     #[test]
+    fn a_large_int8_table_shares_a_scale_per_block_and_is_a_quarter_of_f32() {
+        // A fastText-like table: 4,096 rows of 64, with rows of different norms and some rows
+        // never trained (zero), so that blocks and row-sparsity both matter.
+        let (rows, cols) = (4096, 64);
+        let mut rng = 7u32;
+        let mut table = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            let norm = if r % 5 == 0 { 0.0 } else { 0.05 + (r % 7) as f32 * 0.1 };
+            for _ in 0..cols {
+                rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                table.push(((rng >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * norm);
+            }
+        }
+        let w = weights(table.clone(), rows);
+        let file = encode_compact(&spec(), &w, Precision::Int8).unwrap();
+        let f32_bytes = crate::model_file::encode_model(&spec(), &w).len();
+        assert!(file.len() * 4 <= f32_bytes, "int8 {} bytes vs f32 {f32_bytes}", file.len());
+        let model = decode_compact(&file).unwrap();
+        let back = &model.to_tensor_set().tensors[0].data;
+        for block in 0..rows / INT8_BLOCK_ROWS {
+            let span = block * INT8_BLOCK_ROWS * cols..(block + 1) * INT8_BLOCK_ROWS * cols;
+            let max = table[span.clone()].iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for i in span {
+                assert!((table[i] - back[i]).abs() <= max / 254.0 * (1.0 + 1e-5), "{} -> {}", table[i], back[i]);
+            }
+        }
+        // A scale count that does not fit the block is refused.
+        let forged = tamper(&file, |e, _| {
+            let scale = e.iter_mut().find(|(n, ..)| n == "embedding.weight:scale").unwrap();
+            scale.3.truncate(scale.3.len() - 4);
+            scale.2 = vec![scale.3.len() / 4];
+        });
+        let err = decode_compact(&forged).unwrap_err().to_string();
+        assert!(err.contains(&format!("needs {} finite non-negative scales", rows / INT8_BLOCK_ROWS)), "{err}");
+        let forged = tamper(&file, |_, meta| {
+            let layout = meta.get_mut(META_LAYOUT).unwrap();
+            *layout = layout.replace("\"block\":16", "\"block\":0");
+        });
+        assert!(decode_compact(&forged).unwrap_err().to_string().contains("block of 0 rows"));
+    }
+
+    #[test]
     fn zero_rows_and_zero_values_are_left_out_and_shrink_the_file() {
         // Incompressible values, so that the sizes show the layout rather than zlib.
         let mut rng = 1u32;
@@ -610,11 +697,14 @@ mod tests {
             *x = 0.0; // half the values of the other rows
         }
         let masked = encode_compact(&spec(), &weights(table.clone(), 256), Precision::Int8).unwrap();
-        assert!(sparse.len() * 10 < dense * 6, "row-sparse {} vs dense {dense}", sparse.len());
+        // Half the rows go; each kept 16-byte row pays a 4-byte index: about 0.5 × 1.25 of dense.
+        assert!(sparse.len() * 100 < dense * 65, "row-sparse {} vs dense {dense}", sparse.len());
         assert!(masked.len() * 10 < sparse.len() * 7, "masked {} vs row-sparse {}", masked.len(), sparse.len());
         let model = decode_compact(&masked).unwrap();
-        let (q, s) = quantize_int8_rows(&table, 16);
-        assert_eq!(model.to_tensor_set().tensors[0].data, dequantize_int8_rows(&q, &s, 16));
+        // 256 rows: one scale per block of rows.
+        let (q, s) = quantize_int8_blocks(&table, 16, INT8_BLOCK_ROWS);
+        let per_row: Vec<f32> = (0..256).map(|r| s[r / INT8_BLOCK_ROWS]).collect();
+        assert_eq!(model.to_tensor_set().tensors[0].data, dequantize_int8_rows(&q, &per_row, 16));
     }
 
     #[test]
