@@ -410,6 +410,7 @@ async fn do_round(
     // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
     // whose bound holds for the clipped delta only.
     let mut feedback = (codec.needs_error_feedback() && dp_clip_norm == 0.0).then(|| held.feedback.clone());
+    let mut reused = held.model.take();
 
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let cancel = shutdown.child_token();
@@ -425,9 +426,18 @@ async fn do_round(
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
             let (stats, mut delta) = match &personal {
                 None => {
-                    let mut model = Classifier::from_tensors(model_spec.clone(), &global, default_device())?;
+                    // The last round's model, with this round's weights copied in: no new allocation.
+                    let mut model = match reused.take() {
+                        Some(mut model) if model.spec == model_spec => {
+                            model.load_tensors(&global)?;
+                            model
+                        }
+                        _ => Classifier::from_tensors(model_spec.clone(), &global, default_device())?,
+                    };
                     let stats = train(&mut model, &data, &train_config, &cancel, report);
-                    (stats, model.to_tensors().minus(&global))
+                    let delta = model.to_tensors().minus(&global);
+                    reused = Some(model);
+                    (stats, delta)
                 }
                 Some(personal) => {
                     let (stats, delta) =
@@ -444,13 +454,14 @@ async fn do_round(
                 Some(feedback) => codec.encode_with_feedback(&delta, feedback)?,
                 None => codec.encode(&delta)?,
             };
-            Ok((stats, payload, train_s, feedback))
+            Ok((stats, payload, train_s, feedback, reused))
         })
     };
     let result = training.await.context("training task panicked");
     cancel.cancel();
     let _ = heartbeat.await;
-    let (stats, payload, train_s, feedback) = result??;
+    let (stats, payload, train_s, feedback, reused) = result??;
+    held.model = reused;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }

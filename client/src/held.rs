@@ -26,6 +26,8 @@ pub struct HeldState {
     global: Option<(String, Arc<TensorSet>)>,
     /// The residual of the codec's error feedback.
     pub feedback: ErrorFeedback,
+    /// The model of the last round, reused (new weights copied in) to spare its allocation.
+    pub model: Option<fl_model::model::Classifier>,
     global_dirty: bool,
     feedback_dirty: bool,
 }
@@ -38,6 +40,7 @@ impl HeldState {
             loaded_for: None,
             global: None,
             feedback: ErrorFeedback::default(),
+            model: None,
             global_dirty: false,
             feedback_dirty: false,
         }
