@@ -4,7 +4,9 @@
 #   per round, wall time to reach a target accuracy, and the coordinator's peak RSS.
 # Usage: bench/federation.sh [CLIENTS] [ROUNDS] [TARGET_ACCURACY]
 # Environment: ROWS (6700), SIGNAL (generator difficulty, 0.2), MODEL (fasttext), BUCKETS (65536),
-#   DIM (64) for fasttext, LR (0.01), EPOCHS (1), BENCH_DIR (target/bench), EXTRA_SERVE_ARGS.
+#   DIM (64) for fasttext, LR (0.01), EPOCHS (1), BENCH_DIR (target/bench), EXTRA_SERVE_ARGS,
+#   CODEC (an --update-codec name; default: the coordinator's default). Writes DIR/summary.json;
+#   bench/codecs.sh runs one codec after another and tabulates them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${1:-4}
@@ -14,7 +16,7 @@ ROWS=${ROWS:-6700}
 SIGNAL=${SIGNAL:-0.2}
 # shellcheck source=scripts/federation-lib.sh
 . scripts/federation-lib.sh
-DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS
+DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS${CODEC:+-$CODEC}
 rm -rf "$DIR"; mkdir -p "$DIR/logs"
 trap fed_stop EXIT
 
@@ -31,7 +33,7 @@ fi
 fed_start_coordinator "$DIR/coord" "$DIR/logs/coordinator.log" --rounds "$ROUNDS" \
   --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --model "$MODEL" $MODEL_ARGS \
   --lr "${LR:-0.01}" --batch-size 32 --local-epochs "${EPOCHS:-1}" --optimizer adam \
-  --round-timeout 600 ${EXTRA_SERVE_ARGS:-}
+  --round-timeout 600 ${CODEC:+--update-codec $CODEC} ${EXTRA_SERVE_ARGS:-}
 coord=$FED_COORD
 fed_enroll "$DIR/client" "$CLIENTS"
 fed_run_clients "$DIR/client" "$DIR/data/shard" "$DIR/logs" "$CLIENTS" --threads 1
@@ -44,9 +46,9 @@ done
 end=$(date +%s.%N)
 wait $coord
 
-python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" <<'PY'
+python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" "${CODEC:-default}" <<'PY'
 import json, re, sys, glob
-d, clients, rounds, target, start, end, peak = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+d, clients, rounds, target, start, end, peak, codec = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 m = [json.loads(l) for l in open(f"{d}/coord/metrics.jsonl")]
 train = {}
 for f in glob.glob(f"{d}/logs/client-*.log"):
@@ -55,6 +57,10 @@ for f in glob.glob(f"{d}/logs/client-*.log"):
         if "local training done" in line and g:
             r = int(g.group(1)); train[r] = max(train.get(r, 0.0), float(g.group(2)))
 n = len(m)
+# Each update reports its training seconds: metrics.jsonl has the slowest one per round.
+for x in m:
+    if "train_s" in x:
+        train[x["round"]] = x["train_s"]
 m0model = json.load(open(f"{d}/coord/federation.json"))["spec"]["kind"]
 round_s = sum(x["round_s"] for x in m) / n
 overhead = sum(x["round_s"] - train.get(x["round"], 0.0) for x in m) / n
@@ -74,4 +80,19 @@ if first:
 else:
     print(f"accuracy {target} not reached")
 print(f"coordinator peak RSS: {peak/1024:.1f} MiB")
+later = m[1:] or m
+summary = {
+    "codec": codec, "clients": clients, "rounds": n,
+    "bytes_up_per_round": sum(x["bytes_up"] for x in m) / n,
+    "bytes_down_per_round": sum(x["bytes_down"] for x in m) / n,
+    "final_accuracy": m[-1]["accuracy"],
+    "round_s": round_s,
+    "overhead_ratio_r2_on": sum((x["round_s"] - train.get(x["round"], 0.0)) / x["round_s"] for x in later) / len(later),
+    "target": target,
+    "target_round": first["round"] if first else None,
+    "target_elapsed_s": first["elapsed_s"] if first else None,
+    "peak_rss_mib": peak / 1024,
+}
+json.dump(summary, open(f"{d}/summary.json", "w"))
+print(f"overhead_s / round_s, mean over rounds 2..{n}: {summary['overhead_ratio_r2_on']:.3f}")
 PY

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fl_common::tensors::{sha256_hex, CODEC_SAFETENSORS_F32};
-use fl_common::ModelSpec;
+use fl_common::codec::{apply_delta, tensor_digest, UpdateCodec};
+use fl_common::tensors::sha256_hex;
+use fl_common::{ModelSpec, TensorSet};
 use fl_proto::pb::{self, federation_client::FederationClient};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -22,6 +23,7 @@ use fl_model::model::{default_device, Classifier};
 use fl_model::personal::{personal_round, Personalization};
 use fl_model::train::{train, EncodedDataset, TrainConfig};
 
+use crate::held::HeldState;
 use crate::identity::Identity;
 
 /// Bytes per chunk of an upload.
@@ -44,6 +46,8 @@ pub struct DaemonConfig {
     pub threads: i32,
     /// Keep a personal model beside the global one, if set.
     pub personal: Option<PersonalConfig>,
+    /// The client's state dir: the held global model and the codec residual live in `codec/`.
+    pub state_dir: PathBuf,
 }
 
 /// How a client personalises, and where it keeps its personal model.
@@ -100,8 +104,9 @@ pub struct FatalError(pub String);
 pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<DaemonExit> {
     let mut backoff = Backoff::new(config.max_backoff);
     let mut encoded: Option<(ModelSpec, Arc<EncodedDataset>)> = None;
+    let mut held = HeldState::new(&config.state_dir);
     loop {
-        let session = session(&config, &mut encoded, &mut backoff, &shutdown);
+        let session = session(&config, &mut encoded, &mut held, &mut backoff, &shutdown);
         let outcome = tokio::select! {
             outcome = session => outcome,
             _ = shutdown.cancelled() => return Ok(DaemonExit::Shutdown),
@@ -195,6 +200,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 async fn session(
     config: &DaemonConfig,
     encoded: &mut Option<(ModelSpec, Arc<EncodedDataset>)>,
+    held: &mut HeldState,
     backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> Result<Option<DaemonExit>> {
@@ -241,9 +247,9 @@ async fn session(
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
                 let personal = config.personal.clone();
-                match do_round(&mut client, channel.clone(), &spec, data, task, config.threads, personal, shutdown)
-                    .await
-                {
+                let round_run =
+                    do_round(&mut client, channel.clone(), &spec, data, task, config.threads, personal, held, shutdown);
+                match round_run.await {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
                     Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
@@ -273,10 +279,27 @@ enum RoundOutcome {
     Closed,
 }
 
-async fn fetch_model(client: &mut FederationClient<Channel>, round: u32, attempt: u32) -> Result<Vec<u8>> {
-    let mut stream = client.fetch_model(pb::FetchModelRequest { round, attempt }).await.map_err(classify)?.into_inner();
+/// A downloaded model payload: the full model file, or the round's aggregate in `codec`.
+struct Download {
+    bytes: Vec<u8>,
+    delta: bool,
+    codec: String,
+}
+
+async fn fetch_model(
+    client: &mut FederationClient<Channel>,
+    round: u32,
+    attempt: u32,
+    have_sha256: String,
+) -> Result<Download> {
+    let request = pb::FetchModelRequest { round, attempt, have_sha256 };
+    let mut stream = client.fetch_model(request).await.map_err(classify)?.into_inner();
     let mut bytes = Vec::new();
+    let (mut delta, mut codec) = (false, String::new());
     while let Some(chunk) = stream.message().await.map_err(classify)? {
+        if bytes.is_empty() {
+            (delta, codec) = (chunk.delta, chunk.codec.clone());
+        }
         if chunk.offset != bytes.len() as u64 {
             bail!("model chunk out of order: offset {} after {} bytes", chunk.offset, bytes.len());
         }
@@ -285,7 +308,60 @@ async fn fetch_model(client: &mut FederationClient<Channel>, round: u32, attempt
         }
         bytes.extend_from_slice(&chunk.data);
     }
-    Ok(bytes)
+    Ok(Download { bytes, delta, codec })
+}
+
+/// The global model of `task`: the one held if the task names it, the held one plus the
+/// downloaded aggregate when a delta is offered for it, or else the full model. A model whose
+/// digest is not the task's is refused (and forgotten).
+async fn global_model(
+    client: &mut FederationClient<Channel>,
+    spec: &ModelSpec,
+    task: &pb::RoundTask,
+    held: &mut HeldState,
+) -> Result<Arc<TensorSet>> {
+    let (round, attempt) = (task.round, task.attempt);
+    if let Some(global) = held.global_if(&task.model_sha256) {
+        return Ok(global);
+    }
+    let base = held.global_if(&task.delta_base_sha256);
+    let have = base.as_ref().map(|_| task.delta_base_sha256.clone()).unwrap_or_default();
+    let download = fetch_model(client, round, attempt, have).await?;
+    let (spec, want) = (spec.clone(), task.model_sha256.clone());
+    let decoded = tokio::task::spawn_blocking(move || -> Result<(String, TensorSet)> {
+        let global = match (download.delta, base) {
+            (true, Some(base)) => {
+                let codec: UpdateCodec = download.codec.parse().map_err(|e| anyhow!("bad model delta: {e}"))?;
+                let aggregate = codec.decode(&download.bytes, &base).map_err(|e| anyhow!("bad model delta: {e}"))?;
+                apply_delta(&base, &aggregate)
+            }
+            (true, None) => bail!("the coordinator sent a delta that was not asked for"),
+            (false, _) => {
+                let (model_spec, global) =
+                    decode_model(&download.bytes).map_err(|e| anyhow!("bad global model: {e}"))?;
+                if let Err(e) = model_spec.check_compatible(&spec) {
+                    bail!("global model does not match the federation spec: {e}");
+                }
+                if model_spec.federation != spec.federation {
+                    bail!(
+                        "global model is from another federation (CA {} instead of {})",
+                        model_spec.federation,
+                        spec.federation
+                    );
+                }
+                global
+            }
+        };
+        Ok((tensor_digest(&global), global))
+    });
+    let (digest, global) = decoded.await.context("decoding the global model panicked")??;
+    if !want.is_empty() && digest != want {
+        held.forget_global();
+        bail!("the global model of round {round} has digest {digest}, the round task says {want}");
+    }
+    let global = Arc::new(global);
+    held.set_global(digest, global.clone());
+    Ok(global)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -297,12 +373,20 @@ async fn do_round(
     task: pb::RoundTask,
     threads: i32,
     personal: Option<PersonalConfig>,
+    held: &mut HeldState,
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
     let (round, attempt) = (task.round, task.attempt);
+    // The coordinator's most preferred codec that this client reads; none listed is the exact one.
+    let codec = match task.update_codecs.first() {
+        None => UpdateCodec::EXACT,
+        Some(_) => task.update_codecs.iter().find_map(|n| n.parse::<UpdateCodec>().ok()).ok_or_else(|| {
+            anyhow!("the coordinator accepts no update codec this client knows: {}", task.update_codecs.join(", "))
+        })?,
+    };
     // A finite positive clip norm asks for clipping here; anything else means none.
     let dp_clip_norm = if task.dp_clip_norm.is_finite() && task.dp_clip_norm > 0.0 { task.dp_clip_norm } else { 0.0 };
-    let config = task.config.ok_or_else(|| anyhow!("round task without a training config"))?;
+    let config = task.config.clone().ok_or_else(|| anyhow!("round task without a training config"))?;
     let train_config = TrainConfig {
         epochs: config.local_epochs,
         batch_size: config.batch_size,
@@ -310,14 +394,23 @@ async fn do_round(
         optimizer: config.optimizer.parse().map_err(|e: String| anyhow!(e))?,
         seed: config.seed,
     };
-    let bytes = fetch_model(client, round, attempt).await?;
-    let (model_spec, global) = decode_model(&bytes).map_err(|e| anyhow!("bad global model: {e}"))?;
-    if let Err(e) = model_spec.check_compatible(spec) {
-        bail!("global model does not match the federation spec: {e}");
+    {
+        let spec = spec.clone();
+        let loaded = std::mem::replace(held, HeldState::new(Path::new("")));
+        *held = tokio::task::spawn_blocking(move || {
+            let mut loaded = loaded;
+            loaded.load(&spec);
+            loaded
+        })
+        .await
+        .context("reading the held model panicked")?;
     }
-    if model_spec.federation != spec.federation {
-        bail!("global model is from another federation (CA {} instead of {})", model_spec.federation, spec.federation);
-    }
+    let global = global_model(client, spec, &task, held).await?;
+    let model_spec = spec.clone();
+    // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
+    // whose bound holds for the clipped delta only.
+    let mut feedback = (codec.needs_error_feedback() && dp_clip_norm == 0.0).then(|| held.feedback.clone());
+    let mut reused = held.model.take();
 
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let cancel = shutdown.child_token();
@@ -333,9 +426,18 @@ async fn do_round(
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
             let (stats, mut delta) = match &personal {
                 None => {
-                    let mut model = Classifier::from_tensors(model_spec, &global, default_device())?;
+                    // The last round's model, with this round's weights copied in: no new allocation.
+                    let mut model = match reused.take() {
+                        Some(mut model) if model.spec == model_spec => {
+                            model.load_tensors(&global)?;
+                            model
+                        }
+                        _ => Classifier::from_tensors(model_spec.clone(), &global, default_device())?,
+                    };
                     let stats = train(&mut model, &data, &train_config, &cancel, report);
-                    (stats, model.to_tensors().minus(&global))
+                    let delta = model.to_tensors().minus(&global);
+                    reused = Some(model);
+                    (stats, delta)
                 }
                 Some(personal) => {
                     let (stats, delta) =
@@ -347,13 +449,19 @@ async fn do_round(
                 // Differential privacy with clipping on the client: only the clipped update leaves.
                 delta.clip_l2_norm(dp_clip_norm);
             }
-            Ok((stats, delta.encode(None), started.elapsed().as_secs_f64()))
+            let train_s = started.elapsed().as_secs_f64();
+            let payload = match feedback.as_mut() {
+                Some(feedback) => codec.encode_with_feedback(&delta, feedback)?,
+                None => codec.encode(&delta)?,
+            };
+            Ok((stats, payload, train_s, feedback, reused))
         })
     };
     let result = training.await.context("training task panicked");
     cancel.cancel();
     let _ = heartbeat.await;
-    let (stats, payload, train_s) = result??;
+    let (stats, payload, train_s, feedback, reused) = result??;
+    held.model = reused;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }
@@ -370,25 +478,40 @@ async fn do_round(
     let header = pb::UpdateHeader {
         round,
         attempt,
-        codec: CODEC_SAFETENSORS_F32.to_string(),
+        codec: codec.name().to_string(),
         total_bytes: payload.len() as u64,
         num_examples: stats.examples as u64,
         train_loss: stats.loss,
         train_accuracy: stats.accuracy,
+        train_s,
     };
     let digest = sha256_hex(&payload);
     let chunks = upload_chunks(header, payload, digest);
     let ack = client.submit_update(tokio_stream::iter(chunks)).await;
-    match ack {
+    let outcome = match ack {
         Ok(ack) => {
             let ack = ack.into_inner();
-            Ok(if ack.accepted { RoundOutcome::Accepted } else { RoundOutcome::Refused(ack.message) })
+            if ack.accepted {
+                RoundOutcome::Accepted
+            } else {
+                RoundOutcome::Refused(ack.message)
+            }
         }
         Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-            Ok(RoundOutcome::Refused(status.message().to_string()))
+            RoundOutcome::Refused(status.message().to_string())
         }
-        Err(status) => Err(classify(status)),
+        Err(status) => return Err(classify(status)),
+    };
+    // The residual moves on only when the coordinator took what was sent; a lost update's
+    // delta is lost as with any codec, and the old residual is still owed.
+    if let (RoundOutcome::Accepted, Some(feedback)) = (&outcome, feedback) {
+        held.set_feedback(feedback);
     }
+    // After the upload: the coordinator is aggregating while this is written.
+    if let Err(e) = held.save(spec).await {
+        warn!(round, "could not keep the global model and residual for the next round: {e:#}");
+    }
+    Ok(outcome)
 }
 
 /// A personalising client's round: trains the upload and the personal model, measures both

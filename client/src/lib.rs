@@ -3,4 +3,5 @@
 
 pub mod daemon;
 pub mod enroll;
+pub mod held;
 pub mod identity;

@@ -492,6 +492,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 max_backoff: Duration::from_secs_f64(max_backoff),
                 threads,
                 personal,
+                state_dir: state_dir.clone(),
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;

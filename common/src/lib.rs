@@ -2,6 +2,7 @@
 //! the client daemon (`fl-client`) and the ML library (`fl-model`). Nothing here needs libtorch.
 
 pub mod cli;
+pub mod codec;
 pub mod compact;
 pub mod files;
 pub mod model_file;

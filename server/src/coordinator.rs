@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use fl_common::codec::{tensor_digest, CodecError, UpdateCodec};
 use fl_common::tensors::{TensorError, CODEC_SAFETENSORS_F32};
 use fl_common::{encode_model, ModelSpec, TensorSet};
 use rand::SeedableRng;
@@ -66,6 +67,26 @@ pub struct RoundSettings {
     pub seed: u64,
     /// Largest accepted L2 norm of an update's delta.
     pub max_update_norm: f64,
+    /// Update codecs accepted, most preferred first (`--update-codec`); empty means
+    /// `safetensors-f32`. The first also chooses how clients download deltas
+    /// ([`UpdateCodec::for_download`]; none for `safetensors-f32`).
+    pub update_codecs: Vec<UpdateCodec>,
+}
+
+impl RoundSettings {
+    /// The accepted update codecs, most preferred first.
+    pub fn accepted_codecs(&self) -> Vec<UpdateCodec> {
+        if self.update_codecs.is_empty() {
+            vec![UpdateCodec::EXACT]
+        } else {
+            self.update_codecs.clone()
+        }
+    }
+
+    /// The codec of delta downloads, if clients download deltas.
+    pub fn download_codec(&self) -> Option<UpdateCodec> {
+        self.update_codecs.first().filter(|c| **c != UpdateCodec::EXACT).map(UpdateCodec::for_download)
+    }
 }
 
 /// The global model: the encoded model file (what clients download) and its tensors.
@@ -75,12 +96,21 @@ pub struct GlobalModel {
     pub bytes: Arc<Vec<u8>>,
     /// Weights.
     pub tensors: Arc<TensorSet>,
+    /// [`tensor_digest`] of the weights.
+    pub digest: String,
+    /// The aggregate that made this model from the previous one, for delta downloads.
+    pub delta: Option<Arc<crate::delta::ModelDelta>>,
 }
 
 impl GlobalModel {
     /// Encodes `tensors` as a model file of `spec`. Blocking: it copies the whole model.
     pub fn encode(spec: &ModelSpec, tensors: TensorSet) -> GlobalModel {
-        GlobalModel { bytes: Arc::new(encode_model(spec, &tensors)), tensors: Arc::new(tensors) }
+        GlobalModel {
+            bytes: Arc::new(encode_model(spec, &tensors)),
+            digest: tensor_digest(&tensors),
+            tensors: Arc::new(tensors),
+            delta: None,
+        }
     }
 }
 
@@ -111,6 +141,10 @@ pub struct RoundTask {
     pub update_codecs: Vec<String>,
     /// The clip norm clients apply to their update, when DP clips on the client.
     pub dp_clip_norm: Option<f64>,
+    /// [`tensor_digest`] of the global model.
+    pub model_sha256: String,
+    /// The delta download on offer: base digest, codec name, bytes.
+    pub delta: Option<(String, String, u64)>,
 }
 
 /// What the engine sends down a client's work stream.
@@ -150,13 +184,19 @@ pub struct UpdateHeader {
     pub train_loss: f64,
     /// Local training accuracy.
     pub train_accuracy: f64,
+    /// Seconds of local training.
+    pub train_s: f64,
 }
 
 impl UpdateHeader {
-    /// Checks the header of an update to a model of `model_bytes` bytes, before any data.
-    pub fn check(&self, model_bytes: usize) -> Result<(), InvalidUpdate> {
-        if self.codec != CODEC_SAFETENSORS_F32 {
+    /// Checks the header of an update to a model of `model_bytes` bytes, before any data: its
+    /// codec must be one of `accepted`.
+    pub fn check(&self, model_bytes: usize, accepted: &[UpdateCodec]) -> Result<(), InvalidUpdate> {
+        if !self.codec.parse::<UpdateCodec>().is_ok_and(|c| accepted.contains(&c)) {
             return Err(InvalidUpdate::UnsupportedCodec(self.codec.clone()));
+        }
+        if !self.train_s.is_finite() || self.train_s < 0.0 {
+            return Err(InvalidUpdate::NonFiniteMetrics);
         }
         let limit = model_bytes as u64 + (1 << 20);
         if self.total_bytes > limit {
@@ -175,8 +215,8 @@ impl UpdateHeader {
 /// Why an update is invalid: the client's fault, reported back to it.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidUpdate {
-    /// A codec the coordinator does not read.
-    #[error("unsupported codec '{0}'")]
+    /// A codec the coordinator does not read, or does not accept in this federation.
+    #[error("unsupported codec '{0}' (not in the round task's update_codecs)")]
     UnsupportedCodec(String),
     /// Declared size above the limit.
     #[error("upload of {bytes} bytes exceeds the limit of {limit}")]
@@ -243,6 +283,9 @@ pub enum InvalidUpdate {
     /// The payload does not decode, or does not fit the model.
     #[error(transparent)]
     Tensors(#[from] TensorError),
+    /// The payload of a sparse or quantized codec is malformed.
+    #[error("malformed update payload: {0}")]
+    Codec(#[from] CodecError),
     /// Delta too large.
     #[error("L2 norm {norm:.3} exceeds the bound {bound}")]
     NormTooLarge {
@@ -302,6 +345,7 @@ impl InvalidUpdate {
             InvalidUpdate::NoTrailer { .. } | InvalidUpdate::Truncated { .. } => "truncated",
             InvalidUpdate::DigestMismatch => "digest_mismatch",
             InvalidUpdate::Tensors(_) => "bad_tensors",
+            InvalidUpdate::Codec(_) => "bad_payload",
             InvalidUpdate::NormTooLarge { .. } => "norm_too_large",
             InvalidUpdate::SpoolRead(_) => "spool_read",
         }
@@ -331,6 +375,8 @@ struct Accumulator {
     weighted_loss: f64,
     weighted_accuracy: f64,
     bytes_up: u64,
+    /// The slowest participant's local training seconds.
+    train_s: f64,
     /// Set while a fold runs; still set after a fold that panicked: the sum is then damaged.
     folding: bool,
 }
@@ -476,6 +522,8 @@ pub struct Coordinator {
     new_strategy: fn() -> Box<dyn AggregationStrategy>,
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
+    /// What top-k delta downloads have not sent of the aggregates yet (see [`crate::delta`]).
+    download_feedback: Mutex<fl_common::codec::ErrorFeedback>,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -522,6 +570,7 @@ impl Coordinator {
             new_strategy: fed_avg,
             dp: None,
             budget_exhausted: AtomicBool::new(false),
+            download_feedback: Mutex::new(Default::default()),
             settings,
             ca,
         };
@@ -767,7 +816,9 @@ impl Coordinator {
         ticket: UploadTicket,
         upload: SpooledUpload,
     ) -> Result<(), UpdateRefusal> {
-        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, .. } = upload.header;
+        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, .. } = upload.header;
+        let codec: UpdateCodec =
+            upload.header.codec.parse().map_err(|_| InvalidUpdate::UnsupportedCodec(upload.header.codec.clone()))?;
         let mut sum = ticket.sum.lock_owned().await;
         // The attempt may have closed, or the client answered, while this upload waited its turn.
         lock(&self.phase).collecting(round, attempt)?.check_may_answer(client_id)?;
@@ -776,7 +827,7 @@ impl Coordinator {
         let path = upload.path;
         let decoded = tokio::task::spawn_blocking(move || -> Result<TensorSet, InvalidUpdate> {
             let bytes = std::fs::read(&path).map_err(InvalidUpdate::SpoolRead)?;
-            let (delta, _) = TensorSet::decode(&bytes)?;
+            let delta = codec.decode(&bytes, &reference)?;
             delta.check_matches(&reference)?;
             let norm = delta.l2_norm();
             if norm > max_norm {
@@ -812,6 +863,7 @@ impl Coordinator {
             sum.weighted_loss += train_loss * num_examples as f64;
             sum.weighted_accuracy += train_accuracy * num_examples as f64;
             sum.bytes_up += upload.bytes;
+            sum.train_s = sum.train_s.max(train_s);
         })
         .await;
         if let Err(e) = folded {
@@ -862,8 +914,13 @@ impl Coordinator {
             deadline_unix_ms,
             model_bytes: model.bytes.len() as u64,
             model_codec: CODEC_SAFETENSORS_F32.to_string(),
-            update_codecs: vec![CODEC_SAFETENSORS_F32.to_string()],
+            update_codecs: settings.accepted_codecs().iter().map(|c| c.name().to_string()).collect(),
             dp_clip_norm,
+            model_sha256: model.digest.clone(),
+            delta: model
+                .delta
+                .as_ref()
+                .map(|d| (d.base_digest.clone(), d.codec.name().to_string(), d.bytes.len() as u64)),
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -883,6 +940,7 @@ impl Coordinator {
                 weighted_loss: 0.0,
                 weighted_accuracy: 0.0,
                 bytes_up: 0,
+                train_s: 0.0,
                 folding: false,
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
@@ -1156,6 +1214,10 @@ struct MetricsLine {
     bytes_up: u64,
     bytes_down: u64,
     round_s: f64,
+    /// The slowest participant's local training seconds.
+    train_s: f64,
+    /// `round_s - train_s`: what the round spends beyond training.
+    overhead_s: f64,
     elapsed_s: f64,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     dp: Option<DpMetrics>,
@@ -1182,18 +1244,23 @@ async fn complete_round(
     elapsed_s: f64,
 ) -> Result<()> {
     let (round, attempt) = (book.task.round, book.task.attempt);
-    let global = book.model.tensors.clone();
+    let global = book.model.clone();
     let spec = coord.spec.clone();
+    let download = coord.settings.download_codec();
+    let mut feedback = std::mem::take(&mut *lock(&coord.download_feedback));
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
-    let (next, evaluation, dp_round) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let next = strategy.finish(&global).context("no update was folded")?;
+    let (next, evaluation, dp_round, feedback) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let next = strategy.finish(&global.tensors).context("no update was folded")?;
+        // With delta downloads the model is what clients rebuild from the aggregate's payload.
+        let next = crate::delta::next_global(&spec, &global, next, download, &mut feedback);
         let evaluation = match eval {
-            Some(e) => Some(e.evaluate(&next)?),
+            Some(e) => Some(e.evaluate(&next.tensors)?),
             None => None,
         };
-        Ok((GlobalModel::encode(&spec, next), evaluation, strategy.dp_round().cloned()))
+        Ok((next, evaluation, strategy.dp_round().cloned(), feedback))
     })
     .await??;
+    *lock(&coord.download_feedback) = feedback;
     // The round is charged, and the ledger written, before the model is committed: a crash in
     // between overstates ε, never understates it.
     let dp = match (&coord.dp, dp_round) {
@@ -1220,6 +1287,7 @@ async fn complete_round(
     };
     let participants = sum.folded.len();
     let examples = sum.examples.max(1) as f64;
+    let round_s = book.started.elapsed().as_secs_f64();
     let line = MetricsLine {
         round,
         attempt,
@@ -1233,7 +1301,9 @@ async fn complete_round(
         examples: sum.examples,
         bytes_up: sum.bytes_up,
         bytes_down: book.bytes_down.load(Ordering::SeqCst),
-        round_s: book.started.elapsed().as_secs_f64(),
+        round_s,
+        train_s: sum.train_s,
+        overhead_s: (round_s - sum.train_s).max(0.0),
         elapsed_s,
         dp,
     };
@@ -1335,6 +1405,7 @@ mod tests {
             optimizer: "sgd".into(),
             seed: 1,
             max_update_norm: 10.0,
+            update_codecs: Vec::new(),
         }
     }
 
@@ -1366,6 +1437,7 @@ mod tests {
             num_examples: 3,
             train_loss: 1.0,
             train_accuracy: 0.5,
+            train_s: 0.1,
         };
         let path = dir.path().join("a.part");
         std::fs::write(&path, weights.encode(None)).unwrap();

@@ -10,6 +10,7 @@
 pub mod aggregation;
 pub mod backend;
 pub mod coordinator;
+pub mod delta;
 pub mod dp;
 pub mod error;
 pub mod health;

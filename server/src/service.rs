@@ -51,6 +51,10 @@ impl From<&RoundTask> for pb::RoundTask {
             model_codec: task.model_codec.clone(),
             update_codecs: task.update_codecs.clone(),
             dp_clip_norm: task.dp_clip_norm.unwrap_or(0.0),
+            model_sha256: task.model_sha256.clone(),
+            delta_base_sha256: task.delta.as_ref().map(|d| d.0.clone()).unwrap_or_default(),
+            delta_codec: task.delta.as_ref().map(|d| d.1.clone()).unwrap_or_default(),
+            delta_bytes: task.delta.as_ref().map(|d| d.2).unwrap_or_default(),
         }
     }
 }
@@ -65,6 +69,7 @@ impl From<pb::UpdateHeader> for UpdateHeader {
             num_examples: h.num_examples,
             train_loss: h.train_loss,
             train_accuracy: h.train_accuracy,
+            train_s: h.train_s,
         }
     }
 }
@@ -174,7 +179,13 @@ impl FederationService {
 
     fn fetch_model(&self, client: &ClientRecord, req: pb::FetchModelRequest) -> Result<ModelStream, ServiceError> {
         let (model, counter) = self.coord.model_for(&client.id, req.round, req.attempt)?;
-        let bytes = model.bytes.clone();
+        // A client that holds the previous global model gets only the round's aggregate.
+        let (bytes, codec, delta) = match &model.delta {
+            Some(d) if !req.have_sha256.is_empty() && d.base_digest == req.have_sha256 => {
+                (d.bytes.clone(), d.codec.name().to_string(), true)
+            }
+            _ => (model.bytes.clone(), CODEC_SAFETENSORS_F32.to_string(), false),
+        };
         let total = bytes.len();
         // Chunks are cut from the shared model as the stream is polled: one chunk per client in flight.
         let chunks = (0..total.div_ceil(MODEL_CHUNK_BYTES)).map(move |i| {
@@ -185,7 +196,8 @@ impl FederationService {
                 offset: start as u64,
                 data: bytes[start..end].to_vec(),
                 total_bytes: total as u64,
-                codec: CODEC_SAFETENSORS_F32.to_string(),
+                codec: codec.clone(),
+                delta,
             })
         });
         Ok(Box::pin(tokio_stream::iter(chunks)))
@@ -231,7 +243,9 @@ impl FederationService {
             warn!(client = id, round = header.round, attempt = header.attempt, "update refused: {e}");
             self.coord.count_refusal(e);
         })?;
-        header.check(ticket.model.bytes.len()).map_err(|why| self.refuse(id, &header, why))?;
+        header
+            .check(ticket.model.bytes.len(), &self.coord.settings.accepted_codecs())
+            .map_err(|why| self.refuse(id, &header, why))?;
 
         // Spool the upload, checking order, size and digest as it arrives.
         let spool_dir = self.coord.state.spool_dir();

@@ -352,7 +352,7 @@ impl RawClient {
     pub async fn global(&mut self, task: &pb::RoundTask) -> TensorSet {
         let mut stream = self
             .client
-            .fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt })
+            .fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt, ..Default::default() })
             .await
             .unwrap()
             .into_inner();
@@ -388,6 +388,7 @@ pub fn update_header(task: &pb::RoundTask, payload: &[u8], examples: u64) -> pb:
         num_examples: examples,
         train_loss: 1.0,
         train_accuracy: 0.5,
+        ..Default::default()
     }
 }
 

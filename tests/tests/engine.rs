@@ -61,6 +61,7 @@ fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
         optimizer: "adam".into(),
         seed: 7,
         max_update_norm: 1.0e4,
+        update_codecs: Vec::new(),
     }
 }
 
@@ -251,7 +252,10 @@ async fn duplicate_late_and_unsampled_updates_are_refused() {
         tonic::Code::PermissionDenied,
         "not sampled",
     );
-    let fetch = c.client.fetch_model(pb::FetchModelRequest { round: second.round, attempt: second.attempt }).await;
+    let fetch = c
+        .client
+        .fetch_model(pb::FetchModelRequest { round: second.round, attempt: second.attempt, ..Default::default() })
+        .await;
     assert_eq!(fetch.err().map(|s| s.code()), Some(tonic::Code::PermissionDenied), "only sampled clients fetch");
     let global = a.global(&second).await;
     assert!(a.submit(upload(&second, &filled(&global, -0.1), 10)).await.unwrap().accepted);

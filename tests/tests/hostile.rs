@@ -132,7 +132,10 @@ fn hostile_uploads_are_refused_and_never_folded() {
             tonic::Code::PermissionDenied,
             "not sampled",
         );
-        let fetch = late.client.fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt }).await;
+        let fetch = late
+            .client
+            .fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt, ..Default::default() })
+            .await;
         assert_eq!(fetch.err().map(|s| s.code()), Some(tonic::Code::PermissionDenied), "only sampled clients fetch");
         let first = upload(&task, &filled(&global, 0.1), 10);
         assert!(a.submit(first.clone()).await.unwrap().accepted);

@@ -163,6 +163,14 @@ struct ServeArgs {
     /// Largest accepted L2 norm of an update.
     #[arg(long, default_value_t = 1.0e4)]
     max_update_norm: f64,
+    /// Update codec accepted from clients; repeat it (or separate with commas) for several, most
+    /// preferred first. Clients use the first they know. The first also sets the delta downloads
+    /// (none for safetensors-f32). One of: safetensors-f32, dense-f16, dense-int8, sparse-f32,
+    /// sparse-f16, sparse-int8, topk-f32, topk-f16, topk-int8. The default moved 1/9.9 of dense
+    /// f32's bytes at the same accuracy (BENCHMARKS.md "Update codecs"); safetensors-f32 stays
+    /// accepted from clients that know nothing else. See README "Update codecs".
+    #[arg(long = "update-codec", env = "FL_UPDATE_CODEC", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
+    update_codec: Vec<fl_common::codec::UpdateCodec>,
     /// Start a new federation from this model file (from a previous federation or from
     /// `fl-client train`) instead of random weights; its architecture and labels must fit the flags.
     #[arg(long, env = "FL_INIT_MODEL")]
@@ -267,6 +275,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             optimizer: args.optimizer.clone(),
             seed: args.seed,
             max_update_norm: args.max_update_norm,
+            update_codecs: args.update_codec.clone(),
         },
         tls_sans: sans,
         seed: args.seed,
@@ -290,6 +299,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
 }
 
+fn parse_update_codec(name: &str) -> Result<fl_common::codec::UpdateCodec, String> {
+    name.parse().map_err(|e: fl_common::codec::CodecError| e.to_string())
+}
+
 /// What the dashboard shows as the run's configuration: the flags that shape the run.
 fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
     let mut c = std::collections::BTreeMap::new();
@@ -305,6 +318,7 @@ fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
         "local training".into(),
         format!("{} epoch(s), batch {}, lr {}, {}", args.local_epochs, args.batch_size, args.lr, args.optimizer),
     );
+    c.insert("update codecs".into(), args.update_codec.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
     c.insert("eval data".into(), args.eval_data.as_ref().map_or_else(|| "none".into(), |p| p.display().to_string()));
     c.insert("state dir".into(), args.state_dir.display().to_string());
     c

@@ -1,0 +1,176 @@
+//! What a client keeps between rounds for the update codecs, in memory and in `STATE/codec/`:
+//!
+//! - the last global model it trained from (`global-FED.safetensors`, a model file), so that
+//!   the next round downloads only the aggregate when the coordinator offers a delta; it is
+//!   trusted only when its [`tensor_digest`] is the one the round task names;
+//! - the error-feedback residual of a lossy codec (`residual-FED.safetensors`): what earlier
+//!   updates left out, added to the next one, across rounds and restarts.
+//!
+//! `FED` is the start of the federation id, so a client enrolled anew never mixes federations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use fl_common::codec::{tensor_digest, ErrorFeedback};
+use fl_common::{decode_model, encode_model, ModelSpec, TensorSet};
+use tracing::warn;
+
+/// The global model and the residual a client holds.
+#[derive(Debug)]
+pub struct HeldState {
+    dir: PathBuf,
+    /// The federation the files were loaded for.
+    loaded_for: Option<String>,
+    /// Digest and weights of the global model held.
+    global: Option<(String, Arc<TensorSet>)>,
+    /// The residual of the codec's error feedback.
+    pub feedback: ErrorFeedback,
+    /// The model of the last round, reused (new weights copied in) to spare its allocation.
+    pub model: Option<fl_model::model::Classifier>,
+    global_dirty: bool,
+    feedback_dirty: bool,
+}
+
+impl HeldState {
+    /// The held state under a client's state dir; nothing is read until a round needs it.
+    pub fn new(state_dir: &Path) -> HeldState {
+        HeldState {
+            dir: state_dir.join("codec"),
+            loaded_for: None,
+            global: None,
+            feedback: ErrorFeedback::default(),
+            model: None,
+            global_dirty: false,
+            feedback_dirty: false,
+        }
+    }
+
+    fn path(&self, what: &str, spec: &ModelSpec) -> PathBuf {
+        let fed: String = spec.federation.chars().take(16).collect();
+        self.dir.join(format!("{what}-{fed}.safetensors"))
+    }
+
+    /// Reads the files of `spec`'s federation once. Blocking. A file that does not fit the
+    /// model is ignored with a warning: the client then downloads the full model, or starts
+    /// with an empty residual.
+    pub fn load(&mut self, spec: &ModelSpec) {
+        if self.loaded_for.as_deref() == Some(spec.federation.as_str()) {
+            return;
+        }
+        self.loaded_for = Some(spec.federation.clone());
+        self.global = None;
+        self.feedback = ErrorFeedback::default();
+        let path = self.path("global", spec);
+        match std::fs::read(&path) {
+            Ok(bytes) => match decode_model(&bytes) {
+                Ok((s, weights)) if s.check_compatible(spec).is_ok() && s.federation == spec.federation => {
+                    self.global = Some((tensor_digest(&weights), Arc::new(weights)));
+                }
+                Ok(_) => warn!("{} is from another model; ignored", path.display()),
+                Err(e) => warn!("{}: {e}; ignored", path.display()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("{}: {e}; ignored", path.display()),
+        }
+        let path = self.path("residual", spec);
+        match ErrorFeedback::load(&path) {
+            Ok(feedback) => self.feedback = feedback,
+            Err(e) => warn!("{}: {e}; starting with an empty residual", path.display()),
+        }
+    }
+
+    /// The global model held, if its digest is `digest`.
+    pub fn global_if(&self, digest: &str) -> Option<Arc<TensorSet>> {
+        self.global.as_ref().filter(|(d, _)| !digest.is_empty() && d == digest).map(|(_, g)| g.clone())
+    }
+
+    /// Digest of the global model held.
+    pub fn digest(&self) -> Option<&str> {
+        self.global.as_ref().map(|(d, _)| d.as_str())
+    }
+
+    /// Holds `weights` (of digest `digest`) as the global model.
+    pub fn set_global(&mut self, digest: String, weights: Arc<TensorSet>) {
+        if self.digest() != Some(digest.as_str()) {
+            self.global = Some((digest, weights));
+            self.global_dirty = true;
+        }
+    }
+
+    /// Forgets the global model held (it did not produce the round's model).
+    pub fn forget_global(&mut self) {
+        self.global = None;
+        self.global_dirty = true;
+    }
+
+    /// Replaces the residual after an accepted update.
+    pub fn set_feedback(&mut self, feedback: ErrorFeedback) {
+        self.feedback = feedback;
+        self.feedback_dirty = true;
+    }
+
+    /// Writes what changed since the last save, on a blocking thread.
+    pub async fn save(&mut self, spec: &ModelSpec) -> Result<()> {
+        let global = self.global_dirty.then(|| (self.path("global", spec), self.global.clone()));
+        let feedback = self.feedback_dirty.then(|| (self.path("residual", spec), self.feedback.clone()));
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            if let Some((path, global)) = global {
+                match global {
+                    Some((_, weights)) => fl_common::files::write_atomic(&path, &encode_model(&spec, &weights), 0o600),
+                    None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => Ok(()),
+                        _ => Err(e),
+                    }),
+                }
+                .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some((path, feedback)) = feedback {
+                feedback.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        })
+        .await??;
+        self.global_dirty = false;
+        self.feedback_dirty = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fl_common::codec::UpdateCodec;
+    use fl_common::{ModelKind, NamedTensor};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn global_and_residual_survive_a_restart_and_stay_in_their_federation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = ModelSpec::with_defaults(ModelKind::Fasttext, vec!["a".into(), "b".into()]);
+        spec.federation = "ab".repeat(32);
+        let weights = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![4, 2], data: vec![0.5; 8] }]);
+        let digest = tensor_digest(&weights);
+        let mut held = HeldState::new(dir.path());
+        held.load(&spec);
+        assert!(held.digest().is_none());
+        held.set_global(digest.clone(), Arc::new(weights.clone()));
+        let mut feedback = ErrorFeedback::default();
+        let delta = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![4, 2], data: vec![0.25; 8] }]);
+        "topk-f32".parse::<UpdateCodec>().unwrap().encode_with_feedback(&delta, &mut feedback).unwrap();
+        held.set_feedback(feedback.clone());
+        held.save(&spec).await.unwrap();
+
+        let mut again = HeldState::new(dir.path());
+        again.load(&spec);
+        assert_eq!(again.global_if(&digest).as_deref(), Some(&weights));
+        assert!(again.global_if("other").is_none());
+        assert_eq!(again.feedback, feedback);
+
+        let mut other = spec.clone();
+        other.federation = "cd".repeat(32);
+        again.load(&other);
+        assert!(again.digest().is_none() && again.feedback.residual.is_none(), "another federation starts empty");
+    }
+}

@@ -1,0 +1,138 @@
+//! Delta downloads: a client that holds the previous round's global model downloads only the
+//! round's aggregate, in the download codec of the federation's preferred update codec
+//! ([`UpdateCodec::for_download`]).
+//!
+//! The coordinator defines the next global model as `global + decode(encode(next - global))`
+//! ([`fl_common::codec::apply_delta`]), the very arithmetic a client does on the payload it
+//! downloads, so every client that applies the delta holds bit-identical weights; the task's
+//! `model_sha256` ([`fl_common::codec::tensor_digest`]) lets it check.
+
+use std::sync::Arc;
+
+use fl_common::codec::{apply_delta, ErrorFeedback, Sparsity, UpdateCodec};
+use fl_common::{ModelSpec, TensorSet};
+use tracing::warn;
+
+use crate::coordinator::GlobalModel;
+
+/// A round's aggregate as it is downloaded by the clients that hold the model before it.
+#[derive(Debug)]
+pub struct ModelDelta {
+    /// Digest of the global model the aggregate applies to.
+    pub base_digest: String,
+    /// Its codec.
+    pub codec: UpdateCodec,
+    /// The encoded aggregate.
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// The next global model after `global`, given the strategy's `next`: with `codec`, the
+/// aggregate as clients will apply it, and the delta they download. Blocking: it encodes the
+/// whole model. An aggregate the codec cannot carry (beyond f16's range) means full downloads.
+///
+/// A top-k codec leaves most of the aggregate out: `feedback` keeps it, and the next round's
+/// aggregate carries it. Other codecs send the whole aggregate, rounded.
+pub fn next_global(
+    spec: &ModelSpec,
+    global: &GlobalModel,
+    next: TensorSet,
+    codec: Option<UpdateCodec>,
+    feedback: &mut ErrorFeedback,
+) -> GlobalModel {
+    let Some(codec) = codec else { return GlobalModel::encode(spec, next) };
+    let aggregate = next.minus(&global.tensors);
+    let encoded = if codec.sparsity == Sparsity::TopK {
+        codec.encode_with_feedback(&aggregate, feedback)
+    } else {
+        codec.encode(&aggregate)
+    };
+    let encoded = encoded.and_then(|bytes| Ok((codec.decode(&bytes, &global.tensors)?, bytes)));
+    match encoded {
+        Ok((applied, bytes)) => {
+            let mut model = GlobalModel::encode(spec, apply_delta(&global.tensors, &applied));
+            model.delta =
+                Some(Arc::new(ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) }));
+            model
+        }
+        Err(e) => {
+            warn!("the round's aggregate cannot be sent as {codec}: {e}; clients download the full model");
+            GlobalModel::encode(spec, next)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fl_common::codec::tensor_digest;
+    use fl_common::{ModelKind, NamedTensor};
+
+    use super::*;
+
+    #[test]
+    fn a_client_applying_the_delta_holds_the_same_bits() {
+        let spec = ModelSpec::with_defaults(ModelKind::Fasttext, vec!["a".into(), "b".into()]);
+        let weights = |data: Vec<f32>| TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![4, 2], data }]);
+        let global = GlobalModel::encode(&spec, weights(vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]));
+        let next = weights(vec![0.1, 0.2, 0.31, 0.39, 0.5, 0.6, 0.7001, 0.8]);
+        for name in ["sparse-f32", "sparse-f16", "sparse-int8", "dense-int8", "topk-int8"] {
+            let codec: UpdateCodec = name.parse().unwrap();
+            let model = next_global(&spec, &global, next.clone(), Some(codec), &mut ErrorFeedback::default());
+            let delta = model.delta.as_ref().expect("a delta is offered");
+            assert_eq!(delta.base_digest, global.digest);
+            // What a client does with the previous model and the downloaded bytes.
+            let applied = apply_delta(&global.tensors, &codec.decode(&delta.bytes, &global.tensors).unwrap());
+            assert_eq!(tensor_digest(&applied), model.digest, "{name}");
+            let err = model.tensors.tensors[0].data.iter().zip(&next.tensors[0].data).map(|(a, b)| (a - b).abs());
+            assert!(err.fold(0.0f32, f32::max) < 1e-3, "{name}: close to the strategy's model");
+        }
+        assert!(next_global(&spec, &global, next.clone(), None, &mut ErrorFeedback::default()).delta.is_none());
+        let huge = weights(vec![1e6; 8]);
+        let model = next_global(
+            &spec,
+            &global,
+            huge.clone(),
+            Some("sparse-f16".parse().unwrap()),
+            &mut ErrorFeedback::default(),
+        );
+        assert!(model.delta.is_none() && *model.tensors == huge, "beyond f16: the exact model, in full");
+    }
+
+    /// Row-sparse f32 updates fold into FedAvg exactly as their dense form: a row that one
+    /// client touched is weighted by the examples of all clients of the round.
+    #[test]
+    fn sparse_updates_aggregate_like_dense_with_all_clients_weights() {
+        use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
+        let rows = 50;
+        let table = |touched: &[usize], scale: f32| {
+            let mut data = vec![0.0f32; rows * 3];
+            for &r in touched {
+                for c in 0..3 {
+                    data[r * 3 + c] = scale * (r as f32 + 1.0) * (c as f32 - 1.3);
+                }
+            }
+            TensorSet::new(vec![
+                NamedTensor { name: "embedding.weight".into(), shape: vec![rows, 3], data },
+                NamedTensor { name: "linear.bias".into(), shape: vec![2], data: vec![scale, -scale] },
+            ])
+        };
+        let global = table(&(0..rows).collect::<Vec<_>>(), 0.01);
+        let clients = [(table(&[1, 7, 30], 0.5), 120u64), (table(&[7, 8], -0.25), 30), (table(&[49], 1.5), 850)];
+        let codec: UpdateCodec = "sparse-f32".parse().unwrap();
+        let (mut dense, mut sparse) = (FedAvg::default(), FedAvg::default());
+        dense.begin_round(&global);
+        sparse.begin_round(&global);
+        for (delta, examples) in &clients {
+            dense.fold(ClientUpdate { delta, num_examples: *examples });
+            let decoded = codec.decode(&codec.encode(delta).unwrap(), &global).unwrap();
+            sparse.fold(ClientUpdate { delta: &decoded, num_examples: *examples });
+        }
+        let (d, s) = (dense.finish(&global).unwrap(), sparse.finish(&global).unwrap());
+        for (a, b) in d.tensors.iter().flat_map(|t| &t.data).zip(s.tensors.iter().flat_map(|t| &t.data)) {
+            assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+        }
+        // Row 49 was touched by the third client only: its mean is weighted by 850 / 1000.
+        let want = global.tensors[0].data[49 * 3] + clients[2].0.tensors[0].data[49 * 3] * 850.0 / 1000.0;
+        let got = s.tensors[0].data[49 * 3];
+        assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{got} vs {want}");
+    }
+}
