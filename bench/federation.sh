@@ -36,17 +36,22 @@ coord=$FED_COORD
 fed_enroll "$DIR/client" "$CLIENTS"
 fed_run_clients "$DIR/client" "$DIR/data/shard" "$DIR/logs" "$CLIENTS" --threads 1
 peak=0
+cpu_ticks=0
 while kill -0 $coord 2>/dev/null; do
   hwm=$(awk '/VmHWM/ {print $2}' /proc/$coord/status 2>/dev/null || echo 0)
   [ -n "$hwm" ] && [ "$hwm" -gt "$peak" ] && peak=$hwm
+  # utime + stime of the coordinator (fields 14 and 15), the last reading before it exits.
+  ticks=$(awk '{print $14 + $15}' /proc/$coord/stat 2>/dev/null || echo "")
+  [ -n "$ticks" ] && cpu_ticks=$ticks
   sleep 0.1
 done
 end=$(date +%s.%N)
 wait $coord
 
-python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" <<'PY'
+python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" "$cpu_ticks" "$(getconf CLK_TCK)" <<'PY'
 import json, re, sys, glob
 d, clients, rounds, target, start, end, peak = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+cpu_s = float(sys.argv[8]) / float(sys.argv[9])
 m = [json.loads(l) for l in open(f"{d}/coord/metrics.jsonl")]
 train = {}
 for f in glob.glob(f"{d}/logs/client-*.log"):
@@ -74,4 +79,5 @@ if first:
 else:
     print(f"accuracy {target} not reached")
 print(f"coordinator peak RSS: {peak/1024:.1f} MiB")
+print(f"coordinator CPU: {cpu_s:.1f} s over {end-start:.1f} s wall ({100*cpu_s/(end-start):.1f}% of one core)")
 PY

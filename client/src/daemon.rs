@@ -212,6 +212,7 @@ async fn session(
     let mut client = FederationClient::new(channel.clone());
     let join = pb::JoinRequest { name: config.name.clone(), num_examples: config.data.len() as u64 };
     let mut stream = client.join(join).await.map_err(classify)?.into_inner();
+    let mut client_id = String::new();
     loop {
         let message = match stream.message().await {
             Ok(Some(m)) => m,
@@ -229,6 +230,7 @@ async fn session(
                 backoff.reset();
                 let spec: ModelSpec =
                     serde_json::from_str(&welcome.model_spec_json).context("coordinator sent a bad model spec")?;
+                client_id = welcome.client_id.clone();
                 info!(client_id = %welcome.client_id, rounds_completed = welcome.rounds_completed, rounds_total = welcome.rounds_total, "joined the federation");
                 if let Some(personal) = &config.personal {
                     personal.test.label_indices(&spec.labels).map_err(|e| anyhow!(FatalError(e.to_string())))?;
@@ -241,9 +243,8 @@ async fn session(
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
                 let personal = config.personal.clone();
-                match do_round(&mut client, channel.clone(), &spec, data, task, config.threads, personal, shutdown)
-                    .await
-                {
+                let ids = (&client_id, channel.clone());
+                match do_round(&mut client, ids, &spec, data, task, config.threads, personal, shutdown).await {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
                     Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
@@ -265,6 +266,12 @@ fn encode_for(spec: &ModelSpec, data: &LabelledTexts) -> Result<EncodedDataset> 
     let labels = data.label_indices(&spec.labels).map_err(|e| anyhow!(FatalError(e.to_string())))?;
     let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0).map_err(|e| anyhow!(FatalError(e.to_string())))?;
     Ok(EncodedDataset::encode(&probe, &data.texts, labels))
+}
+
+/// What training hands to the upload.
+enum Body {
+    Encoded(Vec<u8>),
+    Flat(Vec<f32>),
 }
 
 enum RoundOutcome {
@@ -291,7 +298,7 @@ async fn fetch_model(client: &mut FederationClient<Channel>, round: u32, attempt
 #[allow(clippy::too_many_arguments)]
 async fn do_round(
     client: &mut FederationClient<Channel>,
-    channel: Channel,
+    (client_id, channel): (&String, Channel),
     spec: &ModelSpec,
     data: Arc<EncodedDataset>,
     task: pb::RoundTask,
@@ -303,6 +310,8 @@ async fn do_round(
     // A finite positive clip norm asks for clipping here; anything else means none.
     let dp_clip_norm = if task.dp_clip_norm.is_finite() && task.dp_clip_norm > 0.0 { task.dp_clip_norm } else { 0.0 };
     let config = task.config.ok_or_else(|| anyhow!("round task without a training config"))?;
+    let secagg = task.secagg;
+    let secure = secagg.is_some();
     let train_config = TrainConfig {
         epochs: config.local_epochs,
         batch_size: config.batch_size,
@@ -347,13 +356,16 @@ async fn do_round(
                 // Differential privacy with clipping on the client: only the clipped update leaves.
                 delta.clip_l2_norm(dp_clip_norm);
             }
-            Ok((stats, delta.encode(None), started.elapsed().as_secs_f64()))
+            // Secure aggregation sends the flat values, masked; otherwise the encoded delta.
+            let body =
+                if secure { Body::Flat(fl_common::secagg::flatten(&delta)) } else { Body::Encoded(delta.encode(None)) };
+            Ok((stats, body, started.elapsed().as_secs_f64()))
         })
     };
     let result = training.await.context("training task panicked");
     cancel.cancel();
     let _ = heartbeat.await;
-    let (stats, payload, train_s) = result??;
+    let (stats, body, train_s) = result??;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }
@@ -367,6 +379,18 @@ async fn do_round(
         "local training done"
     );
 
+    let payload = match body {
+        Body::Flat(values) => {
+            let config = secagg.ok_or_else(|| anyhow!("flat values without a secure-aggregation task"))?;
+            let reported =
+                crate::secagg::Reported { examples: stats.examples as u64, loss: stats.loss, accuracy: stats.accuracy };
+            return match crate::secagg::submit(client, client_id, round, attempt, &config, values, reported).await {
+                Ok(()) => Ok(RoundOutcome::Accepted),
+                Err(e) => Ok(RoundOutcome::Refused(format!("{e:#}"))),
+            };
+        }
+        Body::Encoded(payload) => payload,
+    };
     let header = pb::UpdateHeader {
         round,
         attempt,

@@ -4,3 +4,4 @@
 pub mod daemon;
 pub mod enroll;
 pub mod identity;
+pub mod secagg;

@@ -51,6 +51,7 @@ impl From<&RoundTask> for pb::RoundTask {
             model_codec: task.model_codec.clone(),
             update_codecs: task.update_codecs.clone(),
             dp_clip_norm: task.dp_clip_norm.unwrap_or(0.0),
+            secagg: crate::secagg::wire::task(task),
         }
     }
 }
@@ -344,5 +345,41 @@ impl pb::federation_server::Federation for FederationService {
         let req = request.into_inner();
         let open = self.coord.heartbeat(&client.id, req.round, req.attempt, req.progress);
         Ok(Response::new(pb::HeartbeatAck { round_open: open }))
+    }
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn sec_agg_advertise_keys(
+        &self,
+        request: Request<pb::SecAggAdvertiseKeysRequest>,
+    ) -> Result<Response<pb::SecAggKeyDirectory>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::advertise(&self.coord, &client.id, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn sec_agg_share_keys(
+        &self,
+        request: Request<pb::SecAggShareKeysRequest>,
+    ) -> Result<Response<pb::SecAggShareInbox>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::share(&self.coord, &client.id, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn sec_agg_masked_input(
+        &self,
+        request: Request<Streaming<pb::SecAggMaskedInputChunk>>,
+    ) -> Result<Response<pb::SecAggUnmaskRequest>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::masked(&self.coord, &client.id, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn sec_agg_unmask(
+        &self,
+        request: Request<pb::SecAggUnmaskResponse>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::unmask(&self.coord, &client.id, request.into_inner())?))
     }
 }

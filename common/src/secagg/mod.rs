@@ -348,6 +348,12 @@ pub fn seed_commitment(ctx: &RoundContext, owner: ParticipantId, seed: &[u8; 32]
         .into()
 }
 
+/// The flat vector a client quantizes and the coordinator unflattens: every tensor's values,
+/// in the set's (sorted) order.
+pub fn flatten(update: &crate::TensorSet) -> Vec<f32> {
+    update.tensors.iter().flat_map(|t| t.data.iter().copied()).collect()
+}
+
 /// The sign with which `a` adds its pairwise mask with `b`.
 fn pair_sign(a: ParticipantId, b: ParticipantId) -> i8 {
     if a < b {

@@ -65,6 +65,25 @@ impl SecAggServer {
         self.stage
     }
 
+    /// Participants the current stage still waits for.
+    pub fn pending(&self) -> Vec<ParticipantId> {
+        match self.stage {
+            Stage::AdvertiseKeys => {
+                (0..self.plan.participants() as u32).filter(|p| !self.keys.contains_key(p)).collect()
+            }
+            Stage::ShareKeys => self.keys.keys().copied().filter(|p| !self.commitments.contains_key(p)).collect(),
+            Stage::MaskedInput => self.shared().filter(|p| !self.masked.contains(p)).collect(),
+            Stage::Unmask => self.masked.iter().copied().filter(|p| !self.responses.contains_key(p)).collect(),
+            Stage::Done => Vec::new(),
+        }
+    }
+
+    /// Aborts the attempt: nothing more is accepted and no sum comes out.
+    pub fn abort(&mut self) {
+        self.stage = Stage::Done;
+        self.sum.clear();
+    }
+
     fn expect_stage(&self, got: Stage) -> Result<(), SecAggError> {
         if self.stage == got {
             Ok(())
