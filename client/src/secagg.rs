@@ -153,13 +153,14 @@ pub async fn submit(
 }
 
 /// Fault injection for the cross-process tests: with `FL_FAULT_SECAGG_PAUSE=ROUND:PATH`, the
-/// client stops after sharing its keys in round ROUND, writes PATH, and waits there, so a test
-/// can `kill -9` it exactly between the share-keys and masked-input stages.
+/// client stops after sharing its keys in its first round from ROUND on, writes PATH, and waits
+/// there, so a test can `kill -9` it exactly between the share-keys and masked-input stages.
 async fn pause_for_fault_test(round: u32) {
     let Ok(spec) = std::env::var("FL_FAULT_SECAGG_PAUSE") else { return };
     let Some((at, marker)) = spec.split_once(':') else { return };
-    if at.parse::<u32>().ok() != Some(round) {
-        return;
+    match at.parse::<u32>() {
+        Ok(from) if round >= from => {}
+        _ => return,
     }
     tracing::warn!(round, "FL_FAULT_SECAGG_PAUSE: pausing after the share-keys stage");
     if let Err(e) = tokio::fs::write(marker, round.to_string()).await {

@@ -648,3 +648,72 @@ pub mod wire {
         Ok(pb::SecAggAck { accepted: true, message: String::new() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on() -> SecAggArgs {
+        SecAggArgs { enabled: true, ..SecAggArgs::default() }
+    }
+
+    #[test]
+    fn flags_resolve_with_safe_defaults_and_clear_errors() {
+        assert_eq!(SecAggArgs::default().resolve().unwrap(), None);
+        let config = on().resolve().unwrap().unwrap();
+        assert_eq!(config, SecAggConfig { neighbours: None, threshold: "majority".into(), clip: DEFAULT_CLIP });
+        let err = SecAggArgs { clip: Some(1.0), ..SecAggArgs::default() }.resolve().unwrap_err().to_string();
+        assert!(err.contains("need --secure-aggregation"), "{err}");
+        let err = SecAggArgs { clip: Some(-1.0), ..on() }.resolve().unwrap_err().to_string();
+        assert!(err.contains("--secagg-clip"), "{err}");
+        assert!(SecAggArgs { neighbours: Some(1), ..on() }.resolve().is_err());
+    }
+
+    #[test]
+    fn a_restart_cannot_change_it() {
+        let stored = on().resolve().unwrap();
+        // No flag: the stored setting holds, on or off.
+        assert_eq!(SecAggArgs::default().settle(stored.clone()).unwrap(), stored);
+        assert_eq!(SecAggArgs::default().settle(None).unwrap(), None);
+        // Turning it on for a plain federation, or changing its settings, is refused.
+        assert!(on().settle(None).unwrap_err().to_string().contains("cannot be turned on"));
+        let other = SecAggArgs { clip: Some(2.0), ..on() };
+        assert!(other.settle(stored.clone()).unwrap_err().to_string().contains("would change"));
+        assert_eq!(on().settle(stored.clone()).unwrap(), stored);
+    }
+
+    #[test]
+    fn the_round_size_is_checked_at_start() {
+        let config = on().resolve().unwrap().unwrap();
+        assert!(config.quantization(254).is_ok());
+        let err = config.quantization(300).unwrap_err().to_string();
+        assert!(err.contains("at most 254"), "{err}");
+    }
+
+    #[test]
+    fn the_mean_has_the_model_shape() {
+        let like = TensorSet::new(vec![
+            NamedTensor { name: "a".into(), shape: vec![2], data: vec![0.0; 2] },
+            NamedTensor { name: "b".into(), shape: vec![1], data: vec![0.0] },
+        ]);
+        let plan = QuantizationPlan::new(1.0, 4).unwrap();
+        let mut rng = rand::rng();
+        let inputs = [[0.5f32, -0.25, 1.0], [0.1, 0.25, -1.0]];
+        let mut sum = vec![0u32; 3];
+        for input in &inputs {
+            for (s, q) in sum.iter_mut().zip(plan.quantize(input, &mut rng)) {
+                *s = s.wrapping_add(q);
+            }
+        }
+        let outcome = SecAggOutcome { sum, masked: 2, dropped: 0, recovered: 0 };
+        let mean = mean_update(&plan, &outcome, &like).unwrap();
+        let want = [0.3f32, 0.0, 0.0];
+        let got: Vec<f32> = mean.tensors.iter().flat_map(|t| t.data.clone()).collect();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        assert_eq!(mean.tensors[0].shape, vec![2]);
+        let short = SecAggOutcome { sum: vec![0; 2], masked: 2, dropped: 0, recovered: 0 };
+        assert!(mean_update(&plan, &short, &like).is_err());
+    }
+}

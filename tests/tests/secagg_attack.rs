@@ -21,7 +21,7 @@ const CLIENTS: usize = 3;
 fn gen_data(dir: &Path) {
     let generator = TextGenerator::new(GeneratorConfig { classes: 4, ..Default::default() });
     let labels = generator.labels();
-    let train = generator.rows(600, 1);
+    let train = generator.rows(300, 1);
     write_csv(&dir.join("eval.csv"), &generator.rows(100, 2), &labels).unwrap();
     for (i, shard) in partition(&train, CLIENTS, Partition::Iid, 4, 3).iter().enumerate() {
         write_csv(&dir.join(format!("shard-{}.csv", i + 1)), shard, &labels).unwrap();
@@ -105,7 +105,7 @@ fn a_curious_coordinator_learns_the_clients_words_without_secure_aggregation_onl
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     gen_data(dir.path());
-    let config = SimConfig { buckets: 16_384, embed_dim: 16, ..SimConfig::new(dir.path()) };
+    let config = SimConfig { buckets: 65_536, embed_dim: 8, ..SimConfig::new(dir.path()) };
     let spec = dp_sim::sim_spec(&config).unwrap();
     let truth = dp_sim::client_rows(&spec, &dir.path().join("shard-1.csv")).unwrap();
     let (global, deltas) = deltas(&config);
@@ -126,7 +126,10 @@ fn a_curious_coordinator_learns_the_clients_words_without_secure_aggregation_onl
         truth.len()
     );
     assert!(recall > 0.99, "the plain delta gives the client's rows away (recall {recall})");
-    assert!(plain_precision > 20.0 * base_rate, "plain precision {plain_precision} vs base rate {base_rate}");
+    assert!(
+        plain_precision > 0.99 && plain_precision > 10.0 * base_rate,
+        "plain precision {plain_precision} vs base rate {base_rate}"
+    );
 
     // With secure aggregation it receives the masked vector.
     let masked = masked_upload_of_client_0(&flat);
