@@ -38,17 +38,22 @@ coord=$FED_COORD
 fed_enroll "$DIR/client" "$CLIENTS"
 fed_run_clients "$DIR/client" "$DIR/data/shard" "$DIR/logs" "$CLIENTS" --threads 1
 peak=0
+cpu_ticks=0
 while kill -0 $coord 2>/dev/null; do
   hwm=$(awk '/VmHWM/ {print $2}' /proc/$coord/status 2>/dev/null || echo 0)
   [ -n "$hwm" ] && [ "$hwm" -gt "$peak" ] && peak=$hwm
+  # utime + stime of the coordinator (fields 14 and 15), the last reading before it exits.
+  ticks=$(awk '{print $14 + $15}' /proc/$coord/stat 2>/dev/null || echo "")
+  [ -n "$ticks" ] && cpu_ticks=$ticks
   sleep 0.1
 done
 end=$(date +%s.%N)
 wait $coord
 
-python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" "${CODEC:-default}" <<'PY'
+python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" "${CODEC:-default}" "$cpu_ticks" "$(getconf CLK_TCK)" <<'PY'
 import json, re, sys, glob
 d, clients, rounds, target, start, end, peak, codec = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
+cpu_s = float(sys.argv[9]) / float(sys.argv[10])
 m = [json.loads(l) for l in open(f"{d}/coord/metrics.jsonl")]
 train = {}
 for f in glob.glob(f"{d}/logs/client-*.log"):
@@ -95,4 +100,5 @@ summary = {
 }
 json.dump(summary, open(f"{d}/summary.json", "w"))
 print(f"overhead_s / round_s, mean over rounds 2..{n}: {summary['overhead_ratio_r2_on']:.3f}")
+print(f"coordinator CPU: {cpu_s:.1f} s over {end-start:.1f} s wall ({100*cpu_s/(end-start):.1f}% of one core)")
 PY

@@ -50,6 +50,12 @@ role_coordinator() {
     [ -n "$name" ] && set -- "$@" --tls-san "$name"
   done
   IFS="$old_ifs"
+  # SECURE_AGGREGATION=1 turns secure aggregation on (clients need nothing: the round task says so).
+  case "${SECURE_AGGREGATION:-0}" in
+    1) set -- "$@" --secure-aggregation ;;
+    0) ;;
+    *) echo "SECURE_AGGREGATION must be 0 or 1, got '${SECURE_AGGREGATION}'" >&2; exit 2 ;;
+  esac
   exec fl-coordinator serve "$@"
 }
 

@@ -40,6 +40,7 @@ cat <<EOF
 #   FL_EMBED_DIM [64]   FL_SEED [42]   FL_ROWS [6700]   FL_PARTITION [iid|dirichlet]   FL_ALPHA [0.5]
 #   FL_THREADS [1] (per client)   FL_PUBLISH [127.0.0.1:7443] (host address:port of the coordinator)
 #   FL_PUBLIC_NAMES [] (extra certificate names, comma-separated)   RUST_LOG [info]
+#   SECURE_AGGREGATION [0] (1: secure aggregation, fixed at the first start of the coordinator)
 
 x-fedtext: &fedtext
   image: \${FEDTEXT_IMAGE:-fedtext:latest}
@@ -117,6 +118,7 @@ cat <<EOF
     environment:
       RUST_LOG: \${RUST_LOG:-info}
       FL_PUBLIC_NAMES: \${FL_PUBLIC_NAMES:-}
+      SECURE_AGGREGATION: \${SECURE_AGGREGATION:-0}
     volumes:
       - coordinator-state:/var/lib/fedtext
       - coordinator-data:/data:ro

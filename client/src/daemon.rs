@@ -218,6 +218,7 @@ async fn session(
     let mut client = FederationClient::new(channel.clone());
     let join = pb::JoinRequest { name: config.name.clone(), num_examples: config.data.len() as u64 };
     let mut stream = client.join(join).await.map_err(classify)?.into_inner();
+    let mut client_id = String::new();
     loop {
         let message = match stream.message().await {
             Ok(Some(m)) => m,
@@ -235,6 +236,7 @@ async fn session(
                 backoff.reset();
                 let spec: ModelSpec =
                     serde_json::from_str(&welcome.model_spec_json).context("coordinator sent a bad model spec")?;
+                client_id = welcome.client_id.clone();
                 info!(client_id = %welcome.client_id, rounds_completed = welcome.rounds_completed, rounds_total = welcome.rounds_total, "joined the federation");
                 if let Some(personal) = &config.personal {
                     personal.test.label_indices(&spec.labels).map_err(|e| anyhow!(FatalError(e.to_string())))?;
@@ -247,8 +249,8 @@ async fn session(
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
                 let personal = config.personal.clone();
-                let round_run =
-                    do_round(&mut client, channel.clone(), &spec, data, task, config.threads, personal, held, shutdown);
+                let ids = (&client_id, channel.clone());
+                let round_run = do_round(&mut client, ids, &spec, data, task, config.threads, personal, held, shutdown);
                 match round_run.await {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
@@ -271,6 +273,12 @@ fn encode_for(spec: &ModelSpec, data: &LabelledTexts) -> Result<EncodedDataset> 
     let labels = data.label_indices(&spec.labels).map_err(|e| anyhow!(FatalError(e.to_string())))?;
     let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0).map_err(|e| anyhow!(FatalError(e.to_string())))?;
     Ok(EncodedDataset::encode(&probe, &data.texts, labels))
+}
+
+/// What training hands to the upload.
+enum Body {
+    Encoded(Vec<u8>),
+    Flat(Vec<f32>),
 }
 
 enum RoundOutcome {
@@ -367,7 +375,7 @@ async fn global_model(
 #[allow(clippy::too_many_arguments)]
 async fn do_round(
     client: &mut FederationClient<Channel>,
-    channel: Channel,
+    (client_id, channel): (&String, Channel),
     spec: &ModelSpec,
     data: Arc<EncodedDataset>,
     task: pb::RoundTask,
@@ -387,6 +395,8 @@ async fn do_round(
     // A finite positive clip norm asks for clipping here; anything else means none.
     let dp_clip_norm = if task.dp_clip_norm.is_finite() && task.dp_clip_norm > 0.0 { task.dp_clip_norm } else { 0.0 };
     let config = task.config.clone().ok_or_else(|| anyhow!("round task without a training config"))?;
+    let secagg = task.secagg.clone();
+    let secure = secagg.is_some();
     let train_config = TrainConfig {
         epochs: config.local_epochs,
         batch_size: config.batch_size,
@@ -409,7 +419,8 @@ async fn do_round(
     let model_spec = spec.clone();
     // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
     // whose bound holds for the clipped delta only.
-    let mut feedback = (codec.needs_error_feedback() && dp_clip_norm == 0.0).then(|| held.feedback.clone());
+    // Nor with secure aggregation, whose masked upload is the whole dense delta.
+    let mut feedback = (codec.needs_error_feedback() && dp_clip_norm == 0.0 && !secure).then(|| held.feedback.clone());
     let mut reused = held.model.take();
 
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
@@ -450,17 +461,22 @@ async fn do_round(
                 delta.clip_l2_norm(dp_clip_norm);
             }
             let train_s = started.elapsed().as_secs_f64();
-            let payload = match feedback.as_mut() {
-                Some(feedback) => codec.encode_with_feedback(&delta, feedback)?,
-                None => codec.encode(&delta)?,
+            // Secure aggregation sends the flat values, masked; otherwise the encoded delta.
+            let body = if secure {
+                Body::Flat(fl_common::secagg::flatten(&delta))
+            } else {
+                Body::Encoded(match feedback.as_mut() {
+                    Some(feedback) => codec.encode_with_feedback(&delta, feedback)?,
+                    None => codec.encode(&delta)?,
+                })
             };
-            Ok((stats, payload, train_s, feedback, reused))
+            Ok((stats, body, train_s, feedback, reused))
         })
     };
     let result = training.await.context("training task panicked");
     cancel.cancel();
     let _ = heartbeat.await;
-    let (stats, payload, train_s, feedback, reused) = result??;
+    let (stats, body, train_s, feedback, reused) = result??;
     held.model = reused;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
@@ -475,6 +491,18 @@ async fn do_round(
         "local training done"
     );
 
+    let payload = match body {
+        Body::Flat(values) => {
+            let config = secagg.ok_or_else(|| anyhow!("flat values without a secure-aggregation task"))?;
+            let reported =
+                crate::secagg::Reported { examples: stats.examples as u64, loss: stats.loss, accuracy: stats.accuracy };
+            return match crate::secagg::submit(client, client_id, round, attempt, &config, values, reported).await {
+                Ok(()) => Ok(RoundOutcome::Accepted),
+                Err(e) => Ok(RoundOutcome::Refused(format!("{e:#}"))),
+            };
+        }
+        Body::Encoded(payload) => payload,
+    };
     let header = pb::UpdateHeader {
         round,
         attempt,

@@ -5,3 +5,4 @@ pub mod daemon;
 pub mod enroll;
 pub mod held;
 pub mod identity;
+pub mod secagg;

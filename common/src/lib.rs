@@ -8,6 +8,7 @@ pub mod files;
 pub mod model_file;
 pub mod model_spec;
 pub mod prune;
+pub mod secagg;
 pub mod tensors;
 pub mod tls;
 pub mod token;

@@ -23,6 +23,12 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
     /// Applies the round's aggregate to `global`, returning the new global model; None if
     /// nothing was folded.
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet>;
+    /// Whether the strategy can aggregate from the sum alone, as secure aggregation gives it (the
+    /// unmasked mean, folded as one update). A strategy that needs each update (median, Krum,
+    /// clipping on the server) keeps the default, and `serve --secure-aggregation` refuses it.
+    fn supports_secure_sum(&self) -> bool {
+        false
+    }
     /// What differential privacy did in the last finished round; `None` for a strategy without DP.
     fn dp_round(&self) -> Option<&crate::dp::DpRoundReport> {
         None
@@ -49,6 +55,10 @@ impl AggregationStrategy for FedAvg {
         sum.add_scaled(update.delta, update.num_examples as f32);
         self.total_weight += update.num_examples as f64;
         self.folded += 1;
+    }
+
+    fn supports_secure_sum(&self) -> bool {
+        true
     }
 
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {

@@ -39,6 +39,7 @@ use crate::backend::Evaluator;
 use crate::dp::{Budget, DpFedAvg, DpLedger};
 use crate::policy::{self, Close, RoundView};
 use crate::registry::{now_unix, ClientStatus, RegistryStore};
+use crate::secagg::{SecAggAttempt, SecAggConfig, SecAggTask};
 use crate::state::{self, CoordinatorStatus, StateDir};
 
 /// Round settings of a serve run.
@@ -145,6 +146,8 @@ pub struct RoundTask {
     pub model_sha256: String,
     /// The delta download on offer: base digest, codec name, bytes.
     pub delta: Option<(String, String, u64)>,
+    /// Secure aggregation of this attempt, when it is on.
+    pub secagg: Option<SecAggTask>,
 }
 
 /// What the engine sends down a client's work stream.
@@ -324,6 +327,9 @@ pub enum UpdateRefusal {
     /// The fold itself failed (a bug): the attempt is failed and retried.
     #[error("the update could not be folded: {0}")]
     FoldFailed(String),
+    /// The round uses secure aggregation: a plain update would show the coordinator the delta.
+    #[error("round {0} uses secure aggregation: the update goes through the SecAgg stages, not SubmitUpdate")]
+    SecureAggregationOnly(u32),
 }
 
 impl InvalidUpdate {
@@ -362,6 +368,7 @@ impl UpdateRefusal {
             UpdateRefusal::Duplicate(_) => "duplicate",
             UpdateRefusal::Invalid(why) => why.reason(),
             UpdateRefusal::FoldFailed(_) => "fold_failed",
+            UpdateRefusal::SecureAggregationOnly(_) => "secure_aggregation",
         }
     }
 }
@@ -379,6 +386,8 @@ struct Accumulator {
     train_s: f64,
     /// Set while a fold runs; still set after a fold that panicked: the sum is then damaged.
     folding: bool,
+    /// Secure aggregation's counts: masked, dropped, recovered.
+    secagg: Option<(usize, usize, usize)>,
 }
 
 /// The bookkeeping of the attempt being collected.
@@ -395,6 +404,7 @@ struct RoundBook {
     progress: HashMap<String, f32>,
     sum: Arc<tokio::sync::Mutex<Accumulator>>,
     bytes_down: Arc<AtomicU64>,
+    secagg: Option<Arc<SecAggAttempt>>,
 }
 
 impl RoundBook {
@@ -524,6 +534,7 @@ pub struct Coordinator {
     budget_exhausted: AtomicBool,
     /// What top-k delta downloads have not sent of the aggregates yet (see [`crate::delta`]).
     download_feedback: Mutex<fl_common::codec::ErrorFeedback>,
+    secagg: Option<(SecAggConfig, fl_common::secagg::QuantizationPlan)>,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -571,6 +582,7 @@ impl Coordinator {
             dp: None,
             budget_exhausted: AtomicBool::new(false),
             download_feedback: Mutex::new(Default::default()),
+            secagg: None,
             settings,
             ca,
         };
@@ -583,6 +595,97 @@ impl Coordinator {
     pub fn with_dp(mut self, ledger: DpLedger, strategy: DpFedAvg) -> Coordinator {
         self.dp = Some(DpState { ledger: Mutex::new(ledger), strategy });
         self
+    }
+
+    /// Turns on secure aggregation. Refused with a strategy that needs individual updates
+    /// ([`AggregationStrategy::supports_secure_sum`]) and with differential privacy, whose noise
+    /// after unmasking is not implemented yet.
+    pub fn with_secagg(mut self, config: SecAggConfig) -> Result<Coordinator> {
+        if self.dp.is_some() {
+            anyhow::bail!("--secure-aggregation with differential privacy (--dp-*) is not supported yet");
+        }
+        let strategy = (self.new_strategy)();
+        if !strategy.supports_secure_sum() {
+            anyhow::bail!(
+                "--secure-aggregation: the aggregation strategy {strategy:?} needs each client's update, which secure aggregation hides; use FedAvg"
+            );
+        }
+        let max_clients = crate::secagg::max_participants(&self.settings);
+        let quantization = config.quantization(max_clients)?;
+        self.secagg = Some((config, quantization));
+        Ok(self)
+    }
+
+    /// Plans secure aggregation for an attempt over `sampled`; `None` when it is off.
+    fn plan_secagg(&self, round: u32, attempt: u32, sampled: &[String]) -> Result<Option<Arc<SecAggAttempt>>, String> {
+        let Some((config, quantization)) = &self.secagg else { return Ok(None) };
+        let len = self.global().tensors.num_values();
+        SecAggAttempt::new(config, *quantization, round, attempt, sampled.to_vec(), len)
+            .map(|a| Some(Arc::new(a)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The secure-aggregation attempt `client` takes part in.
+    pub fn secagg_attempt(&self, client: &str, round: u32, attempt: u32) -> Result<Arc<SecAggAttempt>, UpdateRefusal> {
+        let phase = lock(&self.phase);
+        let book = phase.collecting(round, attempt)?;
+        if !book.sampled.contains(client) {
+            return Err(UpdateRefusal::NotSampled(round));
+        }
+        book.secagg.clone().ok_or(UpdateRefusal::Stale {
+            round,
+            attempt,
+            open: "a round without secure aggregation".into(),
+        })
+    }
+
+    /// Folds the mean of an unmasked secure sum into the attempt's strategy; says whether the
+    /// attempt completes.
+    async fn fold_secure_sum(
+        &self,
+        attempt: &SecAggAttempt,
+        outcome: Result<fl_common::secagg::SecAggOutcome, String>,
+    ) -> Close {
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(reason) => {
+                *lock(&self.attempt_error) = Some(format!("secure aggregation: {reason}"));
+                return Close::Retry(policy::CloseReason::Deadline);
+            }
+        };
+        let (ticket, survivors) = {
+            let mut phase = lock(&self.phase);
+            let Ok(book) = phase.collecting_mut(attempt.round, attempt.attempt) else {
+                return Close::Retry(policy::CloseReason::Deadline);
+            };
+            let survivors: Vec<String> = attempt.survivors();
+            book.accepted.extend(survivors.iter().cloned());
+            (book.sum.clone(), survivors)
+        };
+        let model = self.global();
+        let mean = match crate::secagg::mean_update(&attempt.quantization, &outcome, &model.tensors) {
+            Ok(mean) => mean,
+            Err(e) => {
+                *lock(&self.attempt_error) = Some(format!("secure aggregation: {e}"));
+                return Close::Retry(policy::CloseReason::Deadline);
+            }
+        };
+        let stats = attempt.stats();
+        let mut sum = ticket.lock_owned().await;
+        // Uniform weights: the mean is folded once, as one update of weight 1.
+        sum.strategy.fold(ClientUpdate { delta: &mean, num_examples: 1 });
+        sum.folded = survivors;
+        sum.examples = stats.examples;
+        sum.weighted_loss = stats.weighted_loss;
+        sum.weighted_accuracy = stats.weighted_accuracy;
+        sum.bytes_up = stats.bytes_up;
+        sum.secagg = Some((outcome.masked, outcome.dropped, outcome.recovered));
+        Close::Complete(policy::CloseReason::AllAnswered)
+    }
+
+    /// Whether `client` holds its work stream.
+    fn is_connected(&self, client: &str) -> bool {
+        lock(&self.connections).contains_key(client)
     }
 
     /// True when the federation ended early because the next round would exceed
@@ -786,6 +889,9 @@ impl Coordinator {
     pub fn begin_upload(&self, client_id: &str, header: &UpdateHeader) -> Result<UploadTicket, UpdateRefusal> {
         let phase = lock(&self.phase);
         let book = phase.collecting(header.round, header.attempt)?;
+        if book.secagg.is_some() {
+            return Err(UpdateRefusal::SecureAggregationOnly(header.round));
+        }
         book.check_may_answer(client_id)?;
         Ok(UploadTicket { model: book.model.clone(), sum: book.sum.clone() })
     }
@@ -886,7 +992,14 @@ impl Coordinator {
     }
 
     /// Opens an attempt for `sampled`; returns its task.
-    fn open_round(&self, round: u32, attempt: u32, sampled: Vec<String>, target: usize) -> Arc<RoundTask> {
+    fn open_round(
+        &self,
+        round: u32,
+        attempt: u32,
+        sampled: Vec<String>,
+        target: usize,
+        secagg: Option<Arc<SecAggAttempt>>,
+    ) -> Arc<RoundTask> {
         let settings = &self.settings;
         let model = self.global();
         // DP wraps the mean: with DP on, each attempt aggregates with a copy of the DpFedAvg.
@@ -921,6 +1034,7 @@ impl Coordinator {
                 .delta
                 .as_ref()
                 .map(|d| (d.base_digest.clone(), d.codec.name().to_string(), d.bytes.len() as u64)),
+            secagg: secagg.as_ref().map(|a| a.task.clone()),
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -942,8 +1056,10 @@ impl Coordinator {
                 bytes_up: 0,
                 train_s: 0.0,
                 folding: false,
+                secagg: None,
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
+            secagg,
         };
         lock(&self.attempt_error).take();
         self.set_phase(Phase::Collecting(Box::new(book)));
@@ -1113,7 +1229,21 @@ pub async fn run_rounds(
                     return Ok(());
                 }
             }
-            let task = coord.open_round(round, attempt, sampled.clone(), size.target);
+            let secagg = match coord.plan_secagg(round, attempt, &sampled) {
+                Ok(secagg) => secagg,
+                Err(reason) => {
+                    warn!(round, attempt, "round attempt failed: secure aggregation: {reason}; retrying");
+                    coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
+                    coord.record_failure(format!("round {round} attempt {attempt}: secure aggregation: {reason}"));
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                    continue;
+                }
+            };
+            let task = coord.open_round(round, attempt, sampled.clone(), size.target, secagg.clone());
             info!(round, attempt, sampled = sampled.len(), "round started");
             for client in &sampled {
                 let tx = lock(&coord.connections).get(client).map(|c| c.tx.clone());
@@ -1125,10 +1255,27 @@ pub async fn run_rounds(
             }
 
             let deadline = Instant::now() + settings.round_timeout;
-            let close = coord.wait_for(deadline, &shutdown, || {
-                coord.check_close(Instant::now()).filter(|close| *close != Close::Open)
-            });
-            let close = match close.await {
+            let close = match &secagg {
+                // Secure aggregation closes the attempt when its four stages end.
+                Some(sa) => {
+                    let stage_time = settings.round_timeout / 4;
+                    let outcome =
+                        crate::secagg::drive(sa, deadline, stage_time, |c| coord.is_connected(c), &shutdown).await;
+                    if shutdown.is_cancelled() {
+                        None
+                    } else {
+                        Some(coord.fold_secure_sum(sa, outcome).await)
+                    }
+                }
+                None => {
+                    coord
+                        .wait_for(deadline, &shutdown, || {
+                            coord.check_close(Instant::now()).filter(|close| *close != Close::Open)
+                        })
+                        .await
+                }
+            };
+            let close = match close {
                 Some(close) => close,
                 None => {
                     coord.close_round();
@@ -1221,6 +1368,19 @@ struct MetricsLine {
     elapsed_s: f64,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     dp: Option<DpMetrics>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    secagg: Option<SecAggMetrics>,
+}
+
+/// The secure-aggregation fields of a metrics line.
+#[derive(serde::Serialize)]
+struct SecAggMetrics {
+    /// Clients whose masked update is in the sum.
+    secagg_masked: usize,
+    /// Sampled clients whose update is not (left before or during the masked-input stage).
+    secagg_dropped: usize,
+    /// Clients that left after sharing keys, whose pairwise masks were rebuilt from shares.
+    secagg_recovered: usize,
 }
 
 /// The DP fields of a metrics line.
@@ -1306,6 +1466,11 @@ async fn complete_round(
         overhead_s: (round_s - sum.train_s).max(0.0),
         elapsed_s,
         dp,
+        secagg: sum.secagg.map(|(masked, dropped, recovered)| SecAggMetrics {
+            secagg_masked: masked,
+            secagg_dropped: dropped,
+            secagg_recovered: recovered,
+        }),
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
@@ -1427,7 +1592,7 @@ mod tests {
             0,
         );
         coord.new_strategy = || Box::new(PanickingFold);
-        let task = coord.open_round(1, 0, vec!["a".into(), "b".into()], 2);
+        let task = coord.open_round(1, 0, vec!["a".into(), "b".into()], 2, None);
 
         let header = UpdateHeader {
             round: 1,

@@ -6,6 +6,8 @@ use tonic::Status;
 
 use crate::coordinator::UpdateRefusal;
 use crate::registry::AccessError;
+use crate::secagg::SecAggRefusal;
+use fl_common::secagg::SecAggError;
 
 /// Everything a `fl.v1.Federation` call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,9 @@ pub enum ServiceError {
     /// The round engine refuses the update or download.
     #[error(transparent)]
     Update(#[from] UpdateRefusal),
+    /// A secure-aggregation message was refused, or its attempt aborted.
+    #[error(transparent)]
+    SecAgg(#[from] SecAggRefusal),
     /// The first message of an upload is not a header.
     #[error("an upload must start with a header")]
     NoHeader,
@@ -71,10 +76,26 @@ impl From<ServiceError> for Status {
                 Status::invalid_argument(message)
             }
             ServiceError::Update(refusal) => match refusal {
-                UpdateRefusal::Stale { .. } | UpdateRefusal::Duplicate(_) => Status::failed_precondition(message),
+                UpdateRefusal::Stale { .. } | UpdateRefusal::Duplicate(_) | UpdateRefusal::SecureAggregationOnly(_) => {
+                    Status::failed_precondition(message)
+                }
                 UpdateRefusal::NotSampled(_) => Status::permission_denied(message),
                 UpdateRefusal::Invalid(_) => Status::invalid_argument(message),
                 UpdateRefusal::FoldFailed(_) => Status::internal(message),
+            },
+            ServiceError::SecAgg(refusal) => match refusal {
+                SecAggRefusal::NotParticipant { .. } => Status::permission_denied(message),
+                SecAggRefusal::Aborted(_) => Status::aborted(message),
+                SecAggRefusal::Protocol(e) => match e {
+                    SecAggError::Malformed(_) | SecAggError::Config(_) | SecAggError::InconsistentShares(_) => {
+                        Status::invalid_argument(message)
+                    }
+                    SecAggError::NotParticipant(_) => Status::permission_denied(message),
+                    SecAggError::BelowThreshold { .. } => Status::aborted(message),
+                    SecAggError::Replay(_) | SecAggError::WrongStage { .. } | SecAggError::Refused(_) => {
+                        Status::failed_precondition(message)
+                    }
+                },
             },
             ServiceError::Spool(_) => Status::unavailable(message),
             ServiceError::Stream(status) => status,
@@ -99,6 +120,9 @@ mod tests {
         assert_eq!(code(UpdateRefusal::NotSampled(1).into()), tonic::Code::PermissionDenied);
         assert_eq!(code(UpdateRefusal::Invalid(InvalidUpdate::NoExamples).into()), tonic::Code::InvalidArgument);
         assert_eq!(code(ServiceError::Spool(std::io::Error::other("full"))), tonic::Code::Unavailable);
+        assert_eq!(code(SecAggRefusal::from(SecAggError::Replay("x".into())).into()), tonic::Code::FailedPrecondition);
+        assert_eq!(code(SecAggRefusal::from(SecAggError::Malformed("x".into())).into()), tonic::Code::InvalidArgument);
+        assert_eq!(code(SecAggRefusal::Aborted("x".into()).into()), tonic::Code::Aborted);
         let status = Status::from(ServiceError::from(UpdateRefusal::Invalid(InvalidUpdate::DigestMismatch)));
         assert_eq!(status.message(), "invalid update: SHA-256 of the payload does not match the trailer");
     }

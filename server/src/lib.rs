@@ -18,6 +18,7 @@ pub mod http;
 pub mod listener;
 pub mod policy;
 pub mod registry;
+pub mod secagg;
 pub mod service;
 pub mod spool;
 pub mod state;
@@ -97,6 +98,8 @@ pub struct ServeConfig {
     pub dashboard: Option<Arc<http::Dashboard>>,
     /// Differential privacy flags; all unset is DP off (or, on a restart, the stored ones).
     pub dp: DpArgs,
+    /// Secure aggregation flags; off is off (or, on a restart, the stored setting).
+    pub secagg: secagg::SecAggArgs,
 }
 
 /// How `serve` ended.
@@ -198,8 +201,9 @@ const REGISTRY_POLL: Duration = Duration::from_secs(1);
 fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared> {
     let state = StateDir::new(&config.state_dir);
     let mut new_token = None;
-    // Bad DP flags fail before anything is created.
+    // Bad DP and secure-aggregation flags fail before anything is created.
     let new_dp = config.dp.resolve()?;
+    let new_secagg = config.secagg.resolve()?;
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
         let ledger = DpLedger::load(state.root())?;
@@ -256,9 +260,19 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             // Checks the noise split before anything is created.
             DpFedAvg::new(dp, dp.clip_norm, expected_clients_per_round(&config.settings))?;
         }
+        if let Some(secagg) = &new_secagg {
+            // The same checks `with_secagg` makes, before anything is created.
+            if new_dp.is_some() {
+                bail!("--secure-aggregation with differential privacy (--dp-*) is not supported yet");
+            }
+            secagg.quantization(secagg::max_participants(&config.settings))?;
+        }
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
         if let Some(dp) = new_dp {
             DpLedger::new(dp).save(state.root())?;
+        }
+        if let Some(secagg) = &new_secagg {
+            secagg.save(state.root())?;
         }
         let initial = match init_weights {
             Some(weights) => weights,
@@ -303,6 +317,10 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             "differential privacy is on"
         );
         coord = coord.with_dp(ledger, strategy);
+    }
+    if let Some(secagg) = config.secagg.settle(secagg::SecAggConfig::load(coord.state.root())?)? {
+        info!(?secagg, "secure aggregation is on");
+        coord = coord.with_secagg(secagg)?;
     }
     Ok(Prepared { coord, tls, eval, new_token, elapsed_s: progress.elapsed_s })
 }

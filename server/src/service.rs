@@ -55,6 +55,7 @@ impl From<&RoundTask> for pb::RoundTask {
             delta_base_sha256: task.delta.as_ref().map(|d| d.0.clone()).unwrap_or_default(),
             delta_codec: task.delta.as_ref().map(|d| d.1.clone()).unwrap_or_default(),
             delta_bytes: task.delta.as_ref().map(|d| d.2).unwrap_or_default(),
+            secagg: crate::secagg::wire::task(task),
         }
     }
 }
@@ -358,5 +359,41 @@ impl pb::federation_server::Federation for FederationService {
         let req = request.into_inner();
         let open = self.coord.heartbeat(&client.id, req.round, req.attempt, req.progress);
         Ok(Response::new(pb::HeartbeatAck { round_open: open }))
+    }
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn sec_agg_advertise_keys(
+        &self,
+        request: Request<pb::SecAggAdvertiseKeysRequest>,
+    ) -> Result<Response<pb::SecAggKeyDirectory>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::advertise(&self.coord, &client.id, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn sec_agg_share_keys(
+        &self,
+        request: Request<pb::SecAggShareKeysRequest>,
+    ) -> Result<Response<pb::SecAggShareInbox>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::share(&self.coord, &client.id, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn sec_agg_masked_input(
+        &self,
+        request: Request<Streaming<pb::SecAggMaskedInputChunk>>,
+    ) -> Result<Response<pb::SecAggUnmaskRequest>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::masked(&self.coord, &client.id, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(round = request.get_ref().round))]
+    async fn sec_agg_unmask(
+        &self,
+        request: Request<pb::SecAggUnmaskResponse>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        let client = self.authenticate(&request)?;
+        Ok(Response::new(crate::secagg::wire::unmask(&self.coord, &client.id, request.into_inner())?))
     }
 }

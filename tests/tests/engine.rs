@@ -97,6 +97,7 @@ impl Served {
             spool,
             dashboard: None,
             dp,
+            secagg: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
@@ -562,6 +563,7 @@ async fn a_restart_with_other_dp_flags_is_refused() {
                 spool: None,
                 dashboard: None,
                 dp,
+                secagg: Default::default(),
             };
             fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
         }

@@ -182,6 +182,8 @@ struct ServeArgs {
     http: HttpArgs,
     #[command(flatten)]
     dp: fl_server::dp::DpArgs,
+    #[command(flatten)]
+    secagg: fl_server::secagg::SecAggArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,6 +285,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         spool: None,
         dashboard: None,
         dp: args.dp.clone(),
+        secagg: args.secagg.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
