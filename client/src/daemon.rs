@@ -255,6 +255,9 @@ async fn session(
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
                     Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
+                    Ok(RoundOutcome::TrainingFailed(why)) => {
+                        warn!(round, attempt, "local training failed: {why}; reported to the coordinator")
+                    }
                     Err(e) if e.is::<FatalError>() => return Err(e),
                     Err(e) => warn!(round, attempt, "round failed: {e:#}"),
                 }
@@ -285,6 +288,7 @@ enum RoundOutcome {
     Accepted,
     Refused(String),
     Closed,
+    TrainingFailed(String),
 }
 
 /// A downloaded model payload: the full model file, or the round's aggregate in `codec`.
@@ -456,6 +460,12 @@ async fn do_round(
                     (stats, delta)
                 }
             };
+            if !stats.cancelled && (!stats.loss.is_finite() || !stats.accuracy.is_finite()) {
+                bail!("training diverged: the loss is not finite (lower the learning rate)");
+            }
+            if delta.tensors.iter().any(|t| t.data.iter().any(|v| !v.is_finite())) {
+                bail!("training diverged: the weights are not finite (lower the learning rate)");
+            }
             if dp_clip_norm > 0.0 {
                 // Differential privacy with clipping on the client: only the clipped update leaves.
                 delta.clip_l2_norm(dp_clip_norm);
@@ -473,10 +483,34 @@ async fn do_round(
             Ok((stats, body, train_s, feedback, reused))
         })
     };
-    let result = training.await.context("training task panicked");
+    let result = training.await;
     cancel.cancel();
     let _ = heartbeat.await;
-    let (stats, body, train_s, feedback, reused) = result??;
+    // A failed training is reported, never left for the deadline to find.
+    let failure = match result {
+        Ok(Ok(trained)) => Ok(trained),
+        Ok(Err(e)) => Err(fl_common::cli::describe(&e)),
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(format!("training panicked: {}", text.lines().next().unwrap_or_default()))
+        }
+        Err(e) => Err(format!("training task failed: {e}")),
+    };
+    let (stats, body, train_s, feedback, reused) = match failure {
+        Ok(trained) => trained,
+        Err(reason) => {
+            let report = pb::TrainingFailureReport { round, attempt, reason: reason.clone() };
+            if let Err(status) = client.report_training_failure(report).await {
+                warn!(round, attempt, "could not report the training failure: {}", status.message());
+            }
+            return Ok(RoundOutcome::TrainingFailed(reason));
+        }
+    };
     held.model = reused;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);

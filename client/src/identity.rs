@@ -40,6 +40,21 @@ impl ClientState {
         ClientState { dir: dir.to_owned() }
     }
 
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the directory if needed and checks that files can be written in it.
+    pub fn check_writable(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let probe = self.dir.join(".write-test");
+        fl_common::files::write_atomic(&probe, b"", 0o600)
+            .with_context(|| format!("{}: cannot write the identity here", self.dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
     fn key_path(&self) -> PathBuf {
         self.dir.join("client.key")
     }
@@ -81,10 +96,26 @@ impl ClientState {
         let read = |p: PathBuf| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()));
         let record: EnrollmentRecord = serde_json::from_str(&read(self.record_path())?)
             .with_context(|| format!("parsing {}", self.record_path().display()))?;
-        Ok(Identity {
+        let identity = Identity {
             key: CertifiedKey { cert_pem: read(self.cert_path())?, key_pem: read(self.key_path())? },
             ca_pem: read(self.ca_path())?,
             record,
-        })
+        };
+        // A damaged file would fail every handshake: name it now, as an error retrying cannot fix.
+        let damaged = |path: PathBuf, e: &dyn std::fmt::Display| {
+            fl_common::cli::Permanent::error(format!(
+                "{}: damaged ({e}); restore it, or re-enroll with `fl-client enroll --force`",
+                path.display()
+            ))
+        };
+        fl_common::tls::check_private_key(&identity.key.key_pem).map_err(|e| damaged(self.key_path(), &e))?;
+        for (path, pem) in [(self.cert_path(), &identity.key.cert_pem), (self.ca_path(), &identity.ca_pem)] {
+            match fl_common::tls::parse_certs(pem) {
+                Ok(certs) if !certs.is_empty() => {}
+                Ok(_) => return Err(damaged(path, &"no certificate in it")),
+                Err(e) => return Err(damaged(path, &e)),
+            }
+        }
+        Ok(identity)
     }
 }

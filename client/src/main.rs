@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fl_client::daemon::{self, DaemonConfig, DaemonExit, PersonalConfig};
 use fl_client::identity::ClientState;
+use fl_common::cli::parse;
 use fl_common::compact::Precision;
 use fl_common::prune::PruneScope;
 use fl_common::{ModelKind, SpecOverrides};
@@ -53,6 +54,9 @@ enum Command {
         /// Name shown to the coordinator's operator.
         #[arg(long, env = "FL_NAME")]
         name: Option<String>,
+        /// Replace an identity already in --state-dir; the coordinator revokes the old client id.
+        #[arg(long)]
+        force: bool,
     },
     /// Serve federated rounds: train on the local CSV and send back weight deltas.
     Run {
@@ -69,10 +73,10 @@ enum Command {
         #[arg(long, env = "FL_NAME")]
         name: Option<String>,
         /// libtorch intra-op threads (default: all cores).
-        #[arg(long, env = "FL_THREADS")]
+        #[arg(long, env = "FL_THREADS", value_parser = parse::int_in(1i32, 1024))]
         threads: Option<i32>,
         /// Longest wait between reconnection attempts, in seconds.
-        #[arg(long, default_value_t = 30.0)]
+        #[arg(long, default_value_t = 30.0, value_parser = parse::seconds(3600.0))]
         max_backoff: f64,
         /// Keep a personal model in STATE/personal: finetune (the global model fine-tuned
         /// locally), fedper (the classifier head stays local) or ditto (a personal model pulled
@@ -80,11 +84,11 @@ enum Command {
         #[arg(long, value_enum, env = "FL_PERSONALIZE")]
         personalize: Option<PersonalizeArg>,
         /// Ditto's λ: the pull of the personal model towards the global one (0: local only).
-        #[arg(long, default_value_t = 10.0, env = "FL_DITTO_LAMBDA")]
+        #[arg(long, default_value_t = 10.0, env = "FL_DITTO_LAMBDA", value_parser = parse::float_in(0.0, 1e6))]
         ditto_lambda: f64,
         /// With --personalize: fraction of the local data held out (never trained on) to compare
         /// the personal and the global model.
-        #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION")]
+        #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION", value_parser = parse::positive(0.99))]
         local_test_fraction: f64,
     },
     /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
@@ -113,10 +117,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = MethodArg::Occlusion, requires = "explain")]
         method: MethodArg,
         /// Integrated-gradients steps (more is more exact; --method ig).
-        #[arg(long, default_value_t = 64, requires = "explain")]
+        #[arg(long, default_value_t = 64, requires = "explain", value_parser = parse::int_in(1usize, 100_000))]
         steps: usize,
         /// Words shown on each side.
-        #[arg(long, default_value_t = 5, requires = "explain")]
+        #[arg(long, default_value_t = 5, requires = "explain", value_parser = parse::int_in(1usize, 10_000))]
         top: usize,
         /// Transformer only: print the last layer's attention weights, averaged over heads.
         #[arg(long)]
@@ -135,19 +139,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Passes over the training rows [default: per architecture].
-        #[arg(long)]
+        #[arg(long, value_parser = parse::int_in(1u32, 100_000))]
         epochs: Option<u32>,
         /// Learning rate [default: per architecture].
-        #[arg(long)]
+        #[arg(long, value_parser = parse::positive(100.0))]
         lr: Option<f64>,
         /// Examples per step.
-        #[arg(long)]
+        #[arg(long, value_parser = parse::int_in(1u32, 1_000_000))]
         batch_size: Option<u32>,
         /// Optimizer: adam or sgd.
         #[arg(long, default_value = "adam")]
         optimizer: OptimizerKind,
         /// Fraction of the rows held out for validation.
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, value_parser = parse::float_below(0.0, 1.0))]
         validation: f64,
         /// Write the weights after the last epoch instead of those of the epoch with the best
         /// validation accuracy.
@@ -157,7 +161,7 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         labels: Option<Vec<String>>,
         /// libtorch intra-op threads (default: all cores).
-        #[arg(long, env = "FL_THREADS")]
+        #[arg(long, env = "FL_THREADS", value_parser = parse::int_in(1i32, 1024))]
         threads: Option<i32>,
         /// Seed of the weights, the split, the shuffling and dropout.
         #[arg(long, default_value_t = 42)]
@@ -182,25 +186,25 @@ enum Command {
         #[arg(long)]
         unlabeled: Option<PathBuf>,
         /// Temperature T that softens the teacher's outputs (1 = as they are).
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 2.0, value_parser = parse::positive(1000.0))]
         temperature: f64,
         /// Weight of the labels' loss in [0, 1]; the rest goes to matching the teacher.
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.5, value_parser = parse::float_in(0.0, 1.0))]
         alpha: f64,
         /// Where to write the student's model file.
         #[arg(long)]
         out: PathBuf,
         /// Passes over the training rows [default: per architecture].
-        #[arg(long)]
+        #[arg(long, value_parser = parse::int_in(1u32, 100_000))]
         epochs: Option<u32>,
         /// Learning rate [default: per architecture].
-        #[arg(long)]
+        #[arg(long, value_parser = parse::positive(100.0))]
         lr: Option<f64>,
         /// Fraction of the labelled rows held out for validation.
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, value_parser = parse::float_below(0.0, 1.0))]
         validation: f64,
         /// libtorch intra-op threads (default: all cores).
-        #[arg(long, env = "FL_THREADS")]
+        #[arg(long, env = "FL_THREADS", value_parser = parse::int_in(1i32, 1024))]
         threads: Option<i32>,
         /// Seed of the weights, the split, the shuffling and dropout.
         #[arg(long, default_value_t = 42)]
@@ -221,7 +225,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = QuantizeArg::Int8)]
         quantize: QuantizeArg,
         /// Fraction of the weights with the smallest magnitude to drop, in [0, 1).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = parse::float_below(0.0, 1.0))]
         prune: f64,
         /// Where the pruning threshold is taken: in each weight matrix, or over all of them.
         #[arg(long, value_enum, default_value_t = ScopeArg::Tensor)]
@@ -248,16 +252,16 @@ enum Command {
         #[arg(long)]
         test: Option<PathBuf>,
         /// Fraction of --data held out to measure the rules (without --test).
-        #[arg(long, default_value_t = 0.3)]
+        #[arg(long, default_value_t = 0.3, value_parser = parse::float_below(0.0, 1.0))]
         holdout: f64,
         /// N-grams listed per class, and the most rules per class.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = parse::int_in(1usize, 10_000))]
         per_class: usize,
         /// Least precision of a rule on the rows it is the first to match (0 to 1).
-        #[arg(long, default_value_t = 0.7)]
+        #[arg(long, default_value_t = 0.7, value_parser = parse::float_in(0.0, 1.0))]
         min_precision: f64,
         /// Least number of rows an n-gram or a rule must cover.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = parse::int_in(1usize, 10_000_000))]
         min_support: usize,
         /// Output format.
         #[arg(long, value_enum, default_value_t = FormatArg::Text)]
@@ -292,10 +296,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// N-grams listed per class, and the most rules per class.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = parse::int_in(1usize, 10_000))]
         per_class: usize,
         /// Most rows drawn in the scatter plot (an even sample of the data).
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 2000, value_parser = parse::int_in(1usize, 10_000_000))]
         max_points: usize,
     },
     /// Generate a labelled text dataset (train, eval, test and per-client shards).
@@ -304,28 +308,28 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Training rows (split into shards).
-        #[arg(long, default_value_t = 6700)]
+        #[arg(long, default_value_t = 6700, value_parser = parse::int_in(1usize, 10_000_000))]
         rows: usize,
         /// Rows of eval.csv (for the coordinator).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = parse::int_in(1usize, 10_000_000))]
         eval_rows: usize,
         /// Rows of test.csv.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = parse::int_in(1usize, 10_000_000))]
         test_rows: usize,
         /// Number of classes (2 to 16).
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = parse::int_in(2usize, 16))]
         classes: usize,
         /// Number of client shards (shard-1.csv ...).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = parse::int_in(1usize, 10_000))]
         shards: usize,
         /// How rows are dealt to the shards.
         #[arg(long, value_enum, default_value_t = PartitionArg::Iid)]
         partition: PartitionArg,
         /// Dirichlet concentration (smaller is more skewed).
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.5, value_parser = parse::positive(1e6))]
         alpha: f64,
         /// Probability that a content word of a sentence is a word of the row's topic (lower is harder).
-        #[arg(long, default_value_t = 0.45)]
+        #[arg(long, default_value_t = GeneratorConfig::default().signal, value_parser = parse::positive(1.0))]
         signal: f64,
         /// Seed.
         #[arg(long, default_value_t = 7)]
@@ -396,17 +400,23 @@ fn main() -> ExitCode {
     fl_common::cli::init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            // Retrying cannot fix a refused identity or data that does not fit the federation:
-            // a distinct status lets supervisors stop restarting (systemd RestartPreventExitStatus=2).
-            if e.downcast_ref::<daemon::FatalError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        // Retrying cannot fix a refused identity or data that does not fit the federation:
+        // a distinct status lets supervisors stop restarting (systemd RestartPreventExitStatus=2).
+        Err(e) => fl_common::cli::report_error(&e, is_permanent),
     }
+}
+
+/// Errors of this binary that retrying cannot fix (exit 2), beside those `fl_common::cli` knows.
+fn is_permanent(e: &(dyn std::error::Error + 'static)) -> bool {
+    use fl_model::model::ModelError;
+    e.is::<daemon::FatalError>()
+        || e.is::<fl_model::data::DataError>()
+        || e.is::<fl_common::SpecError>()
+        || e.is::<fl_common::token::TokenParseError>()
+        || matches!(
+            e.downcast_ref::<ModelError>(),
+            Some(ModelError::Invalid { .. } | ModelError::Spec(_) | ModelError::NonFinite { .. })
+        )
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -414,13 +424,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    // `train` and `distill` keep SIGPIPE ignored and print with `print_line`: a closed stdout must
+    // not stop them before the model is written.
     if matches!(
         cli.command,
         Command::Predict { .. }
-            | Command::Train { .. }
             | Command::GenData { .. }
             | Command::Export { .. }
-            | Command::Distill { .. }
             | Command::Rules { .. }
             | Command::Embed { .. }
             | Command::Report { .. }
@@ -428,10 +438,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         fl_common::cli::die_quietly_on_closed_stdout();
     }
     match cli.command {
-        Command::Enroll { coordinator, token, state_dir, name } => {
+        Command::Enroll { coordinator, token, state_dir, name, force } => {
             let state = ClientState::new(&state_dir);
             let name = name.unwrap_or_else(default_name);
-            let identity = runtime()?.block_on(fl_client::enroll::enroll(&coordinator, &token, &name, &state))?;
+            let identity =
+                runtime()?.block_on(fl_client::enroll::enroll(&coordinator, &token, &name, &state, force))?;
             println!(
                 "enrolled as {} ({}); identity stored in {}",
                 identity.record.client_id,
@@ -451,6 +462,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             ditto_lambda,
             local_test_fraction,
         } => {
+            // Held until the process ends: a second `run` on this state dir is refused at once.
+            let _lock = fl_common::files::DirLock::acquire(&state_dir, "fl-client run")?;
             // Check the whole file before connecting: nothing trains on half a file.
             let mut rows = read_labelled_csv(&data)?;
             anyhow::ensure!(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more");
@@ -537,6 +550,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 model.display(),
                 classifier.spec.kind
             );
+            // A text with no word gives the model nothing to read: its label would be the bias alone.
+            if let Some(t) = text.iter().find(|t| fl_model::tokenizer::words(t).is_empty()) {
+                return Err(fl_common::cli::Permanent::error(format!(
+                    "--text {t:?} has no word the model can read (letters or digits); nothing to classify"
+                )));
+            }
             let method = match method {
                 MethodArg::Ig => Method::IntegratedGradients { steps },
                 MethodArg::Occlusion => Method::Occlusion,
@@ -622,16 +641,16 @@ true label: {label}"
             let outcome = train_central(&rows, &config, device, &cancel, |p| reporter.report(p))?;
             reporter.finish();
             if outcome.cancelled {
-                eprintln!("interrupted; no model written");
+                fl_common::cli::eprint_line("interrupted; no model written");
                 return Ok(ExitCode::from(130));
             }
-            outcome.model.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            outcome.model.save(&out)?;
             let kept = outcome.epochs.iter().find(|r| r.epoch == outcome.kept_epoch);
             // The median epoch: one epoch slowed down by other work on the machine does not move it.
             let mut speeds: Vec<f64> = outcome.epochs.iter().map(|r| r.examples_per_s).collect();
             speeds.sort_by(f64::total_cmp);
             let median_speed = speeds.get(speeds.len() / 2).copied().unwrap_or(0.0);
-            println!(
+            fl_common::cli::print_line(&format!(
                 "wrote {} ({} model, {} parameters, weights of epoch {}{}) in {:.1} s; median epoch: {:.0} examples/s",
                 out.display(),
                 config.spec.kind,
@@ -642,7 +661,7 @@ true label: {label}"
                     .unwrap_or_default(),
                 started.elapsed().as_secs_f64(),
                 median_speed,
-            );
+            ));
             Ok(ExitCode::SUCCESS)
         }
         Command::Distill {
@@ -691,34 +710,37 @@ true label: {label}"
                 .with_context(|| format!("distilling {}", teacher.display()))?;
             reporter.finish();
             if outcome.cancelled {
-                eprintln!("interrupted; no model written");
+                fl_common::cli::eprint_line("interrupted; no model written");
                 return Ok(ExitCode::from(130));
             }
-            outcome.model.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            outcome.model.save(&out)?;
             let (_, held_out) = split_validation(&rows, validation, seed);
             let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
-            println!("{:<8} {:<12} {:>12} {:>10} {:>22}", "", "model", "parameters", "size", "held-out accuracy");
+            fl_common::cli::print_line(&format!(
+                "{:<8} {:<12} {:>12} {:>10} {:>22}",
+                "", "model", "parameters", "size", "held-out accuracy"
+            ));
             for (who, model, path) in [("teacher", &teacher_model, &teacher), ("student", &outcome.model, &out)] {
                 let accuracy = if held_out.is_empty() {
                     "-".to_string()
                 } else {
                     format!("{:.4}", evaluate_rows(model, &held_out)?.accuracy)
                 };
-                println!(
+                fl_common::cli::print_line(&format!(
                     "{who:<8} {:<12} {:>12} {:>7.2} MB {:>22}",
                     model.spec.kind.to_string(),
                     model.num_parameters(),
                     size(path),
                     accuracy
-                );
+                ));
             }
-            println!(
+            fl_common::cli::print_line(&format!(
                 "wrote {} (weights of epoch {}, {} held-out rows) in {:.1} s",
                 out.display(),
                 outcome.kept_epoch,
                 held_out.len(),
                 started.elapsed().as_secs_f64()
-            );
+            ));
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { model, out, quantize, prune, prune_scope, prune_rows, data } => {
@@ -933,11 +955,11 @@ impl TrainingProgress {
     fn report(&mut self, p: Progress<'_>) {
         match p {
             Progress::Start { train_rows, validation_rows } => {
-                eprintln!(
-                    "{}",
-                    self.header
+                fl_common::cli::eprint_line(
+                    &self
+                        .header
                         .replace("{train}", &train_rows.to_string())
-                        .replace("{held}", &validation_rows.to_string())
+                        .replace("{held}", &validation_rows.to_string()),
                 );
                 self.rows_per_epoch = train_rows as u64;
                 self.bar = ProgressBar::new(self.rows_per_epoch * u64::from(self.epochs));
@@ -961,10 +983,10 @@ impl TrainingProgress {
                 };
                 // Printed even when stderr is not a terminal and the bar stays hidden.
                 self.bar.suspend(|| {
-                    println!(
+                    fl_common::cli::print_line(&format!(
                         "epoch {}: train loss {:.4} accuracy {:.4}{validation}, {:.0} examples/s",
                         r.epoch, r.train_loss, r.train_accuracy, r.examples_per_s
-                    )
+                    ))
                 });
             }
         }

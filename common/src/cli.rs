@@ -41,3 +41,273 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     }
     token.cancel();
 }
+
+/// The exit statuses of both binaries: what a supervisor can rely on (README, "Exit codes").
+pub mod exit {
+    /// Done.
+    pub const DONE: u8 = 0;
+    /// Transient: worth a restart (network, coordinator away, disk full).
+    pub const TRANSIENT: u8 = 1;
+    /// Permanent: bad input or flags, refused identity or token, changed federation flags,
+    /// locked state dir. Restarting cannot help (systemd `RestartPreventExitStatus=2`).
+    pub const PERMANENT: u8 = 2;
+    /// Interrupted by SIGINT or SIGTERM; state is saved.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// An error that retrying cannot fix: bad input, a refused token, a malformed URL. Wrap the
+/// cause with [`Permanent::error`]; [`exit_status`] maps it to [`exit::PERMANENT`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+impl Permanent {
+    /// A permanent error with this message.
+    pub fn error(message: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::Error::new(Permanent(message.to_string()))
+    }
+}
+
+/// The exit status for `e`: [`exit::PERMANENT`] when any cause is a [`Permanent`], a locked
+/// state dir, a malformed URL, an input file that is missing, unreadable or malformed, or when
+/// `permanent` (the binary's own list of errors) says so; [`exit::TRANSIENT`] otherwise.
+pub fn exit_status(e: &anyhow::Error, permanent: impl Fn(&(dyn std::error::Error + 'static)) -> bool) -> u8 {
+    use std::io::ErrorKind;
+    let is_permanent = |c: &(dyn std::error::Error + 'static)| {
+        if c.is::<Permanent>() || c.is::<crate::files::LockError>() || permanent(c) {
+            return true;
+        }
+        if let Some(crate::tls::ConnectError::Url { .. }) = c.downcast_ref::<crate::tls::ConnectError>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::NotFound
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::InvalidData
+                    | ErrorKind::InvalidInput
+                    | ErrorKind::AlreadyExists
+                    | ErrorKind::IsADirectory
+                    | ErrorKind::NotADirectory
+                    | ErrorKind::ReadOnlyFilesystem
+            );
+        }
+        false
+    };
+    if e.chain().any(is_permanent) {
+        exit::PERMANENT
+    } else {
+        exit::TRANSIENT
+    }
+}
+
+/// `e` with each cause once: `context: cause: cause`, skipping a cause whose text the line already
+/// holds (an io error that its wrapper prints, then returns as its source, appeared twice).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Prints `error: ...` (each cause once) to stderr, never panicking on a closed stderr, and
+/// returns the exit status [`exit_status`] gives.
+pub fn report_error(
+    e: &anyhow::Error,
+    permanent: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> std::process::ExitCode {
+    eprint_line(&format!("error: {}", describe(e)));
+    std::process::ExitCode::from(exit_status(e, permanent))
+}
+
+/// Writes a line to stdout; a closed stdout is ignored (a daemon or `train` must not die of it).
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Writes a line to stderr; a closed stderr is ignored.
+pub fn eprint_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A string from a client (a name, a reason) fit for a log line or a table: control characters
+/// escaped (a newline cannot forge a log line, an escape sequence cannot reach the terminal) and at
+/// most `max` characters, with `…` when cut.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Longest client-supplied name shown in logs and tables.
+pub const NAME_CHARS: usize = 64;
+
+/// Value parsers for clap: every numeric flag of both binaries is checked when it is parsed, and
+/// a bad value is refused with the flag and its allowed range (clap exits 2). Use them as
+/// `#[arg(long, value_parser = parse::positive(1e3))]`.
+pub mod parse {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    fn float(s: &str) -> Result<f64, String> {
+        let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+        if !v.is_finite() {
+            return Err(format!("{s} is not a finite number"));
+        }
+        Ok(v)
+    }
+
+    /// A finite number in (0, `max`]: a learning rate, a temperature, a norm.
+    pub fn positive(max: f64) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+        move |s| {
+            let v = float(s)?;
+            if v > 0.0 && v <= max {
+                Ok(v)
+            } else {
+                Err(format!("must be greater than 0 and at most {max}"))
+            }
+        }
+    }
+
+    /// As [`positive`], as an `f32`.
+    pub fn positive_f32(max: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
+        move |s| positive(f64::from(max))(s).map(|v| v as f32)
+    }
+
+    /// A finite number in [`min`, `max`] (closed).
+    pub fn float_in(min: f64, max: f64) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+        move |s| {
+            let v = float(s)?;
+            if (min..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!("must be in [{min}, {max}]"))
+            }
+        }
+    }
+
+    /// A finite number in [`min`, `max`) (a fraction that cannot be all).
+    pub fn float_below(min: f64, max: f64) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+        move |s| {
+            let v = float(s)?;
+            if v >= min && v < max {
+                Ok(v)
+            } else {
+                Err(format!("must be in [{min}, {max})"))
+            }
+        }
+    }
+
+    /// An integer in [`min`, `max`]: counts (rounds, epochs, threads, rows) are at least 1, and
+    /// bounded so that no value runs for ever or allocates without end.
+    pub fn int_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+    where
+        T: FromStr + PartialOrd + Display + Copy + Send + Sync + 'static,
+    {
+        move |s| match s.trim().parse::<T>() {
+            Ok(v) if v >= min && v <= max => Ok(v),
+            _ => Err(format!("must be a whole number from {min} to {max}")),
+        }
+    }
+
+    /// Longest duration any flag accepts: ten years.
+    pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
+
+    /// A duration as `30s`, `15m`, `24h`, `7d` or plain seconds, at least one second and at most
+    /// [`MAX_SECONDS`]; in seconds.
+    pub fn duration(s: &str) -> Result<u64, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let scale = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("bad unit in '{s}': use s, m, h or d (examples: 30m, 24h, 7d)")),
+        };
+        let n: u64 = number.parse().map_err(|_| format!("'{s}' is not a duration (examples: 30m, 24h, 7d)"))?;
+        match n.checked_mul(scale) {
+            Some(secs) if (1..=MAX_SECONDS).contains(&secs) => Ok(secs),
+            _ => Err(format!("must be from 1s to {}d", MAX_SECONDS / 86_400)),
+        }
+    }
+
+    /// Seconds as a finite number in (0, `max`].
+    pub fn seconds(max: f64) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+        move |s| positive(max)(s).map_err(|e| format!("{e} (seconds)"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn hostile_values_are_refused_with_the_range() {
+            for bad in ["0", "-1", "NaN", "inf", "-inf", "1e999", "x", ""] {
+                assert!(positive(10.0)(bad).is_err(), "{bad}");
+            }
+            assert_eq!(positive(10.0)("0.5"), Ok(0.5));
+            assert!(positive(10.0)("11").unwrap_err().contains("at most 10"));
+            assert!(float_below(0.0, 1.0)("1").is_err());
+            assert_eq!(float_below(0.0, 1.0)("0"), Ok(0.0));
+            assert!(float_in(0.0, 1.0)("NaN").is_err());
+            assert_eq!(int_in(1u32, 5)("5"), Ok(5));
+            for bad in ["0", "-1", "6", "1e3", "NaN", "99999999999999999999999"] {
+                assert!(int_in(1u32, 5)(bad).unwrap_err().contains("from 1 to 5"), "{bad}");
+            }
+            assert_eq!(duration("2h"), Ok(7200));
+            assert_eq!(duration("30"), Ok(30));
+            for bad in ["0s", "0", "-1h", "5y", "99999999999999999999d", "1e3", "inf"] {
+                assert!(duration(bad).is_err(), "{bad}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error: {0}")]
+        struct Wrapper(#[source] std::io::Error);
+        let e = anyhow::Error::new(Wrapper(io)).context("connecting to https://h:1");
+        assert_eq!(describe(&e), "connecting to https://h:1: transport error: Connection refused (os error 111)");
+        assert_eq!(exit_status(&e, |_| false), exit::TRANSIENT);
+        let missing = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::NotFound)).context("reading x");
+        assert_eq!(exit_status(&missing, |_| false), exit::PERMANENT);
+        assert_eq!(exit_status(&Permanent::error("bad").context("enrolling"), |_| false), exit::PERMANENT);
+    }
+
+    #[test]
+    fn client_strings_are_escaped_and_capped() {
+        assert_eq!(printable("a\nb\x1b[31m", 64), "a\\nb\\u{1b}[31m");
+        assert_eq!(printable(&"x".repeat(100), 10), format!("{}…", "x".repeat(10)));
+        assert_eq!(printable("émoji 😀", 64), "émoji 😀");
+    }
+}

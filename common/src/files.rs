@@ -78,3 +78,84 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
     }
 }
+
+/// Why a state directory could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error(
+        "{dir} is in use by process {pid} ({what}); stop that process first, or use another --state-dir",
+        dir = dir.display(),
+        pid = pid.map_or_else(|| "?".to_string(), |p| p.to_string())
+    )]
+    Held {
+        /// The state directory.
+        dir: std::path::PathBuf,
+        /// The holder's pid, as it wrote it in the lock file.
+        pid: Option<u32>,
+        /// What holds it, e.g. `fl-coordinator serve`.
+        what: String,
+    },
+    /// The lock file could not be created or locked.
+    #[error("{}: cannot lock: {source}", path.display())]
+    Io {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// An exclusive lock on a state directory, held until dropped (for the life of the process that
+/// serves from it): a second coordinator or client on the same directory is refused at once.
+/// The lock file holds the holder's pid and what it is, for the refusal message.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Name of the lock file in the directory.
+    pub const FILE: &'static str = "process.lock";
+
+    /// Takes the lock on `dir` (created if missing) for `what` (e.g. `fl-client run`), or fails
+    /// at once with [`LockError::Held`] naming the holder.
+    pub fn acquire(dir: &Path, what: &str) -> Result<DirLock, LockError> {
+        let path = dir.join(Self::FILE);
+        let io_error = |source| LockError::Io { path: path.clone(), source };
+        fs::create_dir_all(dir).map_err(io_error)?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_error)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let text = fs::read_to_string(&path).unwrap_or_default();
+                let mut words = text.split_whitespace();
+                let pid = words.next().and_then(|p| p.parse().ok());
+                let holder: Vec<&str> = words.collect();
+                let what = if holder.is_empty() { "another process".to_string() } else { holder.join(" ") };
+                return Err(LockError::Held { dir: dir.to_owned(), pid, what });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_error(e)),
+        }
+        file.set_len(0).map_err(io_error)?;
+        file.write_all(format!("{} {what}\n", std::process::id()).as_bytes()).map_err(io_error)?;
+        Ok(DirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(dir.path(), "fl-client run").unwrap();
+        // flock locks belong to the open file description: a second open in this process conflicts too.
+        let err = DirLock::acquire(dir.path(), "fl-client run").unwrap_err().to_string();
+        assert!(err.contains(&format!("process {} (fl-client run)", std::process::id())), "{err}");
+        drop(first);
+        DirLock::acquire(dir.path(), "fl-client run").expect("free again once dropped");
+    }
+}

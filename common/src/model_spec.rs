@@ -227,28 +227,28 @@ impl ModelSpec {
 #[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct SpecOverrides {
     /// Hash buckets [default: 65536 for fasttext, 32768 otherwise].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, MAX_BUCKETS))]
     pub buckets: Option<u32>,
     /// Embedding width, the model width of the transformer [default: 64].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, MAX_WIDTH))]
     pub embed_dim: Option<u32>,
     /// Longest n-gram (2 = unigrams and bigrams) [default: 2 for fasttext, 1 otherwise].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, 8))]
     pub ngrams: Option<u32>,
     /// LSTM or encoder layers [default: 1].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, MAX_LAYERS))]
     pub layers: Option<u32>,
     /// LSTM hidden size or transformer feed-forward width [default: 64 / 128].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, MAX_WIDTH * 4))]
     pub hidden: Option<u32>,
     /// Attention heads (transformer) [default: 4].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, MAX_WIDTH))]
     pub heads: Option<u32>,
     /// Longest word sequence read (bilstm, transformer) [default: 64].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse::int_in(1u32, MAX_LEN))]
     pub max_len: Option<u32>,
     /// Dropout probability (bilstm, transformer) [default: 0.3].
-    #[arg(long)]
+    #[arg(long, value_parser = |s: &str| crate::cli::parse::float_below(0.0, 1.0)(s).map(|v| v as f32))]
     pub dropout: Option<f32>,
     /// Transformer pooling: mean or cls [default: mean].
     #[arg(long, value_parser = ["mean", "cls"])]

@@ -171,6 +171,14 @@ fn first_cert(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
     Ok(parse_certs(pem)?.remove(0))
 }
 
+/// Checks that `pem` holds a private key the crypto provider can sign with (a client's
+/// `client.key`), so that a corrupt file is named at start rather than failing every handshake.
+pub fn check_private_key(pem: &str) -> Result<(), TlsError> {
+    let key = parse_key(pem)?;
+    crypto_provider().key_provider.load_private_key(key).map_err(|e| TlsError::Pem(e.to_string()))?;
+    Ok(())
+}
+
 fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
 }
@@ -240,7 +248,17 @@ pub fn host_port(url: &str) -> Result<(String, u16), ConnectError> {
     }
     let host = uri.host().ok_or_else(|| bad("it has no host"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    Ok((host, uri.port_u16().unwrap_or(443)))
+    // The http crate reads `:99999` or `:abc` as no port at all: refuse it rather than use 443.
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, rest)| rest);
+    let port = match after_host.rsplit_once(':') {
+        None => 443,
+        Some((_, text)) => match text.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(bad(&format!("invalid port '{text}' (1 to 65535)"))),
+        },
+    };
+    Ok((host, port))
 }
 
 /// Opens a TLS channel to the coordinator at `url` that trusts only `ca_pem` and presents
@@ -360,6 +378,16 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_with_a_bad_port_is_refused() {
+        assert_eq!(host_port("https://localhost:7443").unwrap(), ("localhost".into(), 7443));
+        assert_eq!(host_port("https://[::1]:7443").unwrap(), ("::1".into(), 7443));
+        assert_eq!(host_port("https://example.org").unwrap(), ("example.org".into(), 443));
+        for bad in ["https://localhost:99999", "https://localhost:abc", "https://localhost:0", "https://[::1]:x"] {
+            assert!(host_port(bad).is_err(), "{bad} was accepted");
+        }
+    }
 
     #[test]
     fn ca_signs_server_and_client_certs_that_parse() {

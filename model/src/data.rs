@@ -18,6 +18,9 @@ pub enum DataError {
     /// A record is malformed or has a bad value.
     #[error("{path}: line {line}, field '{field}': {message}")]
     Record { path: PathBuf, line: u64, field: String, message: String },
+    /// The file is binary (a gzip, a model file...), not CSV text.
+    #[error("{path}: not a text file (it holds binary bytes; decompress or export it as UTF-8 CSV first)")]
+    NotText { path: PathBuf },
     /// The header is there but no record follows.
     #[error("{path}: no data rows after the header")]
     NoRows { path: PathBuf },
@@ -112,6 +115,10 @@ fn read_csv_from(path: &Path, reader: impl std::io::Read, labelled: bool) -> Res
     if !read(&mut csv, &mut record)? {
         return Err(DataError::Empty { path: path.to_owned() });
     }
+    // A NUL byte or invalid UTF-8 in the header line: binary data, reported without its bytes.
+    if record.iter().any(|f| f.contains(&0) || std::str::from_utf8(f).is_err()) {
+        return Err(DataError::NotText { path: path.to_owned() });
+    }
     let header: Vec<String> =
         record.iter().map(|f| String::from_utf8_lossy(f).trim().trim_start_matches('\u{feff}').to_owned()).collect();
     let column = |name: &'static str| {
@@ -187,6 +194,9 @@ mod tests {
             msg(b"text,label\nok,pos\nbad \xff,pos\n"),
             "data.csv: line 3, field 'text': not valid UTF-8 (byte 4)"
         );
+        let gzip = msg(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xcb\x48,x\n");
+        assert!(gzip.starts_with("data.csv: not a text file"), "{gzip}");
+        assert!(!gzip.contains('\u{fffd}'), "no bytes of the file in the message: {gzip}");
         let texts = read_csv_from(Path::new("u.csv"), b"id,text\n1,a b\n2,c\n".as_slice(), false).unwrap().texts;
         assert_eq!(texts, vec!["a b", "c"]);
         let rows = parse(b"text,label\na,pos\nb,what\n").unwrap();

@@ -32,7 +32,7 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
 use crate::backend::Evaluator;
@@ -72,6 +72,9 @@ pub struct RoundSettings {
     /// `safetensors-f32`. The first also chooses how clients download deltas
     /// ([`UpdateCodec::for_download`]; none for `safetensors-f32`).
     pub update_codecs: Vec<UpdateCodec>,
+    /// Attempts in a row in which every sampled client's training failed for the same reasons
+    /// after which the federation stops (committed rounds are kept).
+    pub max_failed_attempts: u32,
 }
 
 impl RoundSettings {
@@ -401,6 +404,8 @@ struct RoundBook {
     sampled: HashSet<String>,
     accepted: HashSet<String>,
     rejected: HashSet<String>,
+    /// Clients whose local training failed, with the reason they reported.
+    training_failures: HashMap<String, String>,
     progress: HashMap<String, f32>,
     sum: Arc<tokio::sync::Mutex<Accumulator>>,
     bytes_down: Arc<AtomicU64>,
@@ -980,6 +985,22 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Records that a sampled client's local training failed: it has answered this attempt, so the
+    /// attempt closes as soon as every sampled client answered, not at the deadline. Returns
+    /// whether the report counted (false for a client not sampled, or one that already answered).
+    pub fn record_training_failure(&self, client_id: &str, round: u32, attempt: u32, reason: &str) -> bool {
+        let counted = match lock(&self.phase).collecting_mut(round, attempt) {
+            Ok(book) if book.sampled.contains(client_id) && !book.has_answered(client_id) => {
+                book.rejected.insert(client_id.to_string());
+                book.training_failures.insert(client_id.to_string(), reason.to_string());
+                true
+            }
+            _ => false,
+        };
+        self.changed();
+        counted
+    }
+
     /// Records a heartbeat; returns whether the round attempt is still open for this client.
     pub fn heartbeat(&self, client_id: &str, round: u32, attempt: u32, progress: f32) -> bool {
         match lock(&self.phase).collecting_mut(round, attempt) {
@@ -1046,6 +1067,7 @@ impl Coordinator {
             sampled: sampled.into_iter().collect(),
             accepted: HashSet::new(),
             rejected: HashSet::new(),
+            training_failures: HashMap::new(),
             progress: HashMap::new(),
             sum: Arc::new(tokio::sync::Mutex::new(Accumulator {
                 strategy,
@@ -1144,7 +1166,16 @@ pub async fn watch_registry(coord: Arc<Coordinator>, period: Duration, stop: Can
                 coord.changed();
             }
             Ok(Ok(false)) => {}
-            Ok(Err(e)) => warn!("could not re-read the client registry: {e}"),
+            Ok(Err(e)) => {
+                // Never treat every client as unknown: serve from memory and put the file back.
+                error!("the client registry is unreadable ({e}); rewriting it from memory");
+                let registry = coord.registry.clone();
+                match tokio::task::spawn_blocking(move || registry.restore()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => error!("could not rewrite the client registry: {e}"),
+                    Err(e) => error!("rewriting the client registry failed: {e}"),
+                }
+            }
             Err(e) => warn!("re-reading the client registry failed: {e}"),
         }
     }
@@ -1191,6 +1222,7 @@ pub async fn run_rounds(
     let serving_since = Instant::now();
     let settings = coord.settings.clone();
     let mut rng = rand::rngs::StdRng::from_os_rng();
+    let mut repeated = policy::RepeatedFailure::default();
     while coord.completed_rounds() < settings.rounds {
         let round = coord.completed_rounds() + 1;
         let mut attempt = 0;
@@ -1305,6 +1337,20 @@ pub async fn run_rounds(
                 if let Some(error) = lock(&coord.attempt_error).take() {
                     reason = format!("{reason}; {error}");
                 }
+                let all_failed = policy::all_training_failed(&book.sampled, &book.training_failures);
+                if let Some(why) = &all_failed {
+                    reason = format!("{reason}; {why}");
+                }
+                if repeated.record(all_failed) >= settings.max_failed_attempts.max(1) {
+                    coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
+                    coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
+                    return Err(fl_common::cli::Permanent::error(format!(
+                        "stopping the federation: {} attempts in a row of round {round} failed the same way ({reason}); \
+                         the {} committed round(s) are kept: fix the cause (e.g. --lr) and restart",
+                        repeated.count,
+                        coord.completed_rounds()
+                    )));
+                }
                 warn!(round, attempt, "round attempt failed: {reason}; retrying");
                 coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
                 coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
@@ -1315,6 +1361,7 @@ pub async fn run_rounds(
                 }
                 continue;
             }
+            repeated = policy::RepeatedFailure::default();
             let elapsed = elapsed_before + serving_since.elapsed().as_secs_f64();
             complete_round(&coord, eval.clone(), *book, sum, elapsed).await?;
             break;
@@ -1571,6 +1618,7 @@ mod tests {
             seed: 1,
             max_update_norm: 10.0,
             update_codecs: Vec::new(),
+            max_failed_attempts: 3,
         }
     }
 
@@ -1578,7 +1626,7 @@ mod tests {
     async fn a_panicking_fold_fails_the_update_and_poisons_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        let registry = Arc::new(RegistryStore::open(dir.path()).unwrap());
+        let registry = Arc::new(RegistryStore::create(dir.path()).unwrap());
         let spec = SpecOverrides::default().spec(ModelKind::Fasttext, vec!["a".into(), "b".into()]).unwrap();
         let weights = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![0.0; 2] }]);
         let ca = fl_common::tls::CertificateAuthority::generate("test CA").unwrap();

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use fl_common::token::JoinToken;
 use fl_common::{decode_model, ModelKind, ModelSpec, SpecOverrides};
 use tokio::net::TcpListener;
@@ -165,10 +165,11 @@ pub async fn serve(
     };
     published.await??;
     if let Some(token) = new_token {
-        println!("join token: {token}");
-        println!("(also in {}, mode 0600)", state.path("join-token").display());
+        // A closed stdout must not stop a coordinator: these lines are also in the state dir.
+        fl_common::cli::print_line(&format!("join token: {token}"));
+        fl_common::cli::print_line(&format!("(also in {}, mode 0600)", state.path("join-token").display()));
     }
-    println!("coordinator listening on {addr}");
+    fl_common::cli::print_line(&format!("coordinator listening on {addr}"));
     if let Some(dashboard) = &config.dashboard {
         dashboard.set_ready(true);
     }
@@ -209,17 +210,17 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         let ledger = DpLedger::load(state.root())?;
         let conflicts = config.dp.conflicts_with(ledger.as_ref().map(|l| &l.config));
         if !conflicts.is_empty() {
-            bail!(
+            return Err(fl_common::cli::Permanent::error(format!(
                 "these flags would change the existing federation's differential privacy: {}; use a new --state-dir for a new federation",
                 conflicts.join(", ")
-            );
+            )));
         }
         let conflicts = config.model.conflicts_with(&record.spec);
         if !conflicts.is_empty() {
-            bail!(
+            return Err(fl_common::cli::Permanent::error(format!(
                 "these flags would change the existing federation's model: {}; use a new --state-dir for a new federation",
                 conflicts.join(", ")
-            );
+            )));
         }
         if config.init_model.is_some() {
             tracing::warn!("--init-model is ignored: the federation already exists and resumes from its last round");
@@ -232,11 +233,11 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
                 let (spec, weights) = load_init_model(backend, path)?;
                 let conflicts = config.model.conflicts_with(&spec);
                 if !conflicts.is_empty() {
-                    bail!(
+                    return Err(fl_common::cli::Permanent::error(format!(
                         "--init-model {}: the model does not fit the flags: {}",
                         path.display(),
                         conflicts.join(", ")
-                    );
+                    )));
                 }
                 (spec, Some(weights))
             }
@@ -244,10 +245,16 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
                 let labels = match (&config.model.labels, &config.eval_data) {
                     (Some(l), _) => l.clone(),
                     (None, Some(path)) => backend.labels_of(path)?,
-                    (None, None) => bail!("a new federation needs its labels: give --labels a,b,c or --eval-data CSV"),
+                    (None, None) => {
+                        return Err(fl_common::cli::Permanent::error(
+                            "a new federation needs its labels: give --labels a,b,c or --eval-data CSV",
+                        ))
+                    }
                 };
                 if labels.len() < 2 {
-                    bail!("a classifier needs at least 2 labels, got {labels:?}");
+                    return Err(fl_common::cli::Permanent::error(format!(
+                        "a classifier needs at least 2 labels, got {labels:?}"
+                    )));
                 }
                 (config.model.new_spec(labels)?, None)
             }
@@ -281,7 +288,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         let bytes = fl_common::encode_model(&record.spec, &initial);
         fl_common::files::write_atomic(&state.round_model_path(0), &bytes, 0o644)?;
         let token = JoinToken::generate(&record.spec.federation);
-        RegistryStore::open(state.root())?.update(|r| r.add_token(&token, None, None, now_unix()))?;
+        RegistryStore::create(state.root())?.update(|r| r.add_token(&token, None, None, now_unix()))?;
         info!(dir = %state.root().display(), labels = record.spec.labels.join(","), "created a new federation");
         new_token = Some(token);
         (record, ca)

@@ -2,7 +2,7 @@
 //! closes. The engine ([`crate::coordinator`]) calls them with what it sees; they do no I/O and
 //! read no clock of their own, so every close condition is unit-tested below.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -124,6 +124,47 @@ pub fn should_close(view: &RoundView<'_>, now: Instant) -> Close {
 /// sampled and has not answered.
 pub fn resend_task_on_connect(view: &RoundView<'_>, client: &str) -> bool {
     view.sampled.contains(client) && !view.has_answered(client)
+}
+
+/// The reasons, when every sampled client of an attempt reported that its local training failed.
+pub fn all_training_failed(sampled: &HashSet<String>, failures: &HashMap<String, String>) -> Option<String> {
+    if sampled.is_empty() || !sampled.iter().all(|c| failures.contains_key(c)) {
+        return None;
+    }
+    let reasons: BTreeSet<&str> =
+        failures.iter().filter(|(c, _)| sampled.contains(*c)).map(|(_, r)| r.as_str()).collect();
+    Some(format!(
+        "local training failed on every sampled client: {}",
+        reasons.into_iter().collect::<Vec<_>>().join("; ")
+    ))
+}
+
+/// Counts attempts in a row that failed the same way: the same reasons from every sampled client.
+#[derive(Debug, Default)]
+pub struct RepeatedFailure {
+    last: Option<String>,
+    /// Attempts in a row with the last failure.
+    pub count: u32,
+}
+
+impl RepeatedFailure {
+    /// Records an attempt that failed: `Some(reasons)` when every client's training failed (from
+    /// [`all_training_failed`]), `None` for any other failure (stragglers, refused updates), which
+    /// ends the series. Returns the length of the series.
+    pub fn record(&mut self, failure: Option<String>) -> u32 {
+        match failure {
+            None => {
+                self.last = None;
+                self.count = 0;
+            }
+            Some(f) if self.last.as_deref() == Some(f.as_str()) => self.count += 1,
+            Some(f) => {
+                self.last = Some(f);
+                self.count = 1;
+            }
+        }
+        self.count
+    }
 }
 
 #[cfg(test)]
@@ -318,5 +359,23 @@ mod tests {
         assert!(!resend_task_on_connect(&f.view(), "b"));
         assert!(resend_task_on_connect(&f.view(), "c"));
         assert!(!resend_task_on_connect(&f.view(), "z"));
+    }
+
+    #[test]
+    fn identical_training_failures_of_every_client_are_counted_in_a_row() {
+        let sampled: HashSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let mut failures = HashMap::new();
+        failures.insert("a".to_string(), "non-finite loss".to_string());
+        assert_eq!(all_training_failed(&sampled, &failures), None, "b has not failed");
+        failures.insert("b".to_string(), "non-finite loss".to_string());
+        let why = all_training_failed(&sampled, &failures).unwrap();
+        assert_eq!(why, "local training failed on every sampled client: non-finite loss");
+        assert_eq!(all_training_failed(&HashSet::new(), &failures), None, "nobody sampled is no failure");
+        let mut series = RepeatedFailure::default();
+        assert_eq!(series.record(Some(why.clone())), 1);
+        assert_eq!(series.record(Some(why.clone())), 2);
+        assert_eq!(series.record(Some("other".into())), 1, "a different failure starts a new series");
+        assert_eq!(series.record(None), 0, "a straggler's failure ends it");
+        assert_eq!(series.record(Some(why)), 1);
     }
 }

@@ -173,16 +173,32 @@ pub struct RegistryStore {
 }
 
 impl RegistryStore {
-    /// The registry of the state directory `dir`, read once.
-    pub fn open(dir: &Path) -> std::io::Result<RegistryStore> {
-        let store = RegistryStore {
+    fn at(dir: &Path) -> RegistryStore {
+        RegistryStore {
             path: dir.join("registry.json"),
             lock_path: dir.join("registry.lock"),
             copy: RwLock::new((None, Arc::new(Registry::default()))),
-        };
+        }
+    }
+
+    /// The registry of the federation in `dir`, read once. A missing file is an error: a
+    /// federation always has one, and treating it as empty would un-enroll every client.
+    pub fn open(dir: &Path) -> std::io::Result<RegistryStore> {
+        let store = Self::at(dir);
         let loaded = store.load_file()?;
         store.set_copy(loaded);
         Ok(store)
+    }
+
+    /// The registry of a new federation in `dir`: an empty one is written if there is none.
+    pub fn create(dir: &Path) -> std::io::Result<RegistryStore> {
+        let store = Self::at(dir);
+        let _lock = store.lock()?;
+        if !store.path.exists() {
+            store.write(&Registry::default())?;
+        }
+        drop(_lock);
+        Self::open(dir)
     }
 
     fn lock(&self) -> std::io::Result<File> {
@@ -201,9 +217,17 @@ impl RegistryStore {
                 })?;
                 Ok((stamp, registry))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, Registry::default())),
-            Err(e) => Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: missing (the registry of tokens and clients)", self.path.display()),
+            )),
+            Err(e) => Err(std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display()))),
         }
+    }
+
+    fn write(&self, registry: &Registry) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(registry).map_err(std::io::Error::other)?;
+        fl_common::files::write_atomic(&self.path, &bytes, 0o600)
     }
 
     fn set_copy(&self, (stamp, registry): (FileStamp, Registry)) {
@@ -215,7 +239,8 @@ impl RegistryStore {
         self.copy.read().unwrap_or_else(PoisonError::into_inner).1.clone()
     }
 
-    /// Re-reads the file if it changed since the copy was made; returns whether it did.
+    /// Re-reads the file if it changed since the copy was made; returns whether it did. A file
+    /// that is missing or does not parse is an error, and the copy stays as it was.
     pub fn refresh(&self) -> std::io::Result<bool> {
         let current = stamp(&self.path);
         if current.is_some() && self.copy.read().unwrap_or_else(PoisonError::into_inner).0 == current {
@@ -225,6 +250,27 @@ impl RegistryStore {
         let changed = *self.snapshot() != loaded.1;
         self.set_copy(loaded);
         Ok(changed)
+    }
+
+    /// After [`RegistryStore::refresh`] failed: rewrites the file from the in-memory copy under
+    /// the lock (a file that does not parse is kept beside it as `registry.json.corrupt`).
+    /// Returns false when the file was good again by the time the lock was taken.
+    pub fn restore(&self) -> std::io::Result<bool> {
+        let _lock = self.lock()?;
+        match self.load_file() {
+            Ok(loaded) => {
+                self.set_copy(loaded);
+                return Ok(false);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = std::fs::rename(&self.path, self.path.with_extension("json.corrupt"));
+            }
+            Err(_) => {}
+        }
+        let registry = self.snapshot();
+        self.write(&registry)?;
+        self.set_copy((stamp(&self.path), (*registry).clone()));
+        Ok(true)
     }
 
     /// The current registry, re-read if the file changed.
@@ -238,8 +284,7 @@ impl RegistryStore {
         let _lock = self.lock()?;
         let (_, mut registry) = self.load_file()?;
         let out = change(&mut registry);
-        let bytes = serde_json::to_vec_pretty(&registry).map_err(std::io::Error::other)?;
-        fl_common::files::write_atomic(&self.path, &bytes, 0o600)?;
+        self.write(&registry)?;
         self.set_copy((stamp(&self.path), registry));
         Ok(out)
     }
@@ -268,7 +313,7 @@ mod tests {
     #[test]
     fn store_sees_changes_made_by_another_handle() {
         let dir = tempfile::tempdir().unwrap();
-        let a = RegistryStore::open(dir.path()).unwrap();
+        let a = RegistryStore::create(dir.path()).unwrap();
         let b = RegistryStore::open(dir.path()).unwrap();
         let token = JoinToken::generate(&"0".repeat(64));
         assert!(a.snapshot().tokens.is_empty());
@@ -283,7 +328,7 @@ mod tests {
     #[test]
     fn a_change_within_one_mtime_tick_is_seen() {
         let dir = tempfile::tempdir().unwrap();
-        let a = RegistryStore::open(dir.path()).unwrap();
+        let a = RegistryStore::create(dir.path()).unwrap();
         let b = RegistryStore::open(dir.path()).unwrap();
         for i in 0..5 {
             let token = JoinToken::generate(&"0".repeat(64));
@@ -291,5 +336,26 @@ mod tests {
             a.refresh().unwrap();
             assert_eq!(a.snapshot().tokens.len(), i as usize + 1);
         }
+    }
+
+    #[test]
+    fn a_deleted_or_corrupt_file_is_rewritten_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(RegistryStore::open(dir.path()).is_err(), "no registry is an error, not an empty one");
+        let store = RegistryStore::create(dir.path()).unwrap();
+        let token = JoinToken::generate(&"0".repeat(64));
+        store.update(|r| r.add_token(&token, None, None, 1)).unwrap();
+        std::fs::remove_file(dir.path().join("registry.json")).unwrap();
+        assert!(store.refresh().is_err(), "a missing file is an error");
+        assert_eq!(store.snapshot().tokens.len(), 1, "the copy is kept");
+        assert!(RegistryStore::open(dir.path()).unwrap_err().to_string().contains("registry.json: missing"));
+        assert!(store.restore().unwrap());
+        assert_eq!(RegistryStore::open(dir.path()).unwrap().snapshot().tokens.len(), 1, "rewritten from memory");
+        std::fs::write(dir.path().join("registry.json"), b"{ not json").unwrap();
+        assert!(store.refresh().is_err());
+        assert!(store.restore().unwrap());
+        assert_eq!(RegistryStore::open(dir.path()).unwrap().snapshot().tokens.len(), 1);
+        assert!(dir.path().join("registry.json.corrupt").exists(), "the bad file is kept for a look");
+        assert!(!store.restore().unwrap(), "nothing to restore when the file is good");
     }
 }

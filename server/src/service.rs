@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use fl_common::cli::{printable, NAME_CHARS};
 use fl_common::tensors::CODEC_SAFETENSORS_F32;
 use fl_common::tls::cert_fingerprint;
 use fl_common::token::JoinToken;
@@ -144,7 +145,7 @@ impl FederationService {
         .map_err(|e| ServiceError::Internal(e.to_string()))?
         .map_err(ServiceError::Registry)?;
         let token_id = redeemed.inspect_err(|e| warn!("enrollment refused: {e}"))?;
-        info!(client = %client_id, name = %name, token = %token_id, "client enrolled");
+        info!(client = %client_id, name = %printable(&name, NAME_CHARS), token = %token_id, "client enrolled");
         Ok(pb::EnrollResponse { client_id, certificate_pem: cert_pem, ca_pem: self.coord.ca.cert_pem.clone() })
     }
 
@@ -157,7 +158,7 @@ impl FederationService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let connection = self.coord.connect(&client.id, tx.clone());
-        info!(client = %client.id, name = %request.get_ref().name, examples = request.get_ref().num_examples, "client connected");
+        info!(client = %client.id, name = %printable(&request.get_ref().name, NAME_CHARS), examples = request.get_ref().num_examples, "client connected");
         let (registry, id, now) = (self.coord.registry.clone(), client.id.clone(), now_unix());
         tokio::task::spawn_blocking(move || {
             let seen = registry.update(|reg| {
@@ -322,7 +323,7 @@ type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + S
 
 #[tonic::async_trait]
 impl pb::federation_server::Federation for FederationService {
-    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    #[tracing::instrument(skip_all, fields(name = %printable(&request.get_ref().name, NAME_CHARS)))]
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
         Ok(Response::new(FederationService::enroll(self, request.into_inner()).await?))
     }
@@ -352,6 +353,38 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::SubmitAck>, Status> {
         let client = self.authenticate(&request)?;
         Ok(Response::new(FederationService::submit_update(self, &client, request.into_inner()).await?))
+    }
+
+    async fn withdraw_enrollment(
+        &self,
+        request: Request<pb::WithdrawEnrollmentRequest>,
+    ) -> Result<Response<pb::WithdrawEnrollmentAck>, Status> {
+        let client = self.authenticate(&request)?;
+        let reason = printable(&request.get_ref().reason, 200);
+        let (registry, id) = (self.coord.registry.clone(), client.id.clone());
+        tokio::task::spawn_blocking(move || {
+            registry.update(|reg| {
+                reg.clients.iter_mut().filter(|c| c.id == id).for_each(|c| c.status = ClientStatus::Revoked)
+            })
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
+        .map_err(ServiceError::Registry)?;
+        let _ = self.coord.drop_revoked();
+        warn!(client = %client.id, %reason, "client withdrew its enrollment: revoked");
+        Ok(Response::new(pb::WithdrawEnrollmentAck { client_id: client.id }))
+    }
+
+    async fn report_training_failure(
+        &self,
+        request: Request<pb::TrainingFailureReport>,
+    ) -> Result<Response<pb::TrainingFailureAck>, Status> {
+        let client = self.authenticate(&request)?;
+        let req = request.into_inner();
+        let reason = printable(&req.reason, 300);
+        let counted = self.coord.record_training_failure(&client.id, req.round, req.attempt, &reason);
+        warn!(client = %client.id, round = req.round, attempt = req.attempt, counted, %reason, "local training failed");
+        Ok(Response::new(pb::TrainingFailureAck { counted }))
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatAck>, Status> {

@@ -62,6 +62,7 @@ fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
         seed: 7,
         max_update_norm: 1.0e4,
         update_codecs: Vec::new(),
+        max_failed_attempts: 3,
     }
 }
 
@@ -111,7 +112,7 @@ impl Served {
     /// Enrolls a client through the Enroll RPC, as `fl-client enroll` does.
     async fn enroll(&self, name: &str) -> Identity {
         let dir = self.root.path().join(name);
-        fl_client::enroll::enroll(&self.url, &self.token, name, &ClientState::new(&dir)).await.unwrap()
+        fl_client::enroll::enroll(&self.url, &self.token, name, &ClientState::new(&dir), false).await.unwrap()
     }
 
     async fn join(&self, identity: &Identity) -> RawClient {

@@ -45,6 +45,9 @@ pub enum ModelError {
     /// libtorch failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Training diverged: a model with NaN or infinite weights is never written.
+    #[error("{path}: not written: the weights are not finite (training diverged; lower --lr)")]
+    NonFinite { path: String },
 }
 
 /// A batch of tokenized documents, ready for a forward pass.
@@ -341,7 +344,11 @@ impl Classifier {
 
     /// Writes the model file atomically.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        fl_common::files::write_atomic(path, &self.to_model_bytes(), 0o644)
+        let weights = self.to_tensors();
+        if !weights.tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())) {
+            return Err(ModelError::NonFinite { path: path.display().to_string() });
+        }
+        fl_common::files::write_atomic(path, &encode_model(&self.spec, &weights), 0o644)
             .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
     }
 

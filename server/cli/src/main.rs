@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use fl_common::cli::{parse, printable, NAME_CHARS};
 use fl_common::token::JoinToken;
 use fl_common::ModelKind;
 use fl_server::registry::{now_unix, ClientStatus, RegistryStore};
@@ -96,7 +97,7 @@ impl HttpArgs {
         let bound = listener.local_addr()?;
         std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
         fl_common::files::write_atomic(&state_dir.join("http-addr"), bound.to_string().as_bytes(), 0o644)?;
-        println!("dashboard on http://{bound}/");
+        fl_common::cli::print_line(&format!("dashboard on http://{bound}/"));
         let options = fl_server::http::HttpOptions { token: self.http_token.clone(), config };
         let dashboard = fl_server::http::Dashboard::new(state_dir, options);
         tokio::spawn({
@@ -120,19 +121,19 @@ struct ServeArgs {
     #[arg(long, env = "FL_STATE_DIR")]
     state_dir: PathBuf,
     /// Total rounds of the federation.
-    #[arg(long, env = "FL_ROUNDS", default_value_t = 10)]
+    #[arg(long, env = "FL_ROUNDS", default_value_t = 10, value_parser = parse::int_in(1u32, 1_000_000))]
     rounds: u32,
     /// Fewest updates that make a round, and fewest connected clients to start one.
-    #[arg(long, env = "FL_MIN_CLIENTS", default_value_t = 2)]
+    #[arg(long, env = "FL_MIN_CLIENTS", default_value_t = 2, value_parser = parse::int_in(1usize, 100_000))]
     min_clients: usize,
     /// Updates wanted per round (0: one from every connected client).
-    #[arg(long, env = "FL_CLIENTS_PER_ROUND", default_value_t = 0)]
+    #[arg(long, env = "FL_CLIENTS_PER_ROUND", default_value_t = 0, value_parser = parse::int_in(0usize, 100_000))]
     clients_per_round: usize,
     /// Sample this many times --clients-per-round and close the round when that many updates are in.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse::float_in(1.0, 100.0))]
     over_sample: f64,
     /// Seconds a round waits for updates before it closes (or is retried with too few).
-    #[arg(long, env = "FL_ROUND_TIMEOUT", default_value_t = 300.0)]
+    #[arg(long, env = "FL_ROUND_TIMEOUT", default_value_t = 300.0, value_parser = parse::seconds(7.0 * 86_400.0))]
     round_timeout: f64,
     /// Labelled CSV for centralized evaluation after each round.
     #[arg(long, env = "FL_EVAL_DATA")]
@@ -146,13 +147,13 @@ struct ServeArgs {
     #[command(flatten)]
     arch: fl_common::SpecOverrides,
     /// Local epochs per round.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse::int_in(1u32, 10_000))]
     local_epochs: u32,
     /// Local batch size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = parse::int_in(1u32, 1_000_000))]
     batch_size: u32,
     /// Local learning rate.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = parse::positive_f32(100.0))]
     lr: f32,
     /// Local optimizer: adam or sgd.
     #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
@@ -161,7 +162,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Largest accepted L2 norm of an update.
-    #[arg(long, default_value_t = 1.0e4)]
+    #[arg(long, default_value_t = 1.0e4, value_parser = parse::positive(1e12))]
     max_update_norm: f64,
     /// Update codec accepted from clients; repeat it (or separate with commas) for several, most
     /// preferred first. Clients use the first they know. The first also sets the delta downloads
@@ -171,6 +172,10 @@ struct ServeArgs {
     /// accepted from clients that know nothing else. See README "Update codecs".
     #[arg(long = "update-codec", env = "FL_UPDATE_CODEC", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
     update_codec: Vec<fl_common::codec::UpdateCodec>,
+    /// Stop the federation (exit 2, committed rounds kept) after this many attempts in a row in
+    /// which every sampled client's local training failed for the same reasons.
+    #[arg(long, env = "FL_MAX_FAILED_ATTEMPTS", default_value_t = 3, value_parser = parse::int_in(1u32, 1000))]
+    max_failed_attempts: u32,
     /// Start a new federation from this model file (from a previous federation or from
     /// `fl-client train`) instead of random weights; its architecture and labels must fit the flags.
     #[arg(long, env = "FL_INIT_MODEL")]
@@ -193,10 +198,10 @@ enum TokenCommand {
         #[arg(long, env = "FL_STATE_DIR")]
         state_dir: PathBuf,
         /// Lifetime, e.g. 30m, 24h, 7d (default: no expiry).
-        #[arg(long)]
-        ttl: Option<String>,
+        #[arg(long, value_parser = parse::duration)]
+        ttl: Option<u64>,
         /// Enrollments allowed (default: unlimited).
-        #[arg(long)]
+        #[arg(long, value_parser = parse::int_in(1u32, u32::MAX))]
         uses: Option<u32>,
     },
     /// List join tokens.
@@ -233,14 +238,27 @@ fn main() -> ExitCode {
     fl_common::cli::init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fl_common::cli::report_error(&e, is_permanent),
     }
 }
 
+/// Errors of this binary that retrying cannot fix (exit 2), beside those `fl_common::cli` knows.
+fn is_permanent(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.is::<fl_model::data::DataError>()
+        || e.is::<fl_common::SpecError>()
+        || e.is::<fl_server::dp::DpConfigError>()
+        || matches!(
+            e.downcast_ref::<fl_model::model::ModelError>(),
+            Some(fl_model::model::ModelError::Invalid { .. } | fl_model::model::ModelError::Spec(_))
+        )
+}
+
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    // Commands that print for a reader who may stop reading (`| head`); serve and dashboard keep
+    // SIGPIPE ignored and never fail on a closed stdout.
+    if matches!(cli.command, Command::Status { .. } | Command::Token { .. } | Command::Clients { .. }) {
+        fl_common::cli::die_quietly_on_closed_stdout();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
@@ -253,12 +271,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    if args.round_timeout <= 0.0 {
-        bail!("--round-timeout must be positive");
-    }
-    if args.min_clients == 0 {
-        bail!("--min-clients must be at least 1");
-    }
+    // Held until the process ends: a second coordinator on this state dir is refused at once.
+    let _lock = fl_common::files::DirLock::acquire(&args.state_dir, "fl-coordinator serve")?;
     let sans =
         if args.tls_san.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { args.tls_san.clone() };
     let config = ServeConfig {
@@ -278,6 +292,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             seed: args.seed,
             max_update_norm: args.max_update_norm,
             update_codecs: args.update_codec.clone(),
+            max_failed_attempts: args.max_failed_attempts,
         },
         tls_sans: sans,
         seed: args.seed,
@@ -296,7 +311,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     match fl_server::serve(config, Arc::new(backend::TorchBackend), listener, shutdown).await? {
         ServeOutcome::Finished => Ok(ExitCode::SUCCESS),
         ServeOutcome::Interrupted => {
-            eprintln!("stopped; state saved in {} (restart with the same flags to resume)", args.state_dir.display());
+            fl_common::cli::eprint_line(&format!(
+                "stopped; state saved in {} (restart with the same flags to resume)",
+                args.state_dir.display()
+            ));
             Ok(ExitCode::from(130))
         }
     }
@@ -435,7 +453,9 @@ fn status_summary(
         let _ = writeln!(
             out,
             "           {:<16} {:<16} {state:<9} rounds joined {:<4} last seen {seen} s ago",
-            c.name, c.id, c.rounds_joined
+            printable(&c.name, NAME_CHARS),
+            c.id,
+            c.rounds_joined
         );
     }
     if !status.refused.is_empty() {
@@ -465,20 +485,6 @@ fn open_registry(state_dir: &std::path::Path) -> Result<(StateDir, RegistryStore
     Ok((state, registry))
 }
 
-/// Parses `30s`, `15m`, `24h`, `7d` or plain seconds.
-fn parse_duration(s: &str) -> Result<u64> {
-    let (number, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
-    let n: u64 = number.parse().with_context(|| format!("bad duration '{s}' (examples: 30m, 24h, 7d)"))?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!("bad duration unit in '{s}' (use s, m, h or d)"),
-    };
-    Ok(n * scale)
-}
-
 fn format_time(unix: Option<u64>) -> String {
     match unix {
         None => "-".into(),
@@ -498,7 +504,6 @@ fn token(command: TokenCommand) -> Result<ExitCode> {
         TokenCommand::Create { state_dir, ttl, uses } => {
             let (state, registry) = open_registry(&state_dir)?;
             let (record, _) = state.load()?;
-            let ttl = ttl.as_deref().map(parse_duration).transpose()?;
             let token = JoinToken::generate(&record.spec.federation);
             registry.update(|r| r.add_token(&token, ttl, uses, now_unix()))?;
             println!("{token}");
@@ -554,7 +559,11 @@ fn clients(command: ClientsCommand) -> Result<ExitCode> {
                     ClientStatus::Active => "active",
                     ClientStatus::Revoked => "revoked",
                 };
-                let name = if c.name.is_empty() { "-".to_string() } else { c.name.replace(char::is_whitespace, "_") };
+                let name = if c.name.is_empty() {
+                    "-".to_string()
+                } else {
+                    printable(&c.name, NAME_CHARS).replace(char::is_whitespace, "_")
+                };
                 println!(
                     "{:<16} {:<20} {:<14} {:<14} {:>6} {}",
                     c.id,

@@ -31,15 +31,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(fl_server::health::check(&cli.coordinator, &cli.ca)) {
         Ok(status) => {
-            println!("{status:?}");
+            fl_common::cli::print_line(&format!("{status:?}"));
             if status == ServingStatus::Serving {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             }
         }
+        // A probe: every failure, a bad flag aside (clap, 2), is "not healthy now".
         Err(e) => {
-            eprintln!("error: {e:#}");
+            fl_common::cli::eprint_line(&format!("error: {}", fl_common::cli::describe(&e)));
             ExitCode::FAILURE
         }
     }
