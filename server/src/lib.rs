@@ -270,7 +270,9 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         if let Some(secagg) = &new_secagg {
             // The same checks `with_secagg` makes, before anything is created.
             if new_dp.is_some() {
-                bail!("--secure-aggregation with differential privacy (--dp-*) is not supported yet");
+                return Err(fl_common::cli::Permanent::error(
+                    "--secure-aggregation with differential privacy (--dp-*) is not supported yet",
+                ));
             }
             secagg.quantization(secagg::max_participants(&config.settings))?;
         }

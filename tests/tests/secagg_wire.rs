@@ -65,6 +65,8 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
             optimizer: "adam".into(),
             seed: 7,
             max_update_norm: 1.0e4,
+            update_codecs: Vec::new(),
+            max_failed_attempts: 3,
         },
         tls_sans: vec!["localhost".into(), "127.0.0.1".into()],
         seed: 1,
@@ -83,7 +85,7 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
     let mut clients = Vec::new();
     for i in 0..3 {
         let dir = root.path().join(format!("client-{i}"));
-        let identity = fl_client::enroll::enroll(&url, &token, "c", &ClientState::new(&dir)).await.unwrap();
+        let identity = fl_client::enroll::enroll(&url, &token, "c", &ClientState::new(&dir), false).await.unwrap();
         clients.push(RawClient::join(&url, &identity).await);
     }
     let mut tasks = Vec::new();
