@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
+use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg, StrategyRuntime};
 use crate::backend::Evaluator;
 use crate::dp::{Budget, DpFedAvg, DpLedger};
 use crate::policy::{self, Close, RoundView};
@@ -111,6 +111,8 @@ pub struct RoundTask {
     pub update_codecs: Vec<String>,
     /// The clip norm clients apply to their update, when DP clips on the client.
     pub dp_clip_norm: Option<f64>,
+    /// μ of the proximal term clients add to their loss (FedProx); 0 for none.
+    pub proximal_mu: f64,
 }
 
 /// What the engine sends down a client's work stream.
@@ -474,6 +476,7 @@ pub struct Coordinator {
     completed: AtomicU32,
     finished: AtomicBool,
     new_strategy: fn() -> Box<dyn AggregationStrategy>,
+    strategy: Option<Arc<StrategyRuntime>>,
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
 }
@@ -520,6 +523,7 @@ impl Coordinator {
             completed: AtomicU32::new(completed),
             finished: AtomicBool::new(false),
             new_strategy: fed_avg,
+            strategy: None,
             dp: None,
             budget_exhausted: AtomicBool::new(false),
             settings,
@@ -533,6 +537,12 @@ impl Coordinator {
     /// template of each attempt's aggregation, and `ledger` is charged for each round.
     pub fn with_dp(mut self, ledger: DpLedger, strategy: DpFedAvg) -> Coordinator {
         self.dp = Some(DpState { ledger: Mutex::new(ledger), strategy });
+        self
+    }
+
+    /// Aggregates with `--strategy` (see [`StrategyRuntime`]) instead of plain FedAvg.
+    pub fn with_strategy(mut self, strategy: StrategyRuntime) -> Coordinator {
+        self.strategy = Some(Arc::new(strategy));
         self
     }
 
@@ -805,19 +815,31 @@ impl Coordinator {
         let id = client_id.to_string();
         let folded = tokio::task::spawn_blocking(move || {
             sum.folding = true;
-            sum.strategy.fold(ClientUpdate { delta: &delta, num_examples });
+            // A fold that fails (a robust strategy's spool on a full disk) leaves the sum as it was.
+            let result = sum.strategy.try_fold(ClientUpdate { delta: &delta, num_examples });
             sum.folding = false;
+            result?;
             sum.folded.push(id);
             sum.examples += num_examples;
             sum.weighted_loss += train_loss * num_examples as f64;
             sum.weighted_accuracy += train_accuracy * num_examples as f64;
             sum.bytes_up += upload.bytes;
+            Ok::<(), crate::aggregation::AggregationError>(())
         })
         .await;
-        if let Err(e) = folded {
+        let failed = match folded {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                let reason = format!("round {round}: the update of {client_id} could not be stored: {e}");
+                self.record_spool_failure(reason);
+                Some(e.to_string())
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
             tracing::error!(client = client_id, round, attempt, "folding an update failed: {e}");
             self.record_rejection(client_id, round, attempt);
-            return Err(UpdateRefusal::FoldFailed(e.to_string()));
+            return Err(UpdateRefusal::FoldFailed(e));
         }
         Ok(())
     }
@@ -838,14 +860,21 @@ impl Coordinator {
         let settings = &self.settings;
         let model = self.global();
         // DP wraps the mean: with DP on, each attempt aggregates with a copy of the DpFedAvg.
-        let (mut strategy, dp_clip_norm): (Box<dyn AggregationStrategy>, _) = match &self.dp {
+        let (dp_strategy, dp_clip_norm): (Option<Box<dyn AggregationStrategy>>, _) = match &self.dp {
             Some(dp) => {
                 let ledger = lock(&dp.ledger);
                 let client_clip = (ledger.config.clip_on == crate::dp::ClipSite::Client).then_some(ledger.clip_norm);
-                (Box::new(dp.strategy.for_attempt(ledger.clip_norm)), client_clip)
+                (Some(Box::new(dp.strategy.for_attempt(ledger.clip_norm))), client_clip)
             }
-            None => ((self.new_strategy)(), None),
+            None => (None, None),
         };
+        // --strategy builds on the mean (DP-FedAvg's when DP is on); without it, the mean alone.
+        let mut strategy = match (&self.strategy, dp_strategy) {
+            (Some(runtime), dp) => runtime.attempt_strategy(dp),
+            (None, Some(dp)) => dp,
+            (None, None) => (self.new_strategy)(),
+        };
+        let proximal_mu = self.strategy.as_ref().map_or(0.0, |s| s.config().proximal_mu);
         strategy.begin_round(&model.tensors);
         let deadline_unix_ms = (std::time::SystemTime::now() + settings.round_timeout)
             .duration_since(std::time::UNIX_EPOCH)
@@ -864,6 +893,7 @@ impl Coordinator {
             model_codec: CODEC_SAFETENSORS_F32.to_string(),
             update_codecs: vec![CODEC_SAFETENSORS_F32.to_string()],
             dp_clip_norm,
+            proximal_mu,
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -1185,13 +1215,19 @@ async fn complete_round(
     let global = book.model.tensors.clone();
     let spec = coord.spec.clone();
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
-    let (next, evaluation, dp_round) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let next = strategy.finish(&global).context("no update was folded")?;
+    let runtime = coord.strategy.clone();
+    let (next, evaluation, dp_round, server_state) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let next = strategy.try_finish(&global)?.context("no update was folded")?;
         let evaluation = match eval {
             Some(e) => Some(e.evaluate(&next)?),
             None => None,
         };
-        Ok((GlobalModel::encode(&spec, next), evaluation, strategy.dp_round().cloned()))
+        // The server optimiser's moments go to disk before the round commits; see StrategyRuntime.
+        let server_state = strategy.server_state().cloned();
+        if let (Some(runtime), Some(state)) = (&runtime, &server_state) {
+            runtime.save_state(round, state)?;
+        }
+        Ok((GlobalModel::encode(&spec, next), evaluation, strategy.dp_round().cloned(), server_state))
     })
     .await??;
     // The round is charged, and the ledger written, before the model is committed: a crash in
@@ -1240,7 +1276,15 @@ async fn complete_round(
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
     let to_write = next.bytes.clone();
-    tokio::task::spawn_blocking(move || state.commit_round(round, &to_write, &json, elapsed_s)).await??;
+    let runtime = coord.strategy.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        state.commit_round(round, &to_write, &json, elapsed_s)?;
+        if let (Some(runtime), Some(server_state)) = (runtime, server_state) {
+            runtime.committed(round, server_state);
+        }
+        Ok(())
+    })
+    .await??;
     *coord.global.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
     coord.completed.store(round, Ordering::SeqCst);
     coord.changed();

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::aggregation::{StrategyArgs, StrategyConfig, StrategyRuntime};
 pub use crate::backend::{Evaluation, Evaluator, ModelBackend};
 pub use crate::coordinator::RoundSettings;
 use crate::coordinator::{Coordinator, GlobalModel};
@@ -96,6 +97,8 @@ pub struct ServeConfig {
     pub dashboard: Option<Arc<http::Dashboard>>,
     /// Differential privacy flags; all unset is DP off (or, on a restart, the stored ones).
     pub dp: DpArgs,
+    /// Aggregation strategy flags; all unset is FedAvg (or, on a restart, the stored ones).
+    pub strategy: StrategyArgs,
 }
 
 /// How `serve` ended.
@@ -199,6 +202,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let mut new_token = None;
     // Bad DP flags fail before anything is created.
     let new_dp = config.dp.resolve()?;
+    let new_strategy = config.strategy.resolve()?;
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
         let ledger = DpLedger::load(state.root())?;
@@ -206,6 +210,13 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         if !conflicts.is_empty() {
             bail!(
                 "these flags would change the existing federation's differential privacy: {}; use a new --state-dir for a new federation",
+                conflicts.join(", ")
+            );
+        }
+        let conflicts = config.strategy.conflicts_with(&StrategyConfig::load(state.root())?);
+        if !conflicts.is_empty() {
+            bail!(
+                "these flags would change the existing federation's aggregation strategy: {}; use a new --state-dir for a new federation",
                 conflicts.join(", ")
             );
         }
@@ -255,7 +266,9 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             // Checks the noise split before anything is created.
             DpFedAvg::new(dp, dp.clip_norm, expected_clients_per_round(&config.settings))?;
         }
+        new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
+        new_strategy.save(state.root())?;
         if let Some(dp) = new_dp {
             DpLedger::new(dp).save(state.root())?;
         }
@@ -290,8 +303,15 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let tls = fl_common::tls::server_config(&server_cert, &ca.cert_pem)?;
     let global = GlobalModel::encode(&spec, global);
     let ledger = DpLedger::load(state.root())?;
+    let strategy = StrategyConfig::load(state.root())?;
+    strategy.check_runs_with(config.settings.min_clients, ledger.is_some())?;
+    if strategy != StrategyConfig::default() {
+        info!(strategy = %strategy.strategy, config = ?strategy, "aggregation strategy");
+    }
+    let strategy = StrategyRuntime::open(strategy, state.root(), progress.completed_round)?;
     let mut coord =
-        Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round);
+        Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round)
+            .with_strategy(strategy);
     if let Some(ledger) = ledger {
         let strategy = DpFedAvg::new(&ledger.config, ledger.clip_norm, expected_clients_per_round(&config.settings))?;
         info!(

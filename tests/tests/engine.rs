@@ -96,6 +96,7 @@ impl Served {
             spool,
             dashboard: None,
             dp,
+            strategy: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
@@ -558,6 +559,7 @@ async fn a_restart_with_other_dp_flags_is_refused() {
                 spool: None,
                 dashboard: None,
                 dp,
+                strategy: Default::default(),
             };
             fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
         }

@@ -174,6 +174,8 @@ struct ServeArgs {
     http: HttpArgs,
     #[command(flatten)]
     dp: fl_server::dp::DpArgs,
+    #[command(flatten)]
+    strategy: fl_server::aggregation::StrategyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -274,6 +276,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         spool: None,
         dashboard: None,
         dp: args.dp.clone(),
+        strategy: args.strategy.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
