@@ -44,6 +44,16 @@ pub struct DaemonConfig {
     pub threads: i32,
     /// Keep a personal model beside the global one, if set.
     pub personal: Option<PersonalConfig>,
+    /// A test tool: send poisoned updates (`--attack`).
+    pub attack: Option<crate::attack::Attack>,
+}
+
+/// How this client trains a round: threads, personalisation, and the test-only attack.
+#[derive(Debug)]
+struct LocalSetup {
+    threads: i32,
+    personal: Option<PersonalConfig>,
+    attack: Option<crate::attack::Attack>,
 }
 
 /// How a client personalises, and where it keeps its personal model.
@@ -241,9 +251,8 @@ async fn session(
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
                 let personal = config.personal.clone();
-                match do_round(&mut client, channel.clone(), &spec, data, task, config.threads, personal, shutdown)
-                    .await
-                {
+                let local = LocalSetup { threads: config.threads, personal, attack: config.attack };
+                match do_round(&mut client, channel.clone(), &spec, data, task, local, shutdown).await {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
                     Ok(RoundOutcome::Closed) => info!(round, attempt, "round closed before our update; skipped"),
@@ -295,10 +304,10 @@ async fn do_round(
     spec: &ModelSpec,
     data: Arc<EncodedDataset>,
     task: pb::RoundTask,
-    threads: i32,
-    personal: Option<PersonalConfig>,
+    local: LocalSetup,
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
+    let LocalSetup { threads, personal, attack } = local;
     let (round, attempt) = (task.round, task.attempt);
     // A finite positive clip norm asks for clipping here; anything else means none.
     let dp_clip_norm = if task.dp_clip_norm.is_finite() && task.dp_clip_norm > 0.0 { task.dp_clip_norm } else { 0.0 };
@@ -309,6 +318,10 @@ async fn do_round(
         lr: f64::from(config.learning_rate),
         optimizer: config.optimizer.parse().map_err(|e: String| anyhow!(e))?,
         seed: config.seed,
+        proximal_mu: match config.proximal_mu {
+            mu if mu.is_finite() && mu >= 0.0 => mu,
+            mu => bail!("round task with an invalid proximal_mu {mu}: must be a finite number, zero or more"),
+        },
     };
     let bytes = fetch_model(client, round, attempt).await?;
     let (model_spec, global) = decode_model(&bytes).map_err(|e| anyhow!("bad global model: {e}"))?;
@@ -346,6 +359,10 @@ async fn do_round(
             if dp_clip_norm > 0.0 {
                 // Differential privacy with clipping on the client: only the clipped update leaves.
                 delta.clip_l2_norm(dp_clip_norm);
+            }
+            if let Some(attack) = attack {
+                // An attacker ignores the clip: the coordinator's defences must hold anyway.
+                attack.apply(&mut delta, &mut rand::rng());
             }
             Ok((stats, delta.encode(None), started.elapsed().as_secs_f64()))
         })

@@ -86,6 +86,11 @@ enum Command {
         /// the personal and the global model.
         #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION")]
         local_test_fraction: f64,
+        /// TEST TOOL: send a poisoned update every round, to test the coordinator's robust
+        /// strategies: sign-flip:SCALE (−SCALE × the delta), scale:FACTOR, or noise:STD (Gaussian
+        /// noise added to every coordinate). Never use it in a real federation.
+        #[arg(long, value_name = "ATTACK")]
+        attack: Option<fl_client::attack::Attack>,
     },
     /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
     /// optionally explain each prediction.
@@ -450,7 +455,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             personalize,
             ditto_lambda,
             local_test_fraction,
+            attack,
         } => {
+            if let Some(attack) = attack {
+                tracing::warn!(%attack, "--attack: this client sends POISONED updates; a test tool for robust aggregation");
+                eprintln!("WARNING: --attack {attack}: this client sends poisoned updates (a test tool, not for real federations)");
+            }
             // Check the whole file before connecting: nothing trains on half a file.
             let mut rows = read_labelled_csv(&data)?;
             anyhow::ensure!(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more");
@@ -492,6 +502,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 max_backoff: Duration::from_secs_f64(max_backoff),
                 threads,
                 personal,
+                attack,
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;
