@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg, StrategyRuntime};
 use crate::backend::Evaluator;
 use crate::dp::{Budget, DpFedAvg, DpLedger};
+use crate::long_run::{BestRound, LongRunArgs};
 use crate::policy::{self, Close, RoundView};
 use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::state::{self, CoordinatorStatus, StateDir};
@@ -66,6 +67,8 @@ pub struct RoundSettings {
     pub seed: u64,
     /// Largest accepted L2 norm of an update's delta.
     pub max_update_norm: f64,
+    /// The learning-rate schedule and early stopping.
+    pub long_run: LongRunArgs,
 }
 
 /// The global model: the encoded model file (what clients download) and its tensors.
@@ -479,6 +482,8 @@ pub struct Coordinator {
     strategy: Option<Arc<StrategyRuntime>>,
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
+    best: Mutex<BestRound>,
+    early_stopped: AtomicBool,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -526,6 +531,8 @@ impl Coordinator {
             strategy: None,
             dp: None,
             budget_exhausted: AtomicBool::new(false),
+            best: Mutex::new(BestRound::default()),
+            early_stopped: AtomicBool::new(false),
             settings,
             ca,
         };
@@ -538,6 +545,20 @@ impl Coordinator {
     pub fn with_dp(mut self, ledger: DpLedger, strategy: DpFedAvg) -> Coordinator {
         self.dp = Some(DpState { ledger: Mutex::new(ledger), strategy });
         self
+    }
+
+    /// Continues early stopping from `best` (replayed from the committed metrics); the
+    /// federation is over already if it says so.
+    pub fn with_best(self, best: BestRound) -> Coordinator {
+        let stop = best.should_stop(self.settings.long_run.early_stop_patience);
+        self.early_stopped.store(stop, Ordering::SeqCst);
+        *lock(&self.best) = best;
+        self
+    }
+
+    /// True when `--early-stop-patience` rounds went by without a lower evaluation loss.
+    pub fn early_stopped(&self) -> bool {
+        self.early_stopped.load(Ordering::SeqCst)
     }
 
     /// Aggregates with `--strategy` (see [`StrategyRuntime`]) instead of plain FedAvg.
@@ -885,7 +906,7 @@ impl Coordinator {
             attempt,
             local_epochs: settings.local_epochs,
             batch_size: settings.batch_size,
-            learning_rate: settings.lr,
+            learning_rate: settings.long_run.lr_schedule.lr(settings.lr, round, settings.rounds),
             optimizer: settings.optimizer.clone(),
             seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 131 + u64::from(attempt)),
             deadline_unix_ms,
@@ -1047,7 +1068,7 @@ pub async fn run_rounds(
     let serving_since = Instant::now();
     let settings = coord.settings.clone();
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    while coord.completed_rounds() < settings.rounds {
+    while coord.completed_rounds() < settings.rounds && !coord.early_stopped() {
         let round = coord.completed_rounds() + 1;
         let mut attempt = 0;
         loop {
@@ -1187,6 +1208,11 @@ struct MetricsLine {
     bytes_down: u64,
     round_s: f64,
     elapsed_s: f64,
+    /// The clients' learning rate of this round (after `--lr-schedule`).
+    learning_rate: f32,
+    /// The round with the lowest evaluation loss so far (`model/best.safetensors`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    best_round: Option<u32>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     dp: Option<DpMetrics>,
 }
@@ -1256,6 +1282,8 @@ async fn complete_round(
     };
     let participants = sum.folded.len();
     let examples = sum.examples.max(1) as f64;
+    let mut best = *lock(&coord.best);
+    let improved = evaluation.is_some_and(|e| best.observe(round, e.loss));
     let line = MetricsLine {
         round,
         attempt,
@@ -1271,6 +1299,8 @@ async fn complete_round(
         bytes_down: book.bytes_down.load(Ordering::SeqCst),
         round_s: book.started.elapsed().as_secs_f64(),
         elapsed_s,
+        learning_rate: book.task.learning_rate,
+        best_round: best.round(),
         dp,
     };
     let state = coord.state.clone();
@@ -1285,6 +1315,17 @@ async fn complete_round(
         Ok(())
     })
     .await??;
+    if improved {
+        // After the commit: a crash before this write is mended on restart (lib.rs copies the
+        // best round's model file again).
+        let (path, bytes) = (coord.state.best_model_path(), next.bytes.clone());
+        tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &bytes, 0o644)).await??;
+    }
+    *lock(&coord.best) = best;
+    if best.should_stop(coord.settings.long_run.early_stop_patience) {
+        info!(round, best_round = best.round(), "no lower evaluation loss for --early-stop-patience rounds: stopping");
+        coord.early_stopped.store(true, Ordering::SeqCst);
+    }
     *coord.global.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
     coord.completed.store(round, Ordering::SeqCst);
     coord.changed();
@@ -1379,6 +1420,7 @@ mod tests {
             optimizer: "sgd".into(),
             seed: 1,
             max_update_norm: 10.0,
+            long_run: Default::default(),
         }
     }
 

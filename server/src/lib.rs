@@ -15,6 +15,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod long_run;
 pub mod policy;
 pub mod registry;
 pub mod service;
@@ -175,7 +176,11 @@ pub async fn serve(
 
     let rounds = coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), elapsed_s).await;
     let outcome = match rounds {
-        Ok(()) if coord.completed_rounds() >= config.settings.rounds || coord.budget_exhausted() => {
+        Ok(())
+            if coord.completed_rounds() >= config.settings.rounds
+                || coord.budget_exhausted()
+                || coord.early_stopped() =>
+        {
             coordinator::finish(&coord).await?;
             coordinator::drain(&coord, Duration::from_secs(3)).await;
             Ok(ServeOutcome::Finished)
@@ -203,6 +208,9 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     // Bad DP flags fail before anything is created.
     let new_dp = config.dp.resolve()?;
     let new_strategy = config.strategy.resolve()?;
+    if config.settings.long_run.early_stop_patience.is_some() && config.eval_data.is_none() {
+        bail!("--early-stop-patience needs --eval-data (a validation split): it watches the evaluation loss");
+    }
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
         let ledger = DpLedger::load(state.root())?;
@@ -309,9 +317,18 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         info!(strategy = %strategy.strategy, config = ?strategy, "aggregation strategy");
     }
     let strategy = StrategyRuntime::open(strategy, state.root(), progress.completed_round)?;
+    let best = long_run::BestRound::from_metrics(&state.metrics_path())
+        .with_context(|| format!("reading {}", state.metrics_path().display()))?;
+    if let Some(round) = best.round() {
+        // The best model may be missing if a crash came between a commit and its write.
+        let from = state.round_model_path(round);
+        std::fs::copy(&from, state.best_model_path())
+            .with_context(|| format!("copying {} to {}", from.display(), state.best_model_path().display()))?;
+    }
     let mut coord =
         Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round)
-            .with_strategy(strategy);
+            .with_strategy(strategy)
+            .with_best(best);
     if let Some(ledger) = ledger {
         let strategy = DpFedAvg::new(&ledger.config, ledger.clip_norm, expected_clients_per_round(&config.settings))?;
         info!(

@@ -60,6 +60,7 @@ fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
         lr: 0.01,
         optimizer: "adam".into(),
         seed: 7,
+        long_run: Default::default(),
         max_update_norm: 1.0e4,
     }
 }

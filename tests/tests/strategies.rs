@@ -193,3 +193,58 @@ fn fedadam_resumes_bit_identically_after_a_crash_between_rounds() {
     let weights = |bytes: &[u8]| fl_common::decode_model(bytes).unwrap().1.encode(None);
     assert!(weights(&uninterrupted) == weights(&crashed), "the resumed run ends with the very same weights");
 }
+
+#[test]
+fn a_long_run_follows_the_lr_schedule_keeps_the_best_model_and_stops_early() {
+    let root = tempfile::tempdir().unwrap();
+    // A high learning rate makes the evaluation loss stop falling within a few rounds.
+    let args = [
+        "--buckets",
+        "4096",
+        "--embed-dim",
+        "16",
+        "--round-timeout",
+        "120",
+        "--lr",
+        "0.3",
+        "--rounds",
+        "12",
+        "--min-clients",
+        "2",
+        "--lr-schedule",
+        "step",
+        "--early-stop-patience",
+        "1",
+    ];
+    let (mut coordinator, dirs) = enrolled_federation(root.path(), 800, 2, "127.0.0.1:0", &args);
+    run_to_the_end(root.path(), &mut coordinator, &dirs, 0);
+    let metrics = coordinator.metrics();
+    let n = metrics.len();
+    assert!(n < 12, "patience 1 stopped the federation before round 12 ({n} rounds)");
+    let (mut best, mut best_loss) = (0, f64::INFINITY);
+    for (i, m) in metrics.iter().enumerate() {
+        let round = i as u64 + 1;
+        let want_lr = if round <= 6 {
+            0.3
+        } else if round <= 9 {
+            0.03
+        } else {
+            0.003
+        };
+        let lr = m["learning_rate"].as_f64().unwrap();
+        assert!((lr - want_lr).abs() < 1e-6, "round {round}: learning_rate {lr}, step schedule says {want_lr}");
+        let loss = m["loss"].as_f64().unwrap();
+        if loss < best_loss {
+            (best, best_loss) = (round, loss);
+        }
+        assert_eq!(m["best_round"].as_u64(), Some(best), "round {round}");
+    }
+    let last_loss = metrics[n - 1]["loss"].as_f64().unwrap();
+    assert!(last_loss >= best_loss && best < n as u64, "the last round did not improve on round {best}");
+    let state = &coordinator.state_dir;
+    let best_file = std::fs::read(state.join("model/best.safetensors")).unwrap();
+    assert_eq!(best_file, std::fs::read(state.join(format!("model/round-{best:04}.safetensors"))).unwrap());
+    assert!(state.join("model/final.safetensors").exists());
+    let status = coordinator.status();
+    assert_eq!((status.phase, status.completed_rounds), (Phase::Finished, n as u32), "{status:?}");
+}

@@ -176,6 +176,8 @@ struct ServeArgs {
     dp: fl_server::dp::DpArgs,
     #[command(flatten)]
     strategy: fl_server::aggregation::StrategyArgs,
+    #[command(flatten)]
+    long_run: fl_server::long_run::LongRunArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -269,6 +271,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             optimizer: args.optimizer.clone(),
             seed: args.seed,
             max_update_norm: args.max_update_norm,
+            long_run: args.long_run.clone(),
         },
         tls_sans: sans,
         seed: args.seed,
