@@ -48,6 +48,16 @@ pub struct DaemonConfig {
     pub personal: Option<PersonalConfig>,
     /// The client's state dir: the held global model and the codec residual live in `codec/`.
     pub state_dir: PathBuf,
+    /// A test tool: send poisoned updates (`--attack`).
+    pub attack: Option<crate::attack::Attack>,
+}
+
+/// How this client trains a round: threads, personalisation, and the test-only attack.
+#[derive(Debug)]
+struct LocalSetup {
+    threads: i32,
+    personal: Option<PersonalConfig>,
+    attack: Option<crate::attack::Attack>,
 }
 
 /// How a client personalises, and where it keeps its personal model.
@@ -249,8 +259,9 @@ async fn session(
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
                 let personal = config.personal.clone();
+                let local = LocalSetup { threads: config.threads, personal, attack: config.attack };
                 let ids = (&client_id, channel.clone());
-                let round_run = do_round(&mut client, ids, &spec, data, task, config.threads, personal, held, shutdown);
+                let round_run = do_round(&mut client, ids, &spec, data, task, local, held, shutdown);
                 match round_run.await {
                     Ok(RoundOutcome::Accepted) => info!(round, attempt, "update accepted"),
                     Ok(RoundOutcome::Refused(why)) => warn!(round, attempt, "update refused: {why}"),
@@ -383,11 +394,11 @@ async fn do_round(
     spec: &ModelSpec,
     data: Arc<EncodedDataset>,
     task: pb::RoundTask,
-    threads: i32,
-    personal: Option<PersonalConfig>,
+    local: LocalSetup,
     held: &mut HeldState,
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
+    let LocalSetup { threads, personal, attack } = local;
     let (round, attempt) = (task.round, task.attempt);
     // The coordinator's most preferred codec that this client reads; none listed is the exact one.
     let codec = match task.update_codecs.first() {
@@ -407,6 +418,10 @@ async fn do_round(
         lr: f64::from(config.learning_rate),
         optimizer: config.optimizer.parse().map_err(|e: String| anyhow!(e))?,
         seed: config.seed,
+        proximal_mu: match config.proximal_mu {
+            mu if mu.is_finite() && mu >= 0.0 => mu,
+            mu => bail!("round task with an invalid proximal_mu {mu}: must be a finite number, zero or more"),
+        },
     };
     {
         let spec = spec.clone();
@@ -469,6 +484,10 @@ async fn do_round(
             if dp_clip_norm > 0.0 {
                 // Differential privacy with clipping on the client: only the clipped update leaves.
                 delta.clip_l2_norm(dp_clip_norm);
+            }
+            if let Some(attack) = attack {
+                // An attacker ignores the clip: the coordinator's defences must hold anyway.
+                attack.apply(&mut delta, &mut rand::rng());
             }
             let train_s = started.elapsed().as_secs_f64();
             // Secure aggregation sends the flat values, masked; otherwise the encoded delta.

@@ -1,6 +1,7 @@
 //! The client side of the federation: enrollment, the client's identity, and the daemon that
 //! trains the `fl-model` classifier on private data each round and sends back only a delta.
 
+pub mod attack;
 pub mod daemon;
 pub mod enroll;
 pub mod held;

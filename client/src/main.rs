@@ -90,6 +90,11 @@ enum Command {
         /// the personal and the global model.
         #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION", value_parser = parse::positive(0.99))]
         local_test_fraction: f64,
+        /// TEST TOOL: send a poisoned update every round, to test the coordinator's robust
+        /// strategies: sign-flip:SCALE (−SCALE × the delta), scale:FACTOR, or noise:STD (Gaussian
+        /// noise added to every coordinate). Never use it in a real federation.
+        #[arg(long, value_name = "ATTACK")]
+        attack: Option<fl_client::attack::Attack>,
     },
     /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
     /// optionally explain each prediction.
@@ -461,9 +466,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             personalize,
             ditto_lambda,
             local_test_fraction,
+            attack,
         } => {
             // Held until the process ends: a second `run` on this state dir is refused at once.
             let _lock = fl_common::files::DirLock::acquire(&state_dir, "fl-client run")?;
+            if let Some(attack) = attack {
+                tracing::warn!(%attack, "--attack: this client sends POISONED updates; a test tool for robust aggregation");
+                eprintln!("WARNING: --attack {attack}: this client sends poisoned updates (a test tool, not for real federations)");
+            }
             // Check the whole file before connecting: nothing trains on half a file.
             let mut rows = read_labelled_csv(&data)?;
             anyhow::ensure!(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more");
@@ -506,6 +516,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 threads,
                 personal,
                 state_dir: state_dir.clone(),
+                attack,
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;

@@ -17,7 +17,8 @@ fn local_epoch(c: &mut Criterion) {
     let texts: Vec<String> = rows.iter().map(|r| r.text.clone()).collect();
     let data = EncodedDataset::encode(&model, &texts, rows.iter().map(|r| r.label as i64).collect());
     let global = model.to_tensors();
-    let config = TrainConfig { epochs: 1, batch_size: 32, lr: 0.01, optimizer: OptimizerKind::Adam, seed: 3 };
+    let config =
+        TrainConfig { epochs: 1, batch_size: 32, lr: 0.01, optimizer: OptimizerKind::Adam, seed: 3, proximal_mu: 0.0 };
     let cancel = CancellationToken::new();
     let mut group = c.benchmark_group("fasttext_4.2M");
     group.sample_size(10);

@@ -43,7 +43,7 @@ pub fn default_train_config(kind: ModelKind) -> TrainConfig {
         ModelKind::Bilstm => (6, 0.003),
         ModelKind::Transformer => (8, 0.001),
     };
-    TrainConfig { epochs, batch_size: 32, lr, optimizer: OptimizerKind::Adam, seed: 42 }
+    TrainConfig { epochs, batch_size: 32, lr, optimizer: OptimizerKind::Adam, seed: 42, proximal_mu: 0.0 }
 }
 
 /// What to train and how.

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     /// Seed of the shuffling and dropout.
     pub seed: u64,
+    /// FedProx's μ: adds μ/2·‖w − w_start‖² to the loss, w_start being the weights training
+    /// started from (the round's global model). 0: no proximal term.
+    pub proximal_mu: f64,
 }
 
 /// Tokenized examples with label indices.
@@ -153,6 +156,31 @@ pub struct Trainer {
     rng: rand::rngs::StdRng,
     row_of: HashMap<i64, i64>,
     distillation: Option<Distillation>,
+    proximal: Option<Proximal>,
+}
+
+/// FedProx's proximal term: μ and the weights it pulls towards.
+struct Proximal {
+    mu: f64,
+    /// The starting embedding table.
+    embedding: Tensor,
+    /// The other trainable variables and their starting values.
+    dense: Vec<(Tensor, Tensor)>,
+}
+
+impl Proximal {
+    /// μ/2·‖w − w_start‖² over the dense variables and the embedding rows of the batch
+    /// (`table`, gathered at `row_ids`). The rows a batch does not touch are left out, as
+    /// lazy (sparse) Adam leaves out their moments: touching every row would make each step
+    /// cost the whole vocabulary.
+    fn penalty(&self, table: &Tensor, row_ids: &Tensor) -> Tensor {
+        let start_rows = self.embedding.index_select(0, row_ids);
+        let mut sum = (table - start_rows).square().sum(Kind::Float);
+        for (var, start) in &self.dense {
+            sum += (var - start).square().sum(Kind::Float);
+        }
+        sum * (self.mu / 2.0)
+    }
 }
 
 impl std::fmt::Debug for Trainer {
@@ -184,7 +212,28 @@ impl Trainer {
             rng: rand::rngs::StdRng::seed_from_u64(config.seed),
             row_of: HashMap::new(),
             distillation: None,
+            proximal: None,
         }
+        .with_proximal(model, config.proximal_mu, config.proximal_mu > 0.0)
+    }
+
+    /// Adds FedProx's proximal term with `mu`, towards `model`'s current weights, when `on`.
+    /// [`Trainer::new`] turns it on for a positive `proximal_mu`; tests turn it on with μ 0.
+    pub fn with_proximal(mut self, model: &Classifier, mu: f64, on: bool) -> Trainer {
+        self.proximal = on.then(|| {
+            let dense = model
+                .vs
+                .variables()
+                .into_iter()
+                .filter(|(name, v)| name != crate::model::EMBEDDING && v.requires_grad())
+                .map(|(_, v)| {
+                    let start = v.detach().copy();
+                    (v, start)
+                })
+                .collect();
+            Proximal { mu, embedding: self.embedding.detach().copy(), dense }
+        });
+        self
     }
 
     /// Trains on a mix of the labels and the teacher's outputs (`EncodedDataset::soft`) from now on.
@@ -253,7 +302,10 @@ impl Trainer {
                 _ => logits.cross_entropy_for_logits(&target),
             };
             self.dense_opt.zero_grad();
-            loss.backward();
+            match &self.proximal {
+                Some(proximal) => (&loss + proximal.penalty(&table, &row_ids)).backward(),
+                None => loss.backward(),
+            }
             self.dense_opt.step();
             let grad = table.grad();
             tch::no_grad(|| update_rows(&self.embedding, &row_ids, &grad, lr, self.row_adam.as_mut()));
@@ -323,4 +375,82 @@ fn update_rows(embedding: &Tensor, rows: &Tensor, grad: &Tensor, lr: f64, adam: 
     let bias2 = 1.0 - BETA2.powi(state.step);
     let update = (&m / bias1) / ((&v / bias2).sqrt() + EPS) * -lr;
     let _ = embedding.index_add_(0, rows, &update);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fl_common::{ModelKind, ModelSpec, TensorSet};
+    use tch::Device;
+
+    fn data(model: &Classifier) -> EncodedDataset {
+        let texts: Vec<String> = (0..48)
+            .map(|i| match i % 3 {
+                0 => format!("football match goal {i} team score"),
+                1 => format!("election vote parliament {i} minister"),
+                _ => format!("stock market shares {i} bank profit"),
+            })
+            .collect();
+        let labels = (0..48).map(|i| i % 3).collect();
+        EncodedDataset::encode(model, &texts, labels)
+    }
+
+    fn start(kind: ModelKind) -> Classifier {
+        let mut spec = ModelSpec::with_defaults(kind, vec!["sport".into(), "politics".into(), "business".into()]);
+        spec.buckets = 512;
+        Classifier::new(spec, Device::Cpu, 5).unwrap()
+    }
+
+    fn config(mu: f64) -> TrainConfig {
+        TrainConfig { epochs: 2, batch_size: 8, lr: 0.05, optimizer: OptimizerKind::Adam, seed: 11, proximal_mu: mu }
+    }
+
+    /// Trains a copy of `kind`'s start model; `force_proximal` runs the proximal term even at μ 0.
+    fn trained(kind: ModelKind, mu: f64, force_proximal: bool) -> (TensorSet, TensorSet) {
+        let model = start(kind);
+        let before = model.to_tensors();
+        let data = data(&model);
+        let config = config(mu);
+        let mut trainer = Trainer::new(&model, &config).with_proximal(&model, mu, mu > 0.0 || force_proximal);
+        let cancel = CancellationToken::new();
+        for _ in 0..config.epochs {
+            trainer.epoch(&model, &data, &cancel, |_| {});
+        }
+        (before, model.to_tensors())
+    }
+
+    fn distance(a: &TensorSet, b: &TensorSet) -> f64 {
+        a.minus(b).l2_norm()
+    }
+
+    #[test]
+    fn proximal_term_with_mu_0_trains_the_same_weights_and_mu_pulls_towards_the_start() {
+        tch::set_num_threads(1);
+        for kind in [ModelKind::Fasttext, ModelKind::Bilstm, ModelKind::Transformer] {
+            let (before, plain) = trained(kind, 0.0, false);
+            let (_, zero) = trained(kind, 0.0, true);
+            assert_eq!(plain, zero, "{kind}: the proximal term with μ 0 changes nothing");
+            let (_, prox) = trained(kind, 1.0, false);
+            let (moved_plain, moved_prox) = (distance(&plain, &before), distance(&prox, &before));
+            assert!(moved_plain > 0.0, "{kind}: training moved the weights");
+            assert!(
+                moved_prox < 0.9 * moved_plain,
+                "{kind}: μ 1 keeps the weights nearer the start ({moved_prox} vs {moved_plain})"
+            );
+        }
+    }
+
+    #[test]
+    fn train_with_mu_0_equals_plain_training() {
+        tch::set_num_threads(1);
+        let run = |mu: f64| {
+            let mut model = start(ModelKind::Fasttext);
+            let data = data(&model);
+            train(&mut model, &data, &config(mu), &CancellationToken::new(), |_, _| {});
+            model.to_tensors()
+        };
+        let plain = run(0.0);
+        assert_eq!(plain, run(0.0), "training is deterministic for a seed");
+        assert_ne!(plain, run(0.5), "a positive μ reaches the trainer");
+    }
 }

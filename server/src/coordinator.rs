@@ -34,9 +34,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
+use crate::aggregation::{AggregationStrategy, ClientUpdate, FedAvg, StrategyRuntime};
 use crate::backend::Evaluator;
 use crate::dp::{Budget, DpFedAvg, DpLedger};
+use crate::long_run::{BestRound, LongRunArgs};
 use crate::policy::{self, Close, RoundView};
 use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::secagg::{SecAggAttempt, SecAggConfig, SecAggTask};
@@ -75,6 +76,8 @@ pub struct RoundSettings {
     /// Attempts in a row in which every sampled client's training failed for the same reasons
     /// after which the federation stops (committed rounds are kept).
     pub max_failed_attempts: u32,
+    /// The learning-rate schedule and early stopping.
+    pub long_run: LongRunArgs,
 }
 
 impl RoundSettings {
@@ -151,6 +154,8 @@ pub struct RoundTask {
     pub delta: Option<(String, String, u64)>,
     /// Secure aggregation of this attempt, when it is on.
     pub secagg: Option<SecAggTask>,
+    /// μ of the proximal term clients add to their loss (FedProx); 0 for none.
+    pub proximal_mu: f64,
 }
 
 /// What the engine sends down a client's work stream.
@@ -535,11 +540,14 @@ pub struct Coordinator {
     completed: AtomicU32,
     finished: AtomicBool,
     new_strategy: fn() -> Box<dyn AggregationStrategy>,
+    strategy: Option<Arc<StrategyRuntime>>,
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
     /// What top-k delta downloads have not sent of the aggregates yet (see [`crate::delta`]).
     download_feedback: Mutex<fl_common::codec::ErrorFeedback>,
     secagg: Option<(SecAggConfig, fl_common::secagg::QuantizationPlan)>,
+    best: Mutex<BestRound>,
+    early_stopped: AtomicBool,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -584,10 +592,13 @@ impl Coordinator {
             completed: AtomicU32::new(completed),
             finished: AtomicBool::new(false),
             new_strategy: fed_avg,
+            strategy: None,
             dp: None,
             budget_exhausted: AtomicBool::new(false),
             download_feedback: Mutex::new(Default::default()),
             secagg: None,
+            best: Mutex::new(BestRound::default()),
+            early_stopped: AtomicBool::new(false),
             settings,
             ca,
         };
@@ -691,6 +702,26 @@ impl Coordinator {
     /// Whether `client` holds its work stream.
     fn is_connected(&self, client: &str) -> bool {
         lock(&self.connections).contains_key(client)
+    }
+
+    /// Continues early stopping from `best` (replayed from the committed metrics); the
+    /// federation is over already if it says so.
+    pub fn with_best(self, best: BestRound) -> Coordinator {
+        let stop = best.should_stop(self.settings.long_run.early_stop_patience);
+        self.early_stopped.store(stop, Ordering::SeqCst);
+        *lock(&self.best) = best;
+        self
+    }
+
+    /// True when `--early-stop-patience` rounds went by without a lower evaluation loss.
+    pub fn early_stopped(&self) -> bool {
+        self.early_stopped.load(Ordering::SeqCst)
+    }
+
+    /// Aggregates with `--strategy` (see [`StrategyRuntime`]) instead of plain FedAvg.
+    pub fn with_strategy(mut self, strategy: StrategyRuntime) -> Coordinator {
+        self.strategy = Some(Arc::new(strategy));
+        self
     }
 
     /// True when the federation ended early because the next round would exceed
@@ -967,20 +998,32 @@ impl Coordinator {
         let id = client_id.to_string();
         let folded = tokio::task::spawn_blocking(move || {
             sum.folding = true;
-            sum.strategy.fold(ClientUpdate { delta: &delta, num_examples });
+            // A fold that fails (a robust strategy's spool on a full disk) leaves the sum as it was.
+            let result = sum.strategy.try_fold(ClientUpdate { delta: &delta, num_examples });
             sum.folding = false;
+            result?;
             sum.folded.push(id);
             sum.examples += num_examples;
             sum.weighted_loss += train_loss * num_examples as f64;
             sum.weighted_accuracy += train_accuracy * num_examples as f64;
             sum.bytes_up += upload.bytes;
             sum.train_s = sum.train_s.max(train_s);
+            Ok::<(), crate::aggregation::AggregationError>(())
         })
         .await;
-        if let Err(e) = folded {
+        let failed = match folded {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                let reason = format!("round {round}: the update of {client_id} could not be stored: {e}");
+                self.record_spool_failure(reason);
+                Some(e.to_string())
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
             tracing::error!(client = client_id, round, attempt, "folding an update failed: {e}");
             self.record_rejection(client_id, round, attempt);
-            return Err(UpdateRefusal::FoldFailed(e.to_string()));
+            return Err(UpdateRefusal::FoldFailed(e));
         }
         Ok(())
     }
@@ -1024,14 +1067,21 @@ impl Coordinator {
         let settings = &self.settings;
         let model = self.global();
         // DP wraps the mean: with DP on, each attempt aggregates with a copy of the DpFedAvg.
-        let (mut strategy, dp_clip_norm): (Box<dyn AggregationStrategy>, _) = match &self.dp {
+        let (dp_strategy, dp_clip_norm): (Option<Box<dyn AggregationStrategy>>, _) = match &self.dp {
             Some(dp) => {
                 let ledger = lock(&dp.ledger);
                 let client_clip = (ledger.config.clip_on == crate::dp::ClipSite::Client).then_some(ledger.clip_norm);
-                (Box::new(dp.strategy.for_attempt(ledger.clip_norm)), client_clip)
+                (Some(Box::new(dp.strategy.for_attempt(ledger.clip_norm))), client_clip)
             }
-            None => ((self.new_strategy)(), None),
+            None => (None, None),
         };
+        // --strategy builds on the mean (DP-FedAvg's when DP is on); without it, the mean alone.
+        let mut strategy = match (&self.strategy, dp_strategy) {
+            (Some(runtime), dp) => runtime.attempt_strategy(dp),
+            (None, Some(dp)) => dp,
+            (None, None) => (self.new_strategy)(),
+        };
+        let proximal_mu = self.strategy.as_ref().map_or(0.0, |s| s.config().proximal_mu);
         strategy.begin_round(&model.tensors);
         let deadline_unix_ms = (std::time::SystemTime::now() + settings.round_timeout)
             .duration_since(std::time::UNIX_EPOCH)
@@ -1042,7 +1092,7 @@ impl Coordinator {
             attempt,
             local_epochs: settings.local_epochs,
             batch_size: settings.batch_size,
-            learning_rate: settings.lr,
+            learning_rate: settings.long_run.lr_schedule.lr(settings.lr, round, settings.rounds),
             optimizer: settings.optimizer.clone(),
             seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 131 + u64::from(attempt)),
             deadline_unix_ms,
@@ -1056,6 +1106,7 @@ impl Coordinator {
                 .as_ref()
                 .map(|d| (d.base_digest.clone(), d.codec.name().to_string(), d.bytes.len() as u64)),
             secagg: secagg.as_ref().map(|a| a.task.clone()),
+            proximal_mu,
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -1223,7 +1274,7 @@ pub async fn run_rounds(
     let settings = coord.settings.clone();
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut repeated = policy::RepeatedFailure::default();
-    while coord.completed_rounds() < settings.rounds {
+    while coord.completed_rounds() < settings.rounds && !coord.early_stopped() {
         let round = coord.completed_rounds() + 1;
         let mut attempt = 0;
         loop {
@@ -1413,6 +1464,11 @@ struct MetricsLine {
     /// `round_s - train_s`: what the round spends beyond training.
     overhead_s: f64,
     elapsed_s: f64,
+    /// The clients' learning rate of this round (after `--lr-schedule`).
+    learning_rate: f32,
+    /// The round with the lowest evaluation loss so far (`model/best.safetensors`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    best_round: Option<u32>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     dp: Option<DpMetrics>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -1456,15 +1512,21 @@ async fn complete_round(
     let download = coord.settings.download_codec();
     let mut feedback = std::mem::take(&mut *lock(&coord.download_feedback));
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
-    let (next, evaluation, dp_round, feedback) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let next = strategy.finish(&global.tensors).context("no update was folded")?;
+    let runtime = coord.strategy.clone();
+    let (next, evaluation, dp_round, feedback, server_state) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let next = strategy.try_finish(&global.tensors)?.context("no update was folded")?;
         // With delta downloads the model is what clients rebuild from the aggregate's payload.
         let next = crate::delta::next_global(&spec, &global, next, download, &mut feedback);
         let evaluation = match eval {
             Some(e) => Some(e.evaluate(&next.tensors)?),
             None => None,
         };
-        Ok((next, evaluation, strategy.dp_round().cloned(), feedback))
+        // The server optimiser's moments go to disk before the round commits; see StrategyRuntime.
+        let server_state = strategy.server_state().cloned();
+        if let (Some(runtime), Some(state)) = (&runtime, &server_state) {
+            runtime.save_state(round, state)?;
+        }
+        Ok((next, evaluation, strategy.dp_round().cloned(), feedback, server_state))
     })
     .await??;
     *lock(&coord.download_feedback) = feedback;
@@ -1495,6 +1557,8 @@ async fn complete_round(
     let participants = sum.folded.len();
     let examples = sum.examples.max(1) as f64;
     let round_s = book.started.elapsed().as_secs_f64();
+    let mut best = *lock(&coord.best);
+    let improved = evaluation.is_some_and(|e| best.observe(round, e.loss));
     let line = MetricsLine {
         round,
         attempt,
@@ -1512,6 +1576,8 @@ async fn complete_round(
         train_s: sum.train_s,
         overhead_s: (round_s - sum.train_s).max(0.0),
         elapsed_s,
+        learning_rate: book.task.learning_rate,
+        best_round: best.round(),
         dp,
         secagg: sum.secagg.map(|(masked, dropped, recovered)| SecAggMetrics {
             secagg_masked: masked,
@@ -1522,7 +1588,26 @@ async fn complete_round(
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
     let to_write = next.bytes.clone();
-    tokio::task::spawn_blocking(move || state.commit_round(round, &to_write, &json, elapsed_s)).await??;
+    let runtime = coord.strategy.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        state.commit_round(round, &to_write, &json, elapsed_s)?;
+        if let (Some(runtime), Some(server_state)) = (runtime, server_state) {
+            runtime.committed(round, server_state);
+        }
+        Ok(())
+    })
+    .await??;
+    if improved {
+        // After the commit: a crash before this write is mended on restart (lib.rs copies the
+        // best round's model file again).
+        let (path, bytes) = (coord.state.best_model_path(), next.bytes.clone());
+        tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &bytes, 0o644)).await??;
+    }
+    *lock(&coord.best) = best;
+    if best.should_stop(coord.settings.long_run.early_stop_patience) {
+        info!(round, best_round = best.round(), "no lower evaluation loss for --early-stop-patience rounds: stopping");
+        coord.early_stopped.store(true, Ordering::SeqCst);
+    }
     *coord.global.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
     coord.completed.store(round, Ordering::SeqCst);
     coord.changed();
@@ -1619,6 +1704,7 @@ mod tests {
             max_update_norm: 10.0,
             update_codecs: Vec::new(),
             max_failed_attempts: 3,
+            long_run: Default::default(),
         }
     }
 

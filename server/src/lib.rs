@@ -16,6 +16,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod long_run;
 pub mod policy;
 pub mod registry;
 pub mod secagg;
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::aggregation::{StrategyArgs, StrategyConfig, StrategyRuntime};
 pub use crate::backend::{Evaluation, Evaluator, ModelBackend};
 pub use crate::coordinator::RoundSettings;
 use crate::coordinator::{Coordinator, GlobalModel};
@@ -100,6 +102,8 @@ pub struct ServeConfig {
     pub dp: DpArgs,
     /// Secure aggregation flags; off is off (or, on a restart, the stored setting).
     pub secagg: secagg::SecAggArgs,
+    /// Aggregation strategy flags; all unset is FedAvg (or, on a restart, the stored ones).
+    pub strategy: StrategyArgs,
 }
 
 /// How `serve` ended.
@@ -177,7 +181,11 @@ pub async fn serve(
 
     let rounds = coordinator::run_rounds(coord.clone(), eval, shutdown.clone(), elapsed_s).await;
     let outcome = match rounds {
-        Ok(()) if coord.completed_rounds() >= config.settings.rounds || coord.budget_exhausted() => {
+        Ok(())
+            if coord.completed_rounds() >= config.settings.rounds
+                || coord.budget_exhausted()
+                || coord.early_stopped() =>
+        {
             coordinator::finish(&coord).await?;
             coordinator::drain(&coord, Duration::from_secs(3)).await;
             Ok(ServeOutcome::Finished)
@@ -205,6 +213,10 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     // Bad DP and secure-aggregation flags fail before anything is created.
     let new_dp = config.dp.resolve()?;
     let new_secagg = config.secagg.resolve()?;
+    let new_strategy = config.strategy.resolve()?;
+    if config.settings.long_run.early_stop_patience.is_some() && config.eval_data.is_none() {
+        bail!("--early-stop-patience needs --eval-data (a validation split): it watches the evaluation loss");
+    }
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
         let ledger = DpLedger::load(state.root())?;
@@ -214,6 +226,13 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
                 "these flags would change the existing federation's differential privacy: {}; use a new --state-dir for a new federation",
                 conflicts.join(", ")
             )));
+        }
+        let conflicts = config.strategy.conflicts_with(&StrategyConfig::load(state.root())?);
+        if !conflicts.is_empty() {
+            bail!(
+                "these flags would change the existing federation's aggregation strategy: {}; use a new --state-dir for a new federation",
+                conflicts.join(", ")
+            );
         }
         let conflicts = config.model.conflicts_with(&record.spec);
         if !conflicts.is_empty() {
@@ -276,7 +295,9 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             }
             secagg.quantization(secagg::max_participants(&config.settings))?;
         }
+        new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
+        new_strategy.save(state.root())?;
         if let Some(dp) = new_dp {
             DpLedger::new(dp).save(state.root())?;
         }
@@ -314,8 +335,24 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let tls = fl_common::tls::server_config(&server_cert, &ca.cert_pem)?;
     let global = GlobalModel::encode(&spec, global);
     let ledger = DpLedger::load(state.root())?;
+    let strategy = StrategyConfig::load(state.root())?;
+    strategy.check_runs_with(config.settings.min_clients, ledger.is_some())?;
+    if strategy != StrategyConfig::default() {
+        info!(strategy = %strategy.strategy, config = ?strategy, "aggregation strategy");
+    }
+    let strategy = StrategyRuntime::open(strategy, state.root(), progress.completed_round)?;
+    let best = long_run::BestRound::from_metrics(&state.metrics_path())
+        .with_context(|| format!("reading {}", state.metrics_path().display()))?;
+    if let Some(round) = best.round() {
+        // The best model may be missing if a crash came between a commit and its write.
+        let from = state.round_model_path(round);
+        std::fs::copy(&from, state.best_model_path())
+            .with_context(|| format!("copying {} to {}", from.display(), state.best_model_path().display()))?;
+    }
     let mut coord =
-        Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round);
+        Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round)
+            .with_strategy(strategy)
+            .with_best(best);
     if let Some(ledger) = ledger {
         let strategy = DpFedAvg::new(&ledger.config, ledger.clip_norm, expected_clients_per_round(&config.settings))?;
         info!(

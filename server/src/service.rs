@@ -46,6 +46,7 @@ impl From<&RoundTask> for pb::RoundTask {
                 learning_rate: task.learning_rate,
                 optimizer: task.optimizer.clone(),
                 seed: task.seed,
+                proximal_mu: task.proximal_mu,
             }),
             deadline_unix_ms: task.deadline_unix_ms,
             model_bytes: task.model_bytes,

@@ -11,7 +11,9 @@
 //! metrics.jsonl        one line per completed round
 //! status.json          what the coordinator is doing now (below); rewritten on every change
 //! model/initial.safetensors, model/round-NNNN.safetensors, model/final.safetensors
-//! spool/               uploads being received
+//! spool/               uploads being received; aggregate-*/: a robust strategy's updates of the round
+//! strategy.json        the aggregation strategy and its parameters (fixed for the federation)
+//! server-opt/round-NNNN.safetensors  the server optimiser's moments as of committed round NNNN
 //! ```
 //!
 //! A round is committed in this order: model file, metrics line, progress. On start, metrics
@@ -141,6 +143,11 @@ impl StateDir {
         } else {
             self.root.join(format!("model/round-{round:04}.safetensors"))
         }
+    }
+
+    /// Path of the model of the round with the lowest evaluation loss.
+    pub fn best_model_path(&self) -> PathBuf {
+        self.root.join("model/best.safetensors")
     }
 
     /// Path of the final model.

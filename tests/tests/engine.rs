@@ -60,6 +60,7 @@ fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
         lr: 0.01,
         optimizer: "adam".into(),
         seed: 7,
+        long_run: Default::default(),
         max_update_norm: 1.0e4,
         update_codecs: Vec::new(),
         max_failed_attempts: 3,
@@ -99,6 +100,7 @@ impl Served {
             dashboard: None,
             dp,
             secagg: Default::default(),
+            strategy: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
@@ -565,6 +567,7 @@ async fn a_restart_with_other_dp_flags_is_refused() {
                 dashboard: None,
                 dp,
                 secagg: Default::default(),
+                strategy: Default::default(),
             };
             fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
         }

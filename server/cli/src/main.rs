@@ -189,6 +189,10 @@ struct ServeArgs {
     dp: fl_server::dp::DpArgs,
     #[command(flatten)]
     secagg: fl_server::secagg::SecAggArgs,
+    #[command(flatten)]
+    strategy: fl_server::aggregation::StrategyArgs,
+    #[command(flatten)]
+    long_run: fl_server::long_run::LongRunArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,6 +297,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             max_update_norm: args.max_update_norm,
             update_codecs: args.update_codec.clone(),
             max_failed_attempts: args.max_failed_attempts,
+            long_run: args.long_run.clone(),
         },
         tls_sans: sans,
         seed: args.seed,
@@ -301,6 +306,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         dashboard: None,
         dp: args.dp.clone(),
         secagg: args.secagg.clone(),
+        strategy: args.strategy.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

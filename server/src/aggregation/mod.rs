@@ -1,7 +1,17 @@
 //! Aggregation strategies. They work on plain f32 buffers and never need libtorch.
 //!
-//! Updates are folded into a running sum as they arrive, so memory grows with the model, not with
-//! the number of clients.
+//! Mean-based strategies fold updates into a running sum as they arrive, so memory grows with the
+//! model, not with the number of clients. The robust ones ([`robust`]: median, trimmed mean,
+//! Krum) need every update of the round at once: they spool each update to a file and read them
+//! back block by block, so their disk use is O(clients × model) and their memory O(clients ×
+//! block). The server optimisers ([`server_opt`]: FedAvgM, FedAdam, FedYogi, FedAdagrad) wrap a
+//! mean and keep moments across rounds; [`StrategyConfig`] is the `--strategy` flags, checked.
+
+mod config;
+pub mod robust;
+pub mod server_opt;
+
+pub use config::{StrategyArgs, StrategyConfig, StrategyConfigError, StrategyKind, StrategyRuntime, STRATEGY_FILE};
 
 use fl_common::TensorSet;
 
@@ -33,6 +43,44 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
     fn dp_round(&self) -> Option<&crate::dp::DpRoundReport> {
         None
     }
+    /// As [`fold`](Self::fold), for a strategy whose fold can fail (one that spools updates to
+    /// disk). The engine calls this one; a failed fold leaves the running state as it was.
+    fn try_fold(&mut self, update: ClientUpdate<'_>) -> Result<(), AggregationError> {
+        self.fold(update);
+        Ok(())
+    }
+    /// As [`finish`](Self::finish), for a strategy whose finish can fail. The engine calls this one.
+    fn try_finish(&mut self, global: &TensorSet) -> Result<Option<TensorSet>, AggregationError> {
+        Ok(self.finish(global))
+    }
+    /// The server optimiser's state after the last finished round (moments), which the engine
+    /// stores with the committed round; `None` for a strategy without one.
+    fn server_state(&self) -> Option<&server_opt::ServerOptState> {
+        None
+    }
+}
+
+/// Why a strategy could not fold or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregationError {
+    /// Spooling an update to disk, or reading it back, failed.
+    #[error("{path}: {source}")]
+    Spool {
+        /// The spool file or directory.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// Fewer updates than the strategy needs.
+    #[error("{strategy} needs at least {needed} updates, got {got}")]
+    TooFewUpdates {
+        /// The strategy.
+        strategy: &'static str,
+        /// How many it needs.
+        needed: usize,
+        /// How many were folded.
+        got: usize,
+    },
 }
 
 /// FedAvg: the new model is the global plus the mean of the deltas weighted by example counts.
