@@ -215,7 +215,9 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let new_secagg = config.secagg.resolve()?;
     let new_strategy = config.strategy.resolve()?;
     if config.settings.long_run.early_stop_patience.is_some() && config.eval_data.is_none() {
-        bail!("--early-stop-patience needs --eval-data (a validation split): it watches the evaluation loss");
+        return Err(fl_common::cli::Permanent::error(
+            "--early-stop-patience needs --eval-data (a validation split): it watches the evaluation loss",
+        ));
     }
     let (mut record, ca) = if state.exists() {
         let (record, ca) = state.load()?;
@@ -229,10 +231,10 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         }
         let conflicts = config.strategy.conflicts_with(&StrategyConfig::load(state.root())?);
         if !conflicts.is_empty() {
-            bail!(
+            return Err(fl_common::cli::Permanent::error(format!(
                 "these flags would change the existing federation's aggregation strategy: {}; use a new --state-dir for a new federation",
                 conflicts.join(", ")
-            );
+            )));
         }
         let conflicts = config.model.conflicts_with(&record.spec);
         if !conflicts.is_empty() {

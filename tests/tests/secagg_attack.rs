@@ -33,7 +33,8 @@ fn deltas(config: &SimConfig) -> (TensorSet, Vec<TensorSet>) {
     let spec = dp_sim::sim_spec(config).unwrap();
     let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 1).unwrap();
     let global = probe.to_tensors();
-    let local = TrainConfig { epochs: 1, batch_size: 32, lr: 0.05, optimizer: OptimizerKind::Adam, seed: 3 };
+    let local =
+        TrainConfig { epochs: 1, batch_size: 32, lr: 0.05, optimizer: OptimizerKind::Adam, seed: 3, proximal_mu: 0.0 };
     let deltas = (1..=CLIENTS)
         .map(|i| {
             let rows = fl_model::data::read_labelled_csv(&config.data_dir.join(format!("shard-{i}.csv"))).unwrap();

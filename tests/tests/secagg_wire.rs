@@ -67,6 +67,7 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
             max_update_norm: 1.0e4,
             update_codecs: Vec::new(),
             max_failed_attempts: 3,
+            long_run: Default::default(),
         },
         tls_sans: vec!["localhost".into(), "127.0.0.1".into()],
         seed: 1,
@@ -75,6 +76,7 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
         dashboard: None,
         dp: Default::default(),
         secagg: SecAggArgs { enabled: true, ..SecAggArgs::default() },
+        strategy: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let served = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
