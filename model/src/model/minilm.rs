@@ -15,7 +15,7 @@
 use std::ops::Range;
 
 use fl_common::ModelSpec;
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, nn::Module, Tensor};
 
 use super::transformer::{masked_mean, scaled_dot_product_attention};
 use super::{Architecture, Batch};
@@ -129,30 +129,29 @@ impl Minilm {
         x.layer_norm(dim, Some(&norm.weight), Some(&norm.bias), self.base.config.layer_norm_eps, false)
     }
 
-    /// The last hidden states `[batch, positions, dim]` and the last layer's attention weights
-    /// `[batch, heads, positions, positions]`. `table` holds the word embeddings `batch` indexes.
-    fn encode(&self, table: &Tensor, batch: &Batch, train: bool) -> (Tensor, Tensor) {
+    /// The last hidden states `[batch, positions, dim]`; `table` holds the word embeddings that
+    /// `batch` indexes. (`--attention` stays with the word-level transformer: these positions are
+    /// WordPiece tokens, not words.)
+    fn encode(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
         let (b, t) = batch.padded.size2().expect("padded is [batch, positions]");
         let (dim, heads) = (self.base.config.hidden_size, self.base.config.num_attention_heads);
         let words = Tensor::embedding(table, &batch.padded, -1, false, false);
         let x = words + self.base.position.narrow(0, 0, t) + self.base.token_type.get(0);
         let mut x = self.norm(&x, &self.base.embedding_norm);
-        let mut last = Tensor::new();
         let split = |y: Tensor| y.view([b, t, heads, dim / heads]).transpose(1, 2);
         for (layer, lora) in self.base.layers.iter().zip(&self.adapters) {
             let q = split(self.project(&x, &layer.query, lora.query.as_ref(), train));
             let k = split(self.project(&x, &layer.key, lora.key.as_ref(), train));
             let v = split(self.project(&x, &layer.value, lora.value.as_ref(), train));
-            let (context, weights) = scaled_dot_product_attention(&q, &k, &v, &batch.mask);
+            let (context, _) = scaled_dot_product_attention(&q, &k, &v, &batch.mask);
             let context = context.transpose(1, 2).contiguous().view([b, t, dim]);
             let attended = self.project(&context, &layer.attention_output, lora.output.as_ref(), train);
             x = self.norm(&(attended + &x), &layer.attention_norm);
             let inner = self.project(&x, &layer.ffn_in, lora.ffn_in.as_ref(), train).gelu("none");
             let out = self.project(&inner, &layer.ffn_out, lora.ffn_out.as_ref(), train);
             x = self.norm(&(out + &x), &layer.output_norm);
-            last = weights;
         }
-        (x, last)
+        x
     }
 
     /// The WordPiece encoding of `text` with [CLS] and [SEP], truncated to `max_len`.
@@ -210,8 +209,7 @@ impl Architecture for Minilm {
     }
 
     fn pooled(&self, table: &Tensor, batch: &Batch, train: bool) -> Tensor {
-        let (x, _) = self.encode(table, batch, train);
-        masked_mean(&x, &batch.mask)
+        masked_mean(&self.encode(table, batch, train), &batch.mask)
     }
 
     fn head(&self, pooled: &Tensor, train: bool) -> Tensor {
@@ -220,15 +218,6 @@ impl Architecture for Minilm {
 
     fn head_names(&self) -> &'static [&'static str] {
         &["head.weight", "head.bias"]
-    }
-
-    fn last_attention(&self, table: &Tensor, batch: &Batch) -> Option<Tensor> {
-        let (_, weights) = self.encode(table, batch, false);
-        Some(weights.mean_dim(1, false, Kind::Float))
-    }
-
-    fn attention_positions(&self, tokens: usize) -> Vec<Option<usize>> {
-        (0..tokens).map(Some).collect()
     }
 
     fn frozen_embedding(&self) -> Option<Tensor> {

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "fl-coordinator", version, about = "Federated learning coordinator")]
 struct Cli {
+    #[command(flatten)]
+    pretrained: fl_common::PretrainedArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -231,6 +233,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    fl_model::pretrained::configure(&cli.pretrained)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
