@@ -255,7 +255,14 @@ impl ModelSpec {
                 format!("lora_targets '{}' must be names from {}", self.lora_targets, LORA_TARGETS.join(",")),
             );
             check(self.lora_rank == 0 || !targets.is_empty(), "lora_targets must name at least one projection".into());
-        } else if self.kind == ModelKind::Transformer {
+        } else {
+            check(
+                self.lora_rank == 0 && self.lora_alpha == 0.0 && self.lora_targets.is_empty(),
+                format!("--lora-rank, --lora-alpha and --lora-targets apply to minilm only, not {}", self.kind),
+            );
+            check(self.base_sha256.is_empty(), format!("base_sha256 applies to minilm only, not {}", self.kind));
+        }
+        if self.kind == ModelKind::Transformer {
             check(self.heads >= 1, "heads must be at least 1".into());
             check(
                 self.heads >= 1 && self.embed_dim.is_multiple_of(self.heads),
@@ -473,5 +480,7 @@ mod tests {
         let spec = overrides.spec(ModelKind::Minilm, labels()).unwrap();
         assert_eq!((spec.lora_rank, spec.lora_target_list()), (4, vec!["query", "key", "ffn"]));
         assert_eq!(overrides.conflicts_with(&ModelSpec::with_defaults(ModelKind::Minilm, labels())).len(), 2);
+        let err = overrides.spec(ModelKind::Fasttext, labels()).unwrap_err().to_string();
+        assert!(err.contains("apply to minilm only, not fasttext"), "{err}");
     }
 }
