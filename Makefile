@@ -16,6 +16,7 @@ demo: build
 
 test:
 	cargo build --release --bins
+	scripts/minilm-env.sh >/dev/null   # the pretrained base the minilm tests read (once, 84 MB)
 	cargo test --release --workspace
 	deploy/k8s/validate.sh
 

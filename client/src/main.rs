@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "fl-client", version, about = "Federated learning client: enroll, train on local data, predict")]
 struct Cli {
+    #[command(flatten)]
+    pretrained: fl_common::PretrainedArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -431,6 +433,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> Result<ExitCode> {
     // `train` and `distill` keep SIGPIPE ignored and print with `print_line`: a closed stdout must
     // not stop them before the model is written.
+    fl_model::pretrained::configure(&cli.pretrained)?;
     if matches!(
         cli.command,
         Command::Predict { .. }

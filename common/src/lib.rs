@@ -14,5 +14,7 @@ pub mod tls;
 pub mod token;
 
 pub use model_file::{decode_model, encode_model, ModelFileError};
-pub use model_spec::{ModelKind, ModelSpec, SpecError, SpecOverrides};
+pub use model_spec::{
+    ModelKind, ModelSpec, PretrainedArgs, SpecError, SpecOverrides, LORA_TARGETS, MINILM_BASE_SHA256,
+};
 pub use tensors::{NamedTensor, TensorSet};

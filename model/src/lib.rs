@@ -1,5 +1,5 @@
 //! The ML library of the federation, on libtorch (tch): the hashed n-gram tokenizer, labelled CSV
-//! data, the three classifiers (fastText, BiLSTM, Transformer), local and central training,
+//! data, the classifiers (fastText, BiLSTM, Transformer, and the pretrained MiniLM with LoRA), local and central training,
 //! evaluation, explanations (per text, rules, embeddings, an HTML report), prediction and
 //! synthetic data generation.
 //!
@@ -16,6 +16,7 @@ pub mod explain;
 pub mod model;
 pub mod personal;
 pub mod predict;
+pub mod pretrained;
 pub mod report;
 pub mod rules;
 pub mod tokenizer;

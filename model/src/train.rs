@@ -153,6 +153,8 @@ pub struct Trainer {
     embedding: Tensor,
     dense_opt: nn::Optimizer,
     row_adam: Option<SparseRowAdam>,
+    /// False for a frozen pretrained table: its rows are read, never updated.
+    embedding_trains: bool,
     rng: rand::rngs::StdRng,
     row_of: HashMap<i64, i64>,
     distillation: Option<Distillation>,
@@ -199,7 +201,8 @@ impl Trainer {
             OptimizerKind::Sgd => nn::Sgd::default().build(&model.vs, config.lr),
         }
         .expect("optimizer builds");
-        let row_adam = (config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam {
+        let embedding_trains = model.embedding_trains();
+        let row_adam = (embedding_trains && config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam {
             m: embedding.zeros_like(),
             v: embedding.zeros_like(),
             step: 0,
@@ -209,6 +212,7 @@ impl Trainer {
             embedding,
             dense_opt,
             row_adam,
+            embedding_trains,
             rng: rand::rngs::StdRng::seed_from_u64(config.seed),
             row_of: HashMap::new(),
             distillation: None,
@@ -284,7 +288,7 @@ impl Trainer {
             let batch = Batch::new(&docs, device);
             let target = Tensor::from_slice(&labels).to_device(device);
             let row_ids = Tensor::from_slice(&rows).to_device(device);
-            let table = self.embedding.index_select(0, &row_ids).detach().set_requires_grad(true);
+            let table = self.embedding.index_select(0, &row_ids).detach().set_requires_grad(self.embedding_trains);
 
             let logits = model.forward_with_table(&table, &batch, true);
             let loss = match (self.distillation, &data.soft) {
@@ -307,8 +311,10 @@ impl Trainer {
                 None => loss.backward(),
             }
             self.dense_opt.step();
-            let grad = table.grad();
-            tch::no_grad(|| update_rows(&self.embedding, &row_ids, &grad, lr, self.row_adam.as_mut()));
+            if self.embedding_trains {
+                let grad = table.grad();
+                tch::no_grad(|| update_rows(&self.embedding, &row_ids, &grad, lr, self.row_adam.as_mut()));
+            }
 
             loss_sum += loss.double_value(&[]) * labels.len() as f64;
             correct += logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Double).double_value(&[]);

@@ -8,6 +8,7 @@
 
 mod bilstm;
 mod fasttext;
+mod minilm;
 mod transformer;
 
 use std::ops::Range;
@@ -22,6 +23,7 @@ use crate::tokenizer::HashedNgramTokenizer;
 
 pub use bilstm::BiLstm;
 pub use fasttext::FastText;
+pub use minilm::Minilm;
 pub use transformer::Transformer;
 
 /// Name of the embedding table in every architecture.
@@ -42,6 +44,12 @@ pub enum ModelError {
     /// The weights do not fit the architecture.
     #[error("weights do not fit the model: {0}")]
     Weights(#[from] TensorError),
+    /// The pretrained base of a minilm model is missing, unreadable or not the one the spec names.
+    #[error(transparent)]
+    Pretrained(#[from] crate::pretrained::PretrainedError),
+    /// The spec does not fit the pretrained base.
+    #[error("{0}")]
+    Base(String),
     /// libtorch failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -123,6 +131,10 @@ pub trait Architecture: std::fmt::Debug + Send {
     fn attention_positions(&self, tokens: usize) -> Vec<Option<usize>> {
         (0..tokens).map(Some).collect()
     }
+    /// The embedding table when it is frozen and not a variable (a pretrained base's).
+    fn frozen_embedding(&self) -> Option<Tensor> {
+        None
+    }
 }
 
 /// Word ids in text order, cut at `max_len`: what the sequence models read.
@@ -176,6 +188,10 @@ impl Classifier {
             ModelKind::Fasttext => Box::new(FastText::new(&vs.root(), &spec)),
             ModelKind::Bilstm => Box::new(BiLstm::new(&vs.root(), &spec)),
             ModelKind::Transformer => Box::new(Transformer::new(&vs.root(), &spec)),
+            ModelKind::Minilm => {
+                let base = crate::pretrained::base(device, &spec.base_sha256)?;
+                Box::new(Minilm::new(&vs.root(), &spec, base).map_err(ModelError::Base)?)
+            }
         };
         let tokenizer = HashedNgramTokenizer::new(spec.buckets, spec.ngrams);
         Ok(Classifier { spec, vs, net, tokenizer, int8: None })
@@ -224,9 +240,18 @@ impl Classifier {
         Some(Attention { positions: self.net.attention_positions(ids.len()), weights })
     }
 
-    /// The embedding table variable.
+    /// The embedding table: a variable, or a pretrained base's frozen table (see
+    /// [`Classifier::embedding_trains`]).
     pub fn embedding(&self) -> Tensor {
+        if let Some(table) = self.net.frozen_embedding() {
+            return table;
+        }
         self.vs.variables().remove(EMBEDDING).expect("every architecture has an embedding table")
+    }
+
+    /// False when the embedding table is a frozen pretrained one that training leaves alone.
+    pub fn embedding_trains(&self) -> bool {
+        self.net.frozen_embedding().is_none()
     }
 
     /// Logits for a batch whose ids index `table`.

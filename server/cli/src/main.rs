@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "fl-coordinator", version, about = "Federated learning coordinator")]
 struct Cli {
+    #[command(flatten)]
+    pretrained: fl_common::PretrainedArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -263,6 +265,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     if matches!(cli.command, Command::Status { .. } | Command::Token { .. } | Command::Clients { .. }) {
         fl_common::cli::die_quietly_on_closed_stdout();
     }
+    fl_model::pretrained::configure(&cli.pretrained)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
