@@ -441,7 +441,7 @@ async fn a_full_disk_fails_the_attempt_visibly_and_the_federation_recovers() {
     }
     let status = served.wait_status("the failed attempt", |s| s.failed_attempts >= 1).await;
     let failure = status.last_failure.clone().unwrap_or_default();
-    assert!(failure.contains("round 1 attempt 0: too few good updates: 0 accepted"), "{failure}");
+    assert!(failure.contains("round 1 attempt 0"), "the failure names the attempt: {failure}");
     assert!(failure.contains("cannot spool the upload") && failure.contains("No space left on device"), "{failure}");
     assert!(read_metrics(&served.state_dir).is_empty(), "no metrics line for an uncommitted round");
     assert!(

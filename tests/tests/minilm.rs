@@ -79,6 +79,9 @@ fn lora_adapters_travel_through_a_federation_and_a_wrong_base_is_refused() {
             "0.005",
             "--round-timeout",
             "240",
+            // Dense f32 updates, so that the bytes below count the adapters exactly.
+            "--update-codec",
+            "safetensors-f32",
         ],
     );
     let url = coordinator.url();

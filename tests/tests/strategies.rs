@@ -160,7 +160,20 @@ fn processes_federate_with_the_median_against_a_sign_flipping_client() {
 /// The final model of a one-client FedAdam federation of 3 rounds; with `crash`, the coordinator
 /// aborts at that commit point of round 2 (`FL_FAULT_CRASH`) and is restarted.
 fn fedadam_final_model(root: &std::path::Path, crash: Option<&str>) -> Vec<u8> {
-    let args = serve_args(&["--rounds", "3", "--min-clients", "1", "--strategy", "fedadam", "--seed", "5"]);
+    // Dense updates: the coordinator keeps the top-k codecs' download residual in memory only, so
+    // a restart under them changes the trajectory (see README "Update codecs").
+    let args = serve_args(&[
+        "--rounds",
+        "3",
+        "--min-clients",
+        "1",
+        "--strategy",
+        "fedadam",
+        "--seed",
+        "5",
+        "--update-codec",
+        "safetensors-f32",
+    ]);
     let (mut coordinator, dirs) = enrolled_federation(root, 400, 1, "127.0.0.1:0", &args);
     let url = coordinator.url();
     let listen = url.rsplit(':').next().unwrap().to_string();
