@@ -7,6 +7,7 @@ pub mod strategy_sim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fl_client::daemon::upload_chunks;
@@ -422,5 +423,43 @@ pub fn assert_moved_by(before: &TensorSet, after: &TensorSet, delta: f32) {
         for (v, v0) in t.data.iter().zip(&t0.data) {
             assert!((v - v0 - delta).abs() < 1e-5, "{} moved by {} instead of {delta}", t.name, v - v0);
         }
+    }
+}
+
+/// A model backend of plain weights for in-process engine tests: `w` of four zeros and `b` of
+/// two halves; it reads no data and evaluates nothing.
+#[derive(Debug)]
+pub struct PlainBackend;
+
+impl fl_server::backend::ModelBackend for PlainBackend {
+    fn initial_weights(
+        &self,
+        _spec: &fl_common::ModelSpec,
+        _seed: u64,
+    ) -> Result<fl_common::TensorSet, fl_server::backend::BackendError> {
+        Ok(fl_common::TensorSet::new(vec![
+            fl_common::NamedTensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 4] },
+            fl_common::NamedTensor { name: "b".into(), shape: vec![2], data: vec![0.5; 2] },
+        ]))
+    }
+
+    fn check_weights(
+        &self,
+        _spec: &fl_common::ModelSpec,
+        _weights: &fl_common::TensorSet,
+    ) -> Result<(), fl_server::backend::BackendError> {
+        Ok(())
+    }
+
+    fn labels_of(&self, path: &Path) -> Result<Vec<String>, fl_server::backend::BackendError> {
+        anyhow::bail!("{}: the plain backend reads no data", path.display())
+    }
+
+    fn evaluator(
+        &self,
+        path: &Path,
+        _spec: &fl_common::ModelSpec,
+    ) -> Result<Arc<dyn fl_server::backend::Evaluator>, fl_server::backend::BackendError> {
+        anyhow::bail!("{}: the plain backend evaluates nothing", path.display())
     }
 }

@@ -3,17 +3,15 @@
 //! by hand, and a plain model backend (no libtorch). Each test asks the coordinator what
 //! happened (its `status.json`, `metrics.jsonl`, the model files), never its log.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anyhow::bail;
 use fl_client::identity::{ClientState, Identity};
-use fl_common::{decode_model, ModelSpec, NamedTensor, TensorSet};
+use fl_common::{decode_model, TensorSet};
 use fl_proto::pb;
-use fl_server::backend::{BackendError, Evaluator, ModelBackend};
 use fl_server::dp::accountant::RdpAccountant;
 use fl_server::dp::{DpArgs, DpLedger};
 use fl_server::registry::{ClientStatus, RegistryStore};
@@ -22,31 +20,6 @@ use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
 use fl_tests::*;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// A model backend of plain weights: `w` of four zeros and `b` of two halves.
-#[derive(Debug)]
-struct PlainBackend;
-
-impl ModelBackend for PlainBackend {
-    fn initial_weights(&self, _spec: &ModelSpec, _seed: u64) -> Result<TensorSet, BackendError> {
-        Ok(TensorSet::new(vec![
-            NamedTensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 4] },
-            NamedTensor { name: "b".into(), shape: vec![2], data: vec![0.5; 2] },
-        ]))
-    }
-
-    fn check_weights(&self, _spec: &ModelSpec, _weights: &TensorSet) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn labels_of(&self, path: &Path) -> Result<Vec<String>, BackendError> {
-        bail!("{}: the plain backend reads no data", path.display())
-    }
-
-    fn evaluator(&self, path: &Path, _spec: &ModelSpec) -> Result<Arc<dyn Evaluator>, BackendError> {
-        bail!("{}: the plain backend evaluates nothing", path.display())
-    }
-}
 
 fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
     RoundSettings {

@@ -4,43 +4,16 @@
 //! refused in a secure round, a replayed stage message is refused, and the round's model moves
 //! by the mean of the three updates.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
 use fl_client::identity::ClientState;
-use fl_common::{decode_model, ModelSpec, NamedTensor, TensorSet};
+use fl_common::decode_model;
 use fl_proto::pb;
-use fl_server::backend::{BackendError, Evaluator, ModelBackend};
 use fl_server::secagg::SecAggArgs;
 use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
 use fl_tests::*;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug)]
-struct PlainBackend;
-
-impl ModelBackend for PlainBackend {
-    fn initial_weights(&self, _spec: &ModelSpec, _seed: u64) -> Result<TensorSet, BackendError> {
-        Ok(TensorSet::new(vec![
-            NamedTensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 4] },
-            NamedTensor { name: "b".into(), shape: vec![2], data: vec![0.5; 2] },
-        ]))
-    }
-
-    fn check_weights(&self, _spec: &ModelSpec, _weights: &TensorSet) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn labels_of(&self, path: &Path) -> Result<Vec<String>, BackendError> {
-        bail!("{}: the plain backend reads no data", path.display())
-    }
-
-    fn evaluator(&self, path: &Path, _spec: &ModelSpec) -> Result<Arc<dyn Evaluator>, BackendError> {
-        bail!("{}: the plain backend evaluates nothing", path.display())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages() {
