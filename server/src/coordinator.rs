@@ -614,16 +614,22 @@ impl Coordinator {
     }
 
     /// Turns on secure aggregation. Refused with a strategy that needs individual updates
-    /// ([`AggregationStrategy::supports_secure_sum`]) and with differential privacy, whose noise
-    /// after unmasking is not implemented yet.
+    /// ([`AggregationStrategy::supports_secure_sum`]: the robust ones), and with differential
+    /// privacy that clips on the coordinator, which cannot see the updates it would clip.
     pub fn with_secagg(mut self, config: SecAggConfig) -> Result<Coordinator> {
-        if self.dp.is_some() {
-            anyhow::bail!("--secure-aggregation with differential privacy (--dp-*) is not supported yet");
+        if let Some(dp) = &self.dp {
+            if !dp.strategy.supports_secure_sum() {
+                anyhow::bail!(crate::secagg::DP_NEEDS_CLIENT_CLIP);
+            }
         }
-        let strategy = (self.new_strategy)();
+        let strategy = match &self.strategy {
+            Some(runtime) => runtime.attempt_strategy(None),
+            None => (self.new_strategy)(),
+        };
         if !strategy.supports_secure_sum() {
             anyhow::bail!(
-                "--secure-aggregation: the aggregation strategy {strategy:?} needs each client's update, which secure aggregation hides; use FedAvg"
+                "--secure-aggregation: the aggregation strategy {} needs each client's update, which secure aggregation hides; use fedavg, fedavgm or an adaptive server optimiser",
+                self.strategy.as_ref().map_or_else(|| "fedavg".to_string(), |r| r.config().strategy.to_string())
             );
         }
         let max_clients = crate::secagg::max_participants(&self.settings);
@@ -688,8 +694,9 @@ impl Coordinator {
         };
         let stats = attempt.stats();
         let mut sum = ticket.lock_owned().await;
-        // Uniform weights: the mean is folded once, as one update of weight 1.
-        sum.strategy.fold(ClientUpdate { delta: &mean, num_examples: 1 });
+        // Uniform weights: the mean of the masked inputs, folded as their sum (DP's noise is
+        // calibrated to it; FedAvg folds it as one update).
+        sum.strategy.fold_secure_sum(&mean, outcome.masked);
         sum.folded = survivors;
         sum.examples = stats.examples;
         sum.weighted_loss = stats.weighted_loss;
@@ -1495,8 +1502,9 @@ struct DpMetrics {
     dp_noise_multiplier: f64,
     /// The clip norm used this round.
     dp_clip_norm: f64,
-    /// Updates this round whose norm was at most the clip norm.
-    dp_unclipped: usize,
+    /// Updates this round whose norm was at most the clip norm; null under secure aggregation,
+    /// where the coordinator sees only their sum.
+    dp_unclipped: Option<usize>,
 }
 
 async fn complete_round(

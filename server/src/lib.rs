@@ -211,8 +211,14 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let state = StateDir::new(&config.state_dir);
     let mut new_token = None;
     // Bad DP and secure-aggregation flags fail before anything is created.
-    let new_dp = config.dp.resolve()?;
     let new_secagg = config.secagg.resolve()?;
+    let mut dp_args = config.dp.clone();
+    if new_secagg.is_some() && dp_args.clip_on.is_none() && dp_args.noise_multiplier.is_some() && !dp_args.adaptive_clip
+    {
+        // The coordinator cannot clip what it cannot see: under secure aggregation clients clip.
+        dp_args.clip_on = Some(dp::ClipSite::Client);
+    }
+    let new_dp = dp_args.resolve()?;
     let new_strategy = config.strategy.resolve()?;
     if config.settings.long_run.early_stop_patience.is_some() && config.eval_data.is_none() {
         return Err(fl_common::cli::Permanent::error(
@@ -284,18 +290,22 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         if let Some(path) = &config.eval_data {
             backend.evaluator(path, &spec)?;
         }
+        if let Some(secagg) = &new_secagg {
+            // The same checks `with_secagg` makes, before anything is created.
+            if new_dp.as_ref().is_some_and(|dp| dp.clip_on != dp::ClipSite::Client || dp.adaptive.is_some()) {
+                return Err(fl_common::cli::Permanent::error(secagg::DP_NEEDS_CLIENT_CLIP));
+            }
+            if new_strategy.robust_rule().is_some() {
+                return Err(fl_common::cli::Permanent::error(format!(
+                    "--secure-aggregation: --strategy {} needs each client's update, which secure aggregation hides; use fedavg, fedavgm or an adaptive server optimiser",
+                    new_strategy.strategy
+                )));
+            }
+            secagg.quantization(secagg::max_participants(&config.settings))?;
+        }
         if let Some(dp) = &new_dp {
             // Checks the noise split before anything is created.
             DpFedAvg::new(dp, dp.clip_norm, expected_clients_per_round(&config.settings))?;
-        }
-        if let Some(secagg) = &new_secagg {
-            // The same checks `with_secagg` makes, before anything is created.
-            if new_dp.is_some() {
-                return Err(fl_common::cli::Permanent::error(
-                    "--secure-aggregation with differential privacy (--dp-*) is not supported yet",
-                ));
-            }
-            secagg.quantization(secagg::max_participants(&config.settings))?;
         }
         new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;
         let (record, ca) = state.create(&spec, &config.tls_sans)?;

@@ -461,6 +461,12 @@ async fn wait_stage(
     }
 }
 
+/// Why DP must clip on the clients under secure aggregation: the coordinator only sees the sum.
+pub const DP_NEEDS_CLIENT_CLIP: &str =
+    "--secure-aggregation with differential privacy needs --dp-clip-on client and a fixed \
+     --dp-clip-norm: the coordinator sees only the sum, so the clients clip (it is the default under \
+     --secure-aggregation; --dp-adaptive-clip would need each client's clipped bit)";
+
 /// The model-shaped mean of the unmasked sum: dequantized, divided by the inputs in it.
 pub fn mean_update(
     quantization: &QuantizationPlan,

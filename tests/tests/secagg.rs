@@ -99,3 +99,64 @@ fn secure_aggregation_survives_a_kill_in_the_masking_stages_and_matches_plain_ac
         "with secure aggregation {with}, without {without}: more than 1 point apart"
     );
 }
+
+/// L2 norm of `after - before`, over every tensor.
+fn moved(before: &Path, after: &Path) -> f64 {
+    let read = |p: &Path| fl_common::decode_model(&std::fs::read(p).unwrap()).unwrap().1;
+    let (a, b) = (read(before), read(after));
+    let squares: f64 = a
+        .tensors
+        .iter()
+        .zip(&b.tensors)
+        .flat_map(|(x, y)| x.data.iter().zip(&y.data).map(|(u, v)| f64::from(v - u).powi(2)))
+        .sum();
+    squares.sqrt()
+}
+
+#[test]
+fn differential_privacy_with_secure_aggregation_clips_on_the_clients_and_noises_the_sum() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    // Z = 0 isolates the clipping: the mean of updates clipped to C moves the model by at most C
+    // (plus the quantization's rounding, about 1e-5 here). Unclipped, this federation moves it by
+    // about 7 in round 1 (measured with --dp-clip-norm 1000), so a client that skips the clip fails.
+    let clip = 0.05;
+    let args = [
+        "--rounds",
+        "2",
+        "--min-clients",
+        "3",
+        "--round-timeout",
+        "60",
+        "--local-epochs",
+        "1",
+        "--secure-aggregation",
+        "--dp-noise-multiplier",
+        "0",
+        "--dp-clip-norm",
+        "0.05",
+    ];
+    let (mut coordinator, dirs) = enrolled_federation(root, 1500, 3, "127.0.0.1:0", &args);
+    let url = coordinator.url();
+    let mut clients: Vec<Child> =
+        dirs.iter().enumerate().map(|(i, d)| start_client(root, &url, d, i + 1, &[])).collect();
+    let status = coordinator.wait(Duration::from_secs(300));
+    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
+    for c in &mut clients {
+        assert!(wait_child(c, Duration::from_secs(30)).expect("client exits").success());
+    }
+    let metrics = coordinator.metrics();
+    assert_eq!(metrics.len(), 2, "{metrics:?}");
+    let model = root.join("coordinator/model");
+    for (i, m) in metrics.iter().enumerate() {
+        assert_eq!(m["secagg_masked"], 3, "{m}");
+        assert_eq!(m["dp_clip_norm"], clip, "{m}");
+        assert!(m["dp_unclipped"].is_null(), "only the sum is seen: {m}");
+        let before =
+            if i == 0 { model.join("initial.safetensors") } else { model.join(format!("round-{i:04}.safetensors")) };
+        let step = moved(&before, &model.join(format!("round-{:04}.safetensors", i + 1)));
+        println!("round {}: the global model moved by {step:.6} (C = {clip})", i + 1);
+        assert!(step <= clip + 1e-4, "round {}: moved by {step}, more than C = {clip}: a client did not clip", i + 1);
+        assert!(step > 0.0, "round {}: the model did not move", i + 1);
+    }
+}

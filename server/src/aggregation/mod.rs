@@ -39,6 +39,13 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
     fn supports_secure_sum(&self) -> bool {
         false
     }
+    /// Folds the mean of `count` updates that secure aggregation unmasked as one sum. The
+    /// default folds it as one update of weight one (uniform weights); DP-FedAvg counts it as
+    /// `count` clipped updates, so that its noise is calibrated to the sum of `count`.
+    fn fold_secure_sum(&mut self, mean: &TensorSet, count: usize) {
+        let _ = count;
+        self.fold(ClientUpdate { delta: mean, num_examples: 1 });
+    }
     /// What differential privacy did in the last finished round; `None` for a strategy without DP.
     fn dp_round(&self) -> Option<&crate::dp::DpRoundReport> {
         None

@@ -218,6 +218,15 @@ impl AggregationStrategy for ServerOptimized {
         self.inner.fold(update);
     }
 
+    fn supports_secure_sum(&self) -> bool {
+        // The optimiser steps on the mean, which secure aggregation gives.
+        self.inner.supports_secure_sum()
+    }
+
+    fn fold_secure_sum(&mut self, mean: &TensorSet, count: usize) {
+        self.inner.fold_secure_sum(mean, count);
+    }
+
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
         self.try_finish(global).ok().flatten()
     }

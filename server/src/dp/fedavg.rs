@@ -22,8 +22,9 @@ pub struct DpRoundReport {
     pub clip_norm: f64,
     /// Updates averaged (m).
     pub clients: usize,
-    /// Updates whose norm was at most C.
-    pub unclipped: usize,
+    /// Updates whose norm was at most C; `None` under secure aggregation, where the coordinator
+    /// sees only the sum of updates the clients clipped.
+    pub unclipped: Option<usize>,
     /// Standard deviation of the noise on each coordinate of the average: z_Δ·C/m.
     pub noise_std: f64,
     /// The clip norm of the next round (differs from `clip_norm` under adaptive clipping).
@@ -40,6 +41,10 @@ pub struct DpFedAvg {
     sum: Option<TensorSet>,
     folded: usize,
     unclipped: usize,
+    /// Clients clip before sending (`--dp-clip-on client`).
+    clients_clip: bool,
+    /// Whether this round's updates came as one securely aggregated sum.
+    secure: bool,
     rng: StdRng,
     last_round: Option<DpRoundReport>,
 }
@@ -73,6 +78,8 @@ impl DpFedAvg {
             sum: None,
             folded: 0,
             unclipped: 0,
+            clients_clip: config.clip_on == super::ClipSite::Client,
+            secure: false,
             rng,
             last_round: None,
         })
@@ -103,6 +110,8 @@ impl DpFedAvg {
             sum: None,
             folded: 0,
             unclipped: 0,
+            clients_clip: self.clients_clip,
+            secure: false,
             rng: StdRng::from_os_rng(),
             last_round: None,
         }
@@ -114,6 +123,7 @@ impl AggregationStrategy for DpFedAvg {
         self.sum = Some(global.zeros_like());
         self.folded = 0;
         self.unclipped = 0;
+        self.secure = false;
     }
 
     fn fold(&mut self, update: ClientUpdate<'_>) {
@@ -127,6 +137,20 @@ impl AggregationStrategy for DpFedAvg {
         }
         sum.add_scaled(update.delta, factor as f32);
         self.folded += 1;
+    }
+
+    /// The sum of updates the clients clipped to C themselves: noise is added after unmasking,
+    /// calibrated like the sum of `count` clipped updates. Adaptive clipping is not offered here
+    /// (it needs each client's clipped bit).
+    fn supports_secure_sum(&self) -> bool {
+        self.clients_clip && self.adaptive.is_none()
+    }
+
+    fn fold_secure_sum(&mut self, mean: &TensorSet, count: usize) {
+        let sum = self.sum.as_mut().expect("begin_round before fold");
+        sum.add_scaled(mean, count as f32);
+        self.folded += count;
+        self.secure = true;
     }
 
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
@@ -149,7 +173,7 @@ impl AggregationStrategy for DpFedAvg {
         self.last_round = Some(DpRoundReport {
             clip_norm: used,
             clients: self.folded,
-            unclipped: self.unclipped,
+            unclipped: (!self.secure).then_some(self.unclipped),
             noise_std: self.update_noise_multiplier * used / m,
             next_clip_norm: self.clip_norm,
         });
@@ -213,7 +237,7 @@ mod tests {
             assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
         }
         let report = dp.last_round().unwrap();
-        assert_eq!((report.clients, report.unclipped), (2, 1));
+        assert_eq!((report.clients, report.unclipped), (2, Some(1)));
     }
 
     /// Andrew et al.'s experiment: norms spread evenly on [0.5, 1.5], C should find their median.
@@ -256,5 +280,40 @@ mod tests {
         assert!((dp.update_noise_multiplier() - 0.99f64.powf(-0.5)).abs() < 1e-12);
         let err = DpFedAvg::new(&cfg, cfg.clip_norm, 10).unwrap_err();
         assert!(err.to_string().contains("--dp-adaptive-clip"), "{err}");
+    }
+
+    #[test]
+    fn a_secure_sum_gets_the_noise_of_its_count_of_clipped_updates() {
+        let (z, c, m, n) = (1.1, 0.5, 8, 100_000);
+        let client_clip = DpArgs {
+            noise_multiplier: Some(z),
+            clip_norm: Some(c),
+            clip_on: Some(super::super::ClipSite::Client),
+            ..DpArgs::default()
+        };
+        let mut dp = DpFedAvg::with_rng(&config(client_clip), c, m, StdRng::seed_from_u64(9)).unwrap();
+        assert!(dp.supports_secure_sum());
+        let server_clip = DpArgs { noise_multiplier: Some(z), clip_norm: Some(c), ..DpArgs::default() };
+        assert!(
+            !DpFedAvg::new(&config(server_clip), c, m).unwrap().supports_secure_sum(),
+            "the server cannot clip a sum"
+        );
+
+        // Secure aggregation hands over the mean of m inputs; the next model is the mean plus
+        // noise of standard deviation z·C/m, exactly as if m clipped updates were folded.
+        let global = tensors(&vec![0.0; n]);
+        let mean = tensors(&vec![0.25; n]);
+        dp.begin_round(&global);
+        dp.fold_secure_sum(&mean, m);
+        let next = dp.finish(&global).unwrap();
+        let values = &next.tensors[0].data;
+        let avg = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let std = (values.iter().map(|&v| (f64::from(v) - avg).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        let want = z * c / m as f64;
+        assert!((std - want).abs() / want < 0.02, "empirical std {std} vs z·C/m = {want}");
+        assert!((avg - 0.25).abs() < 5.0 * want / (n as f64).sqrt(), "mean {avg}");
+        let report = dp.last_round().unwrap();
+        assert_eq!((report.clients, report.unclipped), (m, None), "the coordinator cannot count unclipped updates");
+        assert_eq!(report.noise_std, want);
     }
 }
