@@ -58,6 +58,13 @@ pub async fn enroll(url: &str, token: &str, name: &str, state: &ClientState, for
         },
     };
     if let Err(e) = state.save(&identity) {
+        // No half identity stays: the previous one (under --force) is put back, or none is left.
+        state.discard();
+        if let Some(old) = &previous {
+            if let Err(restore) = state.save(old) {
+                warn!("could not put back the replaced identity: {}", fl_common::cli::describe(&restore));
+            }
+        }
         let withdrawn = withdraw(url, &identity, "its identity could not be stored").await;
         let what = match withdrawn {
             Ok(()) => format!("client id {} was revoked again", identity.record.client_id),
@@ -67,7 +74,12 @@ pub async fn enroll(url: &str, token: &str, name: &str, state: &ClientState, for
                 fl_common::cli::describe(&w)
             ),
         };
-        return Err(e.context(format!("storing the identity failed after enrollment; {what}")));
+        // A local fault that a restart would only repeat, spending another token use: permanent.
+        return Err(Permanent::error(format!(
+            "storing the identity in {} failed after enrollment ({}); {what}",
+            state.dir().display(),
+            fl_common::cli::describe(&e)
+        )));
     }
     if let Some(old) = previous {
         if let Err(e) = withdraw(url, &old, "replaced by enroll --force").await {

@@ -77,11 +77,25 @@ impl ClientState {
     pub fn save(&self, identity: &Identity) -> Result<()> {
         use fl_common::files::write_atomic;
         std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
-        write_atomic(&self.key_path(), identity.key.key_pem.as_bytes(), 0o600)?;
-        write_atomic(&self.cert_path(), identity.key.cert_pem.as_bytes(), 0o644)?;
-        write_atomic(&self.ca_path(), identity.ca_pem.as_bytes(), 0o644)?;
-        write_atomic(&self.record_path(), serde_json::to_string_pretty(&identity.record)?.as_bytes(), 0o644)?;
+        let record = serde_json::to_string_pretty(&identity.record)?;
+        let files = [
+            (self.key_path(), identity.key.key_pem.as_bytes(), 0o600),
+            (self.cert_path(), identity.key.cert_pem.as_bytes(), 0o644),
+            (self.ca_path(), identity.ca_pem.as_bytes(), 0o644),
+            (self.record_path(), record.as_bytes(), 0o644),
+        ];
+        for (path, bytes, mode) in files {
+            write_atomic(&path, bytes, mode).with_context(|| format!("writing {}", path.display()))?;
+        }
         Ok(())
+    }
+
+    /// Removes whatever [`save`](Self::save) wrote of an identity, so that a failed store
+    /// leaves no half identity behind (best effort: each file that is there is removed).
+    pub fn discard(&self) {
+        for path in [self.key_path(), self.cert_path(), self.ca_path(), self.record_path()] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Loads the identity; a clear error if the client is not enrolled.

@@ -380,6 +380,23 @@ fn state_dirs_are_locked_enrollment_cannot_half_happen_and_the_registry_cannot_v
     std::fs::write(&file, "x").unwrap();
     assert_exit(&enroll(&url, &token, &file.join("client"), "nowhere"), 2, &["a-file"]);
     assert_eq!(uses(), uses_before, "no token use was spent on a refused enrollment");
+    // Storing the identity fails after the token was used (ca.pem is a non-empty directory): the
+    // new id is revoked again, no half identity stays, exit 2.
+    let blocked = root.path().join("blocked");
+    std::fs::create_dir_all(blocked.join("ca.pem/in-the-way")).unwrap();
+    let out = enroll(&url, &token, &blocked, "blocked");
+    assert_exit(&out, 2, &["storing the identity", "ca.pem", "was revoked again"]);
+    assert_eq!(uses(), uses_before + 1, "that enrollment spent a use");
+    let registry = fl_server::registry::RegistryStore::open(&state).unwrap().read().unwrap();
+    let blocked_id = registry.clients.iter().find(|c| c.name == "blocked").map(|c| (c.id.clone(), c.status));
+    assert!(
+        matches!(blocked_id, Some((_, fl_server::registry::ClientStatus::Revoked))),
+        "the id whose identity could not be stored is revoked: {blocked_id:?}"
+    );
+    for file in ["client.key", "client.pem", "enrollment.json"] {
+        assert!(!blocked.join(file).exists(), "{file} of a revoked identity is left behind");
+    }
+    let uses_before = uses();
     // --force replaces the identity and the coordinator revokes the old id.
     let old_id = client_id(&dirs[0]);
     let out = run(command("fl-client")
@@ -399,12 +416,12 @@ fn state_dirs_are_locked_enrollment_cannot_half_happen_and_the_registry_cannot_v
     let list = admin(&["clients", "list", "--state-dir", s(&state)]);
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(!text.contains('\u{1b}'), "no escape sequence reaches the terminal: {text}");
-    assert_eq!(text.lines().count(), 4, "a header and one line per client, none forged: {text}");
+    assert_eq!(text.lines().count(), 5, "a header and one line per client, none forged: {text}");
 
     // registry.json deleted while serving: the coordinator writes it back from memory.
     std::fs::remove_file(state.join("registry.json")).unwrap();
     wait_until(Duration::from_secs(30), "registry.json to be rewritten", || {
-        fl_server::registry::RegistryStore::open(&state).is_ok_and(|r| r.snapshot().clients.len() == 3)
+        fl_server::registry::RegistryStore::open(&state).is_ok_and(|r| r.snapshot().clients.len() == 4)
     });
     // And the enrolled clients are still known: the renewed one joins.
     let daemon = ClientProcess::start(&url, &dirs[0], &data);
@@ -418,8 +435,17 @@ fn state_dirs_are_locked_enrollment_cannot_half_happen_and_the_registry_cannot_v
     let out = client(&["run", "--coordinator", &url, "--state-dir", s(&dirs[0]), "--data", s(&data)]);
     assert_exit(&out, 2, &["client.key"]);
 
-    // `clients list` on a missing registry is an error, not an empty table.
+    // A restart with flags that would change the federation: exit 2, naming the flag.
     drop(coordinator);
+    let changes: [&[&str]; 3] =
+        [&["--model", "bilstm"], &["--strategy", "median"], &["--dp-noise-multiplier", "1", "--dp-clip-norm", "1"]];
+    for change in changes {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--rounds", "1", "--state-dir", s(&state)];
+        args.extend_from_slice(change);
+        assert_exit(&admin(&args), 2, &[change[0], "would change"]);
+    }
+
+    // `clients list` on a missing registry is an error, not an empty table.
     std::fs::remove_file(state.join("registry.json")).unwrap();
     let out = admin(&["clients", "list", "--state-dir", s(&state)]);
     assert_exit(&out, 2, &["registry.json"]);
