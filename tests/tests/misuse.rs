@@ -396,7 +396,6 @@ fn state_dirs_are_locked_enrollment_cannot_half_happen_and_the_registry_cannot_v
     for file in ["client.key", "client.pem", "enrollment.json"] {
         assert!(!blocked.join(file).exists(), "{file} of a revoked identity is left behind");
     }
-    let uses_before = uses();
     // --force replaces the identity and the coordinator revokes the old id.
     let old_id = client_id(&dirs[0]);
     let out = run(command("fl-client")
