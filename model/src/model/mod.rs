@@ -269,11 +269,20 @@ impl Classifier {
         self.int8.is_some()
     }
 
+    /// Texts per batch when predicting or evaluating. Sequence models hold activations for every
+    /// token of every layer at once (a minilm batch of 512 texts took 1.9 GB), so they take fewer.
+    fn inference_batch(&self) -> usize {
+        match self.spec.kind {
+            ModelKind::Fasttext => 512,
+            _ => 64,
+        }
+    }
+
     /// The pooled representation of each text (what the classifier head reads), one row per text.
     pub fn pooled(&self, texts: &[&str]) -> Vec<Vec<f32>> {
         let _guard = tch::no_grad_guard();
         let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(256) {
+        for chunk in texts.chunks(self.inference_batch()) {
             let docs: Vec<Vec<i64>> = chunk.iter().map(|t| self.token_ids(t)).collect();
             let pooled = self.net.pooled(&self.embedding(), &Batch::new(&docs, self.device()), false);
             out.extend(Vec::<Vec<f32>>::try_from(&pooled.to_device(Device::Cpu)).expect("features are f32"));
@@ -294,7 +303,7 @@ impl Classifier {
         }
         let _guard = tch::no_grad_guard();
         let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(256) {
+        for chunk in texts.chunks(self.inference_batch()) {
             let docs: Vec<Vec<i64>> = chunk.iter().map(|t| self.token_ids(t)).collect();
             let probs = self.forward(&Batch::new(&docs, self.device())).softmax(-1, Kind::Float).to_device(Device::Cpu);
             let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).expect("probabilities are f32");
@@ -307,7 +316,8 @@ impl Classifier {
     pub fn evaluate(&self, docs: &[Vec<i64>], labels: &[i64]) -> (f64, f64) {
         let _guard = tch::no_grad_guard();
         let (mut correct, mut loss_sum) = (0.0f64, 0.0f64);
-        for (d, l) in docs.chunks(512).zip(labels.chunks(512)) {
+        let batch = self.inference_batch();
+        for (d, l) in docs.chunks(batch).zip(labels.chunks(batch)) {
             let logits = self.forward(&Batch::new(d, self.device()));
             let target = Tensor::from_slice(l).to_device(self.device());
             loss_sum += logits.cross_entropy_for_logits(&target).double_value(&[]) * l.len() as f64;
