@@ -92,6 +92,11 @@ enum Command {
         /// the personal and the global model.
         #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION", value_parser = parse::positive(0.99))]
         local_test_fraction: f64,
+        /// With --personalize finetune: once the federation has finished, fine-tune the final
+        /// model on the local data for this many epochs (the last round's learning rate, batch
+        /// size and optimizer); it becomes the personal model.
+        #[arg(long, default_value_t = 1, env = "FL_FINETUNE_EPOCHS", value_parser = parse::int_in(1u32, 1000))]
+        finetune_epochs: u32,
         /// TEST TOOL: send a poisoned update every round, to test the coordinator's robust
         /// strategies: sign-flip:SCALE (−SCALE × the delta), scale:FACTOR, or noise:STD (Gaussian
         /// noise added to every coordinate). Never use it in a real federation.
@@ -469,6 +474,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             personalize,
             ditto_lambda,
             local_test_fraction,
+            finetune_epochs,
             attack,
         } => {
             // Held until the process ends: a second `run` on this state dir is refused at once.
@@ -501,7 +507,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         PersonalizeArg::Ditto => Personalization::Ditto { lambda: ditto_lambda },
                     };
                     tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
-                    Some(PersonalConfig { method, test: Arc::new(test), dir: state_dir.join("personal") })
+                    let dir = state_dir.join("personal");
+                    Some(PersonalConfig { method, test: Arc::new(test), dir, final_epochs: finetune_epochs })
                 }
             };
             let identity = ClientState::new(&state_dir).load()?;
