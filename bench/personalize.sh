@@ -10,7 +10,7 @@
 # Usage: bench/personalize.sh METHOD ALPHA [CLIENTS] [ROUNDS]
 # Environment: ROWS (7000), LAMBDA (ditto's, 10), LR (0.01), EPOCHS (local epochs, 1),
 # STRATEGY (fedavg; e.g. reptile), SERVER_LR (the strategy's default), FINETUNE_EPOCHS (1),
-# BENCH_DIR (target/bench).
+# SEED (gen-data's, 11), BENCH_DIR (target/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:?METHOD: finetune, fedper or ditto}
@@ -19,7 +19,8 @@ CLIENTS=${3:-5}
 ROUNDS=${4:-10}
 BIN=target/release
 STRATEGY=${STRATEGY:-fedavg}
-DIR=${BENCH_DIR:-target/bench}/personalize-$METHOD-$STRATEGY${SERVER_LR:+-$SERVER_LR}-a$ALPHA-c$CLIENTS-r$ROUNDS
+SEED=${SEED:-11}
+DIR=${BENCH_DIR:-target/bench}/personalize-$METHOD-$STRATEGY${SERVER_LR:+-$SERVER_LR}-a$ALPHA-c$CLIENTS-r$ROUNDS-s$SEED
 [ -x $BIN/fl-coordinator ] || { echo "run make build first" >&2; exit 1; }
 rm -rf "$DIR"; mkdir -p "$DIR/logs"
 pids=()
@@ -27,7 +28,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
 $BIN/fl-client gen-data --out "$DIR/data" --rows "${ROWS:-7000}" --shards "$CLIENTS" \
-  --partition dirichlet --alpha "$ALPHA" --seed 11 >/dev/null
+  --partition dirichlet --alpha "$ALPHA" --seed "$SEED" >/dev/null
 $BIN/fl-coordinator serve --listen 127.0.0.1:0 --state-dir "$DIR/coord" --rounds "$ROUNDS" \
   --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --lr "${LR:-0.01}" --batch-size 32 \
   --local-epochs "${EPOCHS:-1}" --optimizer adam --round-timeout 600 --strategy "$STRATEGY" \
