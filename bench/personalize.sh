@@ -42,7 +42,7 @@ for i in $(seq 1 "$CLIENTS"); do
   $BIN/fl-client enroll --coordinator "$URL" --token "$TOKEN" --state-dir "$DIR/client-$i" --name "c$i" >/dev/null
   $BIN/fl-client run --coordinator "$URL" --state-dir "$DIR/client-$i" --data "$DIR/data/shard-$i.csv" \
     --threads 1 --personalize "$METHOD" --ditto-lambda "${LAMBDA:-10}" --local-test-fraction 0.2 \
-    --finetune-epochs "${FINETUNE_EPOCHS:-1}" \
+    $([ "$METHOD" = finetune ] && echo --finetune-epochs "${FINETUNE_EPOCHS:-1}") \
     >"$DIR/logs/client-$i.log" 2>&1 &
   pids+=("$!")
 done

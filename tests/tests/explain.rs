@@ -115,6 +115,28 @@ fn predict_personal_refuses_a_client_without_a_personal_model() {
 }
 
 #[test]
+fn finetune_epochs_without_finetune_is_refused_as_permanent() {
+    let root = tempfile::tempdir().unwrap();
+    gen_data(&root.path().join("data"), 100, 1);
+    for (personalize, why) in [
+        (Some("ditto"), "--finetune-epochs applies to --personalize finetune only (not ditto"),
+        (None, "--finetune-epochs needs --personalize finetune"),
+    ] {
+        let mut cmd = command("fl-client");
+        cmd.args(["run", "--coordinator", "https://localhost:9", "--finetune-epochs", "2", "--state-dir"])
+            .arg(root.path().join("client"))
+            .arg("--data")
+            .arg(root.path().join("data/shard-1.csv"));
+        if let Some(method) = personalize {
+            cmd.args(["--personalize", method]);
+        }
+        let out = run(&mut cmd);
+        assert_eq!(out.status.code(), Some(2), "bad flags are permanent: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
 fn personalised_clients_keep_a_personal_model_and_predict_with_it() {
     let root = tempfile::tempdir().unwrap();
     let (mut coordinator, dirs) = enrolled_federation(
