@@ -69,6 +69,8 @@ pub struct PersonalConfig {
     pub test: Arc<LabelledTexts>,
     /// `STATE/personal`: `model.safetensors`, `accuracy.json`, `metrics.jsonl`.
     pub dir: PathBuf,
+    /// `finetune`: epochs of fine-tuning of the final model after the federation.
+    pub final_epochs: u32,
 }
 
 impl PersonalConfig {
@@ -93,6 +95,10 @@ pub struct PersonalAccuracy {
     pub global_accuracy: f64,
     /// Accuracy of the personal model after the round on the held-out split.
     pub personal_accuracy: f64,
+    /// True for the final model fine-tuned after the federation (then `global_accuracy` is the
+    /// final model's and `round` the number of rounds).
+    #[serde(default)]
+    pub after_federation: bool,
 }
 
 /// Why the daemon stopped.
@@ -275,6 +281,28 @@ async fn session(
             }
             Some(pb::instruction::Kind::Finished(done)) => {
                 info!(rounds = done.rounds_completed, "federation finished");
+                let finetune = config.personal.as_ref().filter(|p| p.method == Personalization::Finetune);
+                if let (Some(personal), Some((spec, data))) = (finetune, encoded.clone()) {
+                    // The final model is fetched while the work stream is open, then the stream closes.
+                    let rounds = done.rounds_completed;
+                    let task = pb::RoundTask { round: rounds + 1, ..Default::default() };
+                    let tuned = match held.train_config.clone() {
+                        None => Err(anyhow!("this run trained no round, so it has no training settings")),
+                        Some(train) => match global_model(&mut client, &spec, &task, held).await {
+                            Ok(last) => {
+                                drop(stream);
+                                let threads = config.threads;
+                                crate::personal::finetune_final(personal, &spec, last, data, train, rounds, threads)
+                                    .await
+                                    .map(drop)
+                            }
+                            Err(e) => Err(e.context("fetching the final model")),
+                        },
+                    };
+                    if let Err(e) = tuned {
+                        warn!("the final model was not fine-tuned; the personal model stays the last round's: {e:#}");
+                    }
+                }
                 return Ok(Some(DaemonExit::FederationFinished));
             }
             None => {}
@@ -435,6 +463,7 @@ async fn do_round(
         .context("reading the held model panicked")?;
     }
     let global = global_model(client, spec, &task, held).await?;
+    held.train_config = Some(train_config.clone());
     let model_spec = spec.clone();
     // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
     // whose bound holds for the clipped delta only.
@@ -454,7 +483,7 @@ async fn do_round(
             tch::set_num_threads(threads);
             let started = std::time::Instant::now();
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
-            let (stats, mut delta) = match &personal {
+            let (stats, mut delta, local_eval) = match &personal {
                 None => {
                     // The last round's model, with this round's weights copied in: no new allocation.
                     let mut model = match reused.take() {
@@ -467,12 +496,10 @@ async fn do_round(
                     let stats = train(&mut model, &data, &train_config, &cancel, report);
                     let delta = model.to_tensors().minus(&global);
                     reused = Some(model);
-                    (stats, delta)
+                    (stats, delta, None)
                 }
                 Some(personal) => {
-                    let (stats, delta) =
-                        personal_step(personal, &model_spec, &global, &data, &train_config, round, &cancel, report)?;
-                    (stats, delta)
+                    personal_step(personal, &model_spec, &global, &data, &train_config, round, &cancel, report)?
                 }
             };
             if !stats.cancelled && (!stats.loss.is_finite() || !stats.accuracy.is_finite()) {
@@ -499,7 +526,7 @@ async fn do_round(
                     None => codec.encode(&delta)?,
                 })
             };
-            Ok((stats, body, train_s, feedback, reused))
+            Ok((stats, body, train_s, feedback, reused, local_eval))
         })
     };
     let result = training.await;
@@ -520,7 +547,7 @@ async fn do_round(
         }
         Err(e) => Err(format!("training task failed: {e}")),
     };
-    let (stats, body, train_s, feedback, reused) = match failure {
+    let (stats, body, train_s, feedback, reused, local_eval) = match failure {
         Ok(trained) => trained,
         Err(reason) => {
             let report = pb::TrainingFailureReport { round, attempt, reason: reason.clone() };
@@ -565,6 +592,7 @@ async fn do_round(
         train_loss: stats.loss,
         train_accuracy: stats.accuracy,
         train_s,
+        local_eval,
     };
     let digest = sha256_hex(&payload);
     let chunks = upload_chunks(header, payload, digest);
@@ -595,8 +623,8 @@ async fn do_round(
     Ok(outcome)
 }
 
-/// A personalising client's round: trains the upload and the personal model, measures both
-/// models on the local held-out split, and stores the personal model and the accuracies.
+/// A personalising client's round: trains the upload and the personal model, and measures and
+/// stores both models on the local held-out split; the measurement goes with the upload.
 #[allow(clippy::too_many_arguments)]
 fn personal_step(
     personal: &PersonalConfig,
@@ -607,7 +635,7 @@ fn personal_step(
     round: u32,
     cancel: &CancellationToken,
     progress: impl FnMut(f32, &fl_model::train::TrainStats),
-) -> Result<(fl_model::train::TrainStats, fl_common::TensorSet)> {
+) -> Result<(fl_model::train::TrainStats, fl_common::TensorSet, Option<pb::LocalEvaluation>)> {
     let model_path = personal.dir.join("model.safetensors");
     // The personal model of an earlier round (or run) of this federation, if it still fits.
     let previous = std::fs::read(&model_path)
@@ -619,42 +647,10 @@ fn personal_step(
     let outcome =
         personal_round(spec, global, previous.as_ref(), data, config, personal.method, device, cancel, progress)?;
     if outcome.stats.cancelled {
-        return Ok((outcome.stats, outcome.delta));
+        return Ok((outcome.stats, outcome.delta, None));
     }
-    let labels = personal.test.label_indices(&spec.labels)?;
-    let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0)?;
-    let test = EncodedDataset::encode(&probe, &personal.test.texts, labels);
-    let accuracy_of = |weights: &fl_common::TensorSet| -> Result<f64> {
-        let model = Classifier::from_tensors(spec.clone(), weights, device)?;
-        Ok(model.evaluate(&test.docs, &test.labels).0)
-    };
-    let accuracy = PersonalAccuracy {
-        method: personal.method.to_string(),
-        round,
-        train_rows: data.len(),
-        test_rows: test.len(),
-        global_accuracy: accuracy_of(global)?,
-        personal_accuracy: accuracy_of(&outcome.personal)?,
-    };
-    std::fs::create_dir_all(&personal.dir).with_context(|| format!("creating {}", personal.dir.display()))?;
-    let bytes = fl_common::model_file::encode_model(spec, &outcome.personal);
-    fl_common::files::write_atomic(&model_path, &bytes, 0o600)
-        .with_context(|| format!("writing {}", model_path.display()))?;
-    let json = serde_json::to_string(&accuracy)?;
-    let path = personal.dir.join("accuracy.json");
-    fl_common::files::write_atomic(&path, json.as_bytes(), 0o644)
-        .with_context(|| format!("writing {}", path.display()))?;
-    let path = personal.dir.join("metrics.jsonl");
-    fl_common::files::append_line(&path, &json).with_context(|| format!("writing {}", path.display()))?;
-    info!(
-        round,
-        method = %personal.method,
-        global_accuracy = format!("{:.4}", accuracy.global_accuracy),
-        personal_accuracy = format!("{:.4}", accuracy.personal_accuracy),
-        test_rows = accuracy.test_rows,
-        "personal model updated"
-    );
-    Ok((outcome.stats, outcome.delta))
+    let accuracy = crate::personal::record(personal, spec, global, &outcome.personal, round, data.len(), false)?;
+    Ok((outcome.stats, outcome.delta, Some((&accuracy).into())))
 }
 
 /// The messages of an upload: header, data in [`CHUNK_BYTES`] pieces, trailer. Data chunks are cut

@@ -28,6 +28,9 @@ pub struct HeldState {
     pub feedback: ErrorFeedback,
     /// The model of the last round, reused (new weights copied in) to spare its allocation.
     pub model: Option<fl_model::model::Classifier>,
+    /// The training settings of the last round this process trained (for the fine-tuning after
+    /// the federation); in memory only.
+    pub train_config: Option<fl_model::train::TrainConfig>,
     global_dirty: bool,
     feedback_dirty: bool,
 }
@@ -41,6 +44,7 @@ impl HeldState {
             global: None,
             feedback: ErrorFeedback::default(),
             model: None,
+            train_config: None,
             global_dirty: false,
             feedback_dirty: false,
         }

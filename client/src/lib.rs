@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod enroll;
 pub mod held;
 pub mod identity;
+pub mod personal;
 pub mod secagg;

@@ -92,6 +92,11 @@ enum Command {
         /// the personal and the global model.
         #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION", value_parser = parse::positive(0.99))]
         local_test_fraction: f64,
+        /// With --personalize finetune: once the federation has finished, fine-tune the final
+        /// model on the local data for this many epochs (the last round's learning rate, batch
+        /// size and optimizer); it becomes the personal model [default: 1].
+        #[arg(long, env = "FL_FINETUNE_EPOCHS", value_parser = parse::int_in(1u32, 1000))]
+        finetune_epochs: Option<u32>,
         /// TEST TOOL: send a poisoned update every round, to test the coordinator's robust
         /// strategies: sign-flip:SCALE (−SCALE × the delta), scale:FACTOR, or noise:STD (Gaussian
         /// noise added to every coordinate). Never use it in a real federation.
@@ -469,6 +474,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             personalize,
             ditto_lambda,
             local_test_fraction,
+            finetune_epochs,
             attack,
         } => {
             // Held until the process ends: a second `run` on this state dir is refused at once.
@@ -479,29 +485,42 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             // Check the whole file before connecting: nothing trains on half a file.
             let mut rows = read_labelled_csv(&data)?;
-            anyhow::ensure!(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more");
+            // Bad flags or too little data: retrying cannot help (exit 2).
+            let refuse = |ok: bool, why: String| if ok { Ok(()) } else { Err(fl_common::cli::Permanent::error(why)) };
+            refuse(ditto_lambda >= 0.0 && ditto_lambda.is_finite(), "--ditto-lambda must be 0 or more".into())?;
             let personal = match personalize {
-                None => None,
+                None => {
+                    refuse(finetune_epochs.is_none(), "--finetune-epochs needs --personalize finetune".into())?;
+                    None
+                }
                 Some(how) => {
-                    anyhow::ensure!(
+                    refuse(
                         local_test_fraction > 0.0 && local_test_fraction < 1.0,
-                        "--local-test-fraction must be between 0 and 1 (exclusive)"
-                    );
+                        "--local-test-fraction must be between 0 and 1 (exclusive)".into(),
+                    )?;
                     let (train, test) = split_validation(&rows, local_test_fraction, 7);
-                    anyhow::ensure!(
+                    refuse(
                         !train.is_empty() && !test.is_empty(),
-                        "{}: {} rows are too few to hold out {local_test_fraction} of them for --personalize",
-                        data.display(),
-                        rows.len()
-                    );
+                        format!(
+                            "{}: {} rows are too few to hold out {local_test_fraction} of them for --personalize",
+                            data.display(),
+                            rows.len()
+                        ),
+                    )?;
                     rows = train;
                     let method = match how {
                         PersonalizeArg::Finetune => Personalization::Finetune,
                         PersonalizeArg::Fedper => Personalization::Fedper,
                         PersonalizeArg::Ditto => Personalization::Ditto { lambda: ditto_lambda },
                     };
+                    refuse(
+                        finetune_epochs.is_none() || method == Personalization::Finetune,
+                        format!("--finetune-epochs applies to --personalize finetune only (not {method})"),
+                    )?;
                     tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
-                    Some(PersonalConfig { method, test: Arc::new(test), dir: state_dir.join("personal") })
+                    let dir = state_dir.join("personal");
+                    let final_epochs = finetune_epochs.unwrap_or(1);
+                    Some(PersonalConfig { method, test: Arc::new(test), dir, final_epochs })
                 }
             };
             let identity = ClientState::new(&state_dir).load()?;

@@ -172,60 +172,46 @@ mod tests {
         a.minus(b).tensors.iter().flat_map(|t| t.data.iter()).fold(0.0f32, |m, x| m.max(x.abs()))
     }
 
+    /// One personalised round of the set-up's data and config, from `global` and `previous`.
+    fn round_of(
+        (spec, _, data, config): &(ModelSpec, TensorSet, EncodedDataset, TrainConfig),
+        global: &TensorSet,
+        previous: Option<&TensorSet>,
+        method: Personalization,
+    ) -> PersonalRound {
+        let cancel = CancellationToken::new();
+        personal_round(spec, global, previous, data, config, method, Device::Cpu, &cancel, |_, _| {}).unwrap()
+    }
+
     #[test]
     fn ditto_with_a_huge_lambda_is_the_global_model() {
-        let (spec, global, data, config) = setup();
-        let cancel = CancellationToken::new();
-        let round = |lambda| {
-            personal_round(
-                &spec,
-                &global,
-                None,
-                &data,
-                &config,
-                Personalization::Ditto { lambda },
-                Device::Cpu,
-                &cancel,
-                |_, _| {},
-            )
-            .unwrap()
-        };
+        let set = setup();
+        let global = &set.1;
+        let round = |lambda| round_of(&set, global, None, Personalization::Ditto { lambda });
         let pulled = round(1e12);
         assert!(
-            max_abs_diff(&pulled.personal, &global) < 1e-6,
+            max_abs_diff(&pulled.personal, global) < 1e-6,
             "personal differs from global by {}",
-            max_abs_diff(&pulled.personal, &global)
+            max_abs_diff(&pulled.personal, global)
         );
         // And the pull is what makes it so: a moderate lambda leaves the personal model elsewhere.
-        assert!(max_abs_diff(&round(1.0).personal, &global) > 1e-3);
+        assert!(max_abs_diff(&round(1.0).personal, global) > 1e-3);
     }
 
     #[test]
     fn ditto_with_lambda_zero_is_local_only_training() {
-        let (spec, global, data, config) = setup();
-        let cancel = CancellationToken::new();
+        let set = setup();
+        let (spec, global, data, config) = &set;
         // Two rounds with different global models in between: the personal model ignores them.
         let mut other_global = global.clone();
         other_global.tensors.iter_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= 0.5));
         let method = Personalization::Ditto { lambda: 0.0 };
-        let first =
-            personal_round(&spec, &global, None, &data, &config, method, Device::Cpu, &cancel, |_, _| {}).unwrap();
-        let second = personal_round(
-            &spec,
-            &other_global,
-            Some(&first.personal),
-            &data,
-            &config,
-            method,
-            Device::Cpu,
-            &cancel,
-            |_, _| {},
-        )
-        .unwrap();
+        let first = round_of(&set, global, None, method);
+        let second = round_of(&set, &other_global, Some(&first.personal), method);
         // Local-only: the same start trained twice on the local data, nothing from the federation.
-        let mut local = Classifier::from_tensors(spec.clone(), &global, Device::Cpu).unwrap();
+        let mut local = Classifier::from_tensors(spec.clone(), global, Device::Cpu).unwrap();
         for _ in 0..2 {
-            train(&mut local, &data, &config, &cancel, |_, _| {});
+            train(&mut local, data, config, &CancellationToken::new(), |_, _| {});
         }
         assert!(max_abs_diff(&second.personal, &local.to_tensors()) < 1e-6);
         assert!(max_abs_diff(&second.personal, &other_global) > 1e-3);
@@ -233,51 +219,18 @@ mod tests {
 
     #[test]
     fn fedper_keeps_the_head_local() {
-        let (spec, global, data, config) = setup();
-        let cancel = CancellationToken::new();
-        let first = personal_round(
-            &spec,
-            &global,
-            None,
-            &data,
-            &config,
-            Personalization::Fedper,
-            Device::Cpu,
-            &cancel,
-            |_, _| {},
-        )
-        .unwrap();
+        let set = setup();
+        let global = &set.1;
+        let first = round_of(&set, global, None, Personalization::Fedper);
         for t in &first.delta.tensors {
             let zero = t.data.iter().all(|&x| x == 0.0);
             assert_eq!(zero, t.name.starts_with("linear."), "{}", t.name);
         }
         let head = |s: &TensorSet| s.tensors.iter().find(|t| t.name == "linear.weight").unwrap().data.clone();
         // The next round starts from the client's own head, not the global one.
-        let second = personal_round(
-            &spec,
-            &global,
-            Some(&first.personal),
-            &data,
-            &config,
-            Personalization::Fedper,
-            Device::Cpu,
-            &cancel,
-            |_, _| {},
-        )
-        .unwrap();
+        let second = round_of(&set, global, Some(&first.personal), Personalization::Fedper);
         assert_ne!(head(&second.personal), head(&first.personal));
-        let fresh = personal_round(
-            &spec,
-            &global,
-            None,
-            &data,
-            &config,
-            Personalization::Fedper,
-            Device::Cpu,
-            &cancel,
-            |_, _| {},
-        )
-        .unwrap();
+        let fresh = round_of(&set, global, None, Personalization::Fedper);
         assert_eq!(head(&fresh.personal), head(&first.personal), "same start, same training");
     }
 }

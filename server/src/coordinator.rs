@@ -197,6 +197,8 @@ pub struct UpdateHeader {
     pub train_accuracy: f64,
     /// Seconds of local training.
     pub train_s: f64,
+    /// A personalising client's accuracies on its held-out split (`crate::personal`).
+    pub local_eval: Option<crate::personal::LocalEvaluation>,
 }
 
 impl UpdateHeader {
@@ -219,7 +221,7 @@ impl UpdateHeader {
         if !self.train_loss.is_finite() || !self.train_accuracy.is_finite() {
             return Err(InvalidUpdate::NonFiniteMetrics);
         }
-        Ok(())
+        self.local_eval.as_ref().map_or(Ok(()), |e| e.check())
     }
 }
 
@@ -308,6 +310,9 @@ pub enum InvalidUpdate {
     /// The spooled payload could not be read back.
     #[error("reading the spooled upload: {0}")]
     SpoolRead(std::io::Error),
+    /// A personalising client's local evaluation is out of range.
+    #[error("bad local evaluation: {0}")]
+    BadLocalEvaluation(String),
 }
 
 /// Why an update (or a model download) is refused.
@@ -362,6 +367,7 @@ impl InvalidUpdate {
             InvalidUpdate::Codec(_) => "bad_payload",
             InvalidUpdate::NormTooLarge { .. } => "norm_too_large",
             InvalidUpdate::SpoolRead(_) => "spool_read",
+            InvalidUpdate::BadLocalEvaluation(_) => "bad_local_evaluation",
         }
     }
 }
@@ -396,6 +402,8 @@ struct Accumulator {
     folding: bool,
     /// Secure aggregation's counts: masked, dropped, recovered.
     secagg: Option<(usize, usize, usize)>,
+    /// The personalising clients' local evaluations.
+    local_evals: Vec<crate::personal::LocalEvaluation>,
 }
 
 /// The bookkeeping of the attempt being collected.
@@ -965,7 +973,8 @@ impl Coordinator {
         ticket: UploadTicket,
         upload: SpooledUpload,
     ) -> Result<(), UpdateRefusal> {
-        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, .. } = upload.header;
+        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, local_eval, .. } =
+            upload.header;
         let codec: UpdateCodec =
             upload.header.codec.parse().map_err(|_| InvalidUpdate::UnsupportedCodec(upload.header.codec.clone()))?;
         let mut sum = ticket.sum.lock_owned().await;
@@ -1015,6 +1024,7 @@ impl Coordinator {
             sum.weighted_accuracy += train_accuracy * num_examples as f64;
             sum.bytes_up += upload.bytes;
             sum.train_s = sum.train_s.max(train_s);
+            sum.local_evals.extend(local_eval);
             Ok::<(), crate::aggregation::AggregationError>(())
         })
         .await;
@@ -1137,6 +1147,7 @@ impl Coordinator {
                 train_s: 0.0,
                 folding: false,
                 secagg: None,
+                local_evals: Vec::new(),
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
             secagg,
@@ -1480,6 +1491,8 @@ struct MetricsLine {
     dp: Option<DpMetrics>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     secagg: Option<SecAggMetrics>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    personal: Option<crate::personal::PersonalMetrics>,
 }
 
 /// The secure-aggregation fields of a metrics line.
@@ -1592,6 +1605,7 @@ async fn complete_round(
             secagg_dropped: dropped,
             secagg_recovered: recovered,
         }),
+        personal: crate::personal::summarize(&sum.local_evals),
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
@@ -1745,6 +1759,7 @@ mod tests {
             train_loss: 1.0,
             train_accuracy: 0.5,
             train_s: 0.1,
+            local_eval: None,
         };
         let path = dir.path().join("a.part");
         std::fs::write(&path, weights.encode(None)).unwrap();

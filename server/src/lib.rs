@@ -17,6 +17,7 @@ pub mod health;
 pub mod http;
 pub mod listener;
 pub mod long_run;
+pub mod personal;
 pub mod policy;
 pub mod registry;
 pub mod secagg;

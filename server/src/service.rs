@@ -73,6 +73,7 @@ impl From<pb::UpdateHeader> for UpdateHeader {
             train_loss: h.train_loss,
             train_accuracy: h.train_accuracy,
             train_s: h.train_s,
+            local_eval: h.local_eval.map(Into::into),
         }
     }
 }
@@ -181,7 +182,10 @@ impl FederationService {
     }
 
     fn fetch_model(&self, client: &ClientRecord, req: pb::FetchModelRequest) -> Result<ModelStream, ServiceError> {
-        let (model, counter) = self.coord.model_for(&client.id, req.round, req.attempt)?;
+        let (model, counter) = match crate::personal::final_model(&self.coord, req.round) {
+            Some(last) => last,
+            None => self.coord.model_for(&client.id, req.round, req.attempt)?,
+        };
         // A client that holds the previous global model gets only the round's aggregate.
         let (bytes, codec, delta) = match &model.delta {
             Some(d) if !req.have_sha256.is_empty() && d.base_digest == req.have_sha256 => {

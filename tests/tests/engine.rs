@@ -574,3 +574,52 @@ async fn with_clipping_on_the_client_the_task_carries_c_and_the_coordinator_stil
     assert_eq!(metrics[0]["dp_clip_norm"].as_f64(), Some(0.5));
     assert_eq!(metrics[0]["dp_unclipped"].as_u64(), Some(1), "a's update was already within C, b's was not");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_evaluations_are_summarised_per_attempt_and_the_final_model_is_served_after_the_end() {
+    let mut served = Served::start(settings(1, 2), None).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let mut a = served.join(&ia).await;
+    let mut b = served.join(&ib).await;
+    let first = a.next_task().await;
+    b.next_task().await;
+    let initial = served.initial();
+    let with_eval = |task: &pb::RoundTask, personal: f64, global: f64| {
+        let mut chunks = upload(task, &filled(&initial, 0.1), 10);
+        let Some(pb::update_chunk::Kind::Header(header)) = chunks[0].kind.as_mut() else { panic!("a header first") };
+        header.local_eval =
+            Some(pb::LocalEvaluation { personal_accuracy: personal, global_accuracy: global, test_examples: 20 });
+        chunks
+    };
+    // An accuracy above 1 is refused; the attempt then has too few updates and is retried, and
+    // the accepted report of the failed attempt is not counted in the round's line.
+    let bad = a.submit(with_eval(&first, 1.5, 0.5)).await;
+    expect_refused(bad, tonic::Code::InvalidArgument, "bad local evaluation");
+    assert!(b.submit(with_eval(&first, 0.2, 0.1)).await.unwrap().accepted);
+    let retry = a.next_task().await;
+    assert_eq!((retry.round, retry.attempt), (1, 1));
+    assert_eq!(b.next_task().await, retry);
+    assert!(a.submit(with_eval(&retry, 0.9, 0.5)).await.unwrap().accepted);
+    assert!(b.submit(with_eval(&retry, 0.6, 0.7)).await.unwrap().accepted);
+    for client in [&mut a, &mut b] {
+        let finished = client.next_message().await.unwrap().unwrap();
+        assert!(matches!(finished.kind, Some(pb::instruction::Kind::Finished(_))), "{finished:?}");
+    }
+    // Once finished, the final model is round rounds_completed + 1; other rounds are refused.
+    let last = a.global(&pb::RoundTask { round: 2, ..Default::default() }).await;
+    let old = a.client.fetch_model(pb::FetchModelRequest { round: 1, attempt: 1, ..Default::default() }).await;
+    assert_eq!(old.err().map(|s| s.code()), Some(tonic::Code::FailedPrecondition));
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    assert_eq!(last, served.model("model/final.safetensors"));
+
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics.len(), 1);
+    let line = &metrics[0];
+    assert_eq!((line["attempt"].as_u64(), line["local_eval_clients"].as_u64()), (Some(1), Some(2)), "{line}");
+    let field = |name: &str| line[name].as_f64().unwrap();
+    // Means (0.9 + 0.6)/2 and (0.5 + 0.7)/2; 10th percentiles 0.6 + 0.1·0.3 and 0.5 + 0.1·0.2.
+    assert!((field("personal_accuracy_mean") - 0.75).abs() < 1e-12, "{line}");
+    assert!((field("personal_accuracy_p10") - 0.63).abs() < 1e-12, "{line}");
+    assert!((field("local_global_accuracy_mean") - 0.6).abs() < 1e-12, "{line}");
+    assert!((field("local_global_accuracy_p10") - 0.52).abs() < 1e-12, "{line}");
+}

@@ -1,6 +1,7 @@
 //! The explanation and personalisation commands as a user runs them: `fl-client rules`, `embed`,
 //! `report` (checked in a real headless browser when one is installed), and a personalised
-//! federation followed by `predict --personal`.
+//! federation (the clients' local evaluations in the coordinator's `metrics.jsonl`, finetune's
+//! fine-tuning of the final model) followed by `predict --personal`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -114,6 +115,28 @@ fn predict_personal_refuses_a_client_without_a_personal_model() {
 }
 
 #[test]
+fn finetune_epochs_without_finetune_is_refused_as_permanent() {
+    let root = tempfile::tempdir().unwrap();
+    gen_data(&root.path().join("data"), 100, 1);
+    for (personalize, why) in [
+        (Some("ditto"), "--finetune-epochs applies to --personalize finetune only (not ditto"),
+        (None, "--finetune-epochs needs --personalize finetune"),
+    ] {
+        let mut cmd = command("fl-client");
+        cmd.args(["run", "--coordinator", "https://localhost:9", "--finetune-epochs", "2", "--state-dir"])
+            .arg(root.path().join("client"))
+            .arg("--data")
+            .arg(root.path().join("data/shard-1.csv"));
+        if let Some(method) = personalize {
+            cmd.args(["--personalize", method]);
+        }
+        let out = run(&mut cmd);
+        assert_eq!(out.status.code(), Some(2), "bad flags are permanent: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
 fn personalised_clients_keep_a_personal_model_and_predict_with_it() {
     let root = tempfile::tempdir().unwrap();
     let (mut coordinator, dirs) = enrolled_federation(
@@ -164,11 +187,38 @@ fn personalised_clients_keep_a_personal_model_and_predict_with_it() {
         let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits");
         assert!(status.success(), "client failed:\n{}", c.log_text());
     }
+    // Each round's line records the distribution of what both clients measured in that round.
+    let rounds = read_metrics(&coordinator.state_dir);
+    assert_eq!(rounds.len(), 2);
+    let client_rounds: Vec<Vec<serde_json::Value>> = dirs.iter().map(|d| read_metrics(&d.join("personal"))).collect();
+    for (r, line) in rounds.iter().enumerate() {
+        assert_eq!(line["local_eval_clients"], 2, "{line}");
+        for (field, client_field) in
+            [("personal_accuracy", "personal_accuracy"), ("local_global_accuracy", "global_accuracy")]
+        {
+            // A client's last line for the round (an attempt retried would have written two).
+            let of_round = |c: &Vec<serde_json::Value>| {
+                let mine = c.iter().rfind(|l| l["round"] == r + 1 && l["after_federation"] == false).unwrap();
+                mine[client_field].as_f64().unwrap()
+            };
+            let mut reported: Vec<f64> = client_rounds.iter().map(of_round).collect();
+            reported.sort_by(f64::total_cmp);
+            let mean = (reported[0] + reported[1]) / 2.0;
+            let p10 = reported[0] + 0.1 * (reported[1] - reported[0]);
+            assert!((line[format!("{field}_mean")].as_f64().unwrap() - mean).abs() < 1e-12, "{line}");
+            assert!((line[format!("{field}_p10")].as_f64().unwrap() - p10).abs() < 1e-12, "{line}");
+        }
+    }
     for (dir, method) in dirs.iter().zip(methods) {
         let accuracy: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("personal/accuracy.json")).unwrap()).unwrap();
         assert_eq!(accuracy["round"], 2);
         assert!(accuracy["method"].as_str().unwrap().starts_with(method));
+        // finetune fine-tunes the final model after the federation (a third line); ditto keeps
+        // the personal model of its last round.
+        let finetuned = method == "finetune";
+        assert_eq!(accuracy["after_federation"], finetuned, "{accuracy}");
+        assert_eq!(read_metrics(&dir.join("personal")).len(), if finetuned { 3 } else { 2 });
         // 600 rows per shard, 20 % held out.
         assert_eq!(accuracy["test_rows"], 120);
         // Above chance (0.1) by a margin; finetune trains locally on top of the global model,

@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use super::reptile::Reptile;
 use super::robust::{RobustAggregator, RobustRule, SPOOL_PREFIX};
 use super::server_opt::{ServerOptState, ServerOptimized, ServerOptimizer};
 use super::{AggregationStrategy, FedAvg};
@@ -41,6 +42,8 @@ pub enum StrategyKind {
     Krum,
     /// Multi-Krum.
     MultiKrum,
+    /// Reptile's meta step: the unweighted mean delta times the server step size.
+    Reptile,
 }
 
 impl std::fmt::Display for StrategyKind {
@@ -61,6 +64,7 @@ impl StrategyKind {
         match self {
             StrategyKind::Fedavg | StrategyKind::Fedprox | StrategyKind::Median => &[],
             StrategyKind::Fedavgm => &["--server-lr", "--server-momentum"],
+            StrategyKind::Reptile => &["--server-lr"],
             StrategyKind::Fedadam | StrategyKind::Fedyogi => &["--server-lr", "--beta1", "--beta2", "--tau"],
             StrategyKind::Fedadagrad => &["--server-lr", "--beta1", "--tau"],
             StrategyKind::TrimmedMean => &["--trim-fraction"],
@@ -74,14 +78,15 @@ impl StrategyKind {
 #[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct StrategyArgs {
     /// Aggregation strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, median,
-    /// trimmed-mean, krum or multi-krum [default: fedavg].
+    /// trimmed-mean, krum, multi-krum or reptile [default: fedavg].
     #[arg(long, value_enum, env = "FL_STRATEGY")]
     pub strategy: Option<StrategyKind>,
     /// μ of the proximal term μ/2·‖w − w_global‖² that clients add to their loss (any strategy;
     /// default 0.01 for fedprox, 0 otherwise).
     #[arg(long, allow_negative_numbers = true)]
     pub proximal_mu: Option<f64>,
-    /// Server learning rate η [default: fedavgm 1, fedadam 0.1, fedyogi 0.01, fedadagrad 0.1].
+    /// Server learning rate η [default: fedavgm 1, fedadam 0.1, fedyogi 0.01, fedadagrad 0.1];
+    /// Reptile's meta step size ε [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     pub server_lr: Option<f64>,
     /// Server momentum of fedavgm [default: 0.9].
@@ -280,7 +285,7 @@ impl StrategyConfig {
     /// Checks the configuration against the round settings and DP: Krum needs 2F+3 updates in
     /// every round (a round completes with at least `min_clients`), and robust rules are not DP.
     pub fn check_runs_with(&self, min_clients: usize, dp: bool) -> Result<(), StrategyConfigError> {
-        if dp && self.strategy.is_robust() {
+        if dp && (self.strategy.is_robust() || self.strategy == StrategyKind::Reptile) {
             return Err(StrategyConfigError::RobustWithDp(self.strategy));
         }
         if let Some(rule) = self.robust_rule() {
@@ -393,6 +398,9 @@ impl StrategyRuntime {
     /// The strategy of a round attempt: `dp` (DP-FedAvg) or FedAvg as the mean, or a robust rule,
     /// with the server optimiser on top, from the committed state.
     pub fn attempt_strategy(&self, dp: Option<Box<dyn AggregationStrategy>>) -> Box<dyn AggregationStrategy> {
+        if self.config.strategy == StrategyKind::Reptile {
+            return Box::new(Reptile::new(self.config.server_lr.unwrap_or(1.0)));
+        }
         let inner: Box<dyn AggregationStrategy> = match (self.config.robust_rule(), dp) {
             (Some(rule), _) => Box::new(RobustAggregator::new(rule, &self.spool_root())),
             (None, Some(dp)) => dp,
@@ -450,6 +458,7 @@ mod tests {
         assert_eq!((m.server_lr, m.server_momentum), (Some(1.0), Some(0.9)));
         assert_eq!(args(StrategyKind::TrimmedMean).resolve().unwrap().trim_fraction, Some(0.2));
         assert_eq!(args(StrategyKind::Fedprox).resolve().unwrap().proximal_mu, 0.01);
+        assert_eq!(args(StrategyKind::Reptile).resolve().unwrap().server_lr, Some(1.0));
         assert_eq!(StrategyArgs::default().resolve().unwrap(), StrategyConfig::default());
     }
 
@@ -468,6 +477,10 @@ mod tests {
         assert!(err.to_string().contains("raise --min-clients to 7 (it is 6)"), "{err}");
         krum.check_runs_with(7, false).unwrap();
         assert!(matches!(krum.check_runs_with(7, true), Err(StrategyConfigError::RobustWithDp(_))));
+        let reptile = args(StrategyKind::Reptile).resolve().unwrap();
+        assert!(matches!(reptile.check_runs_with(2, true), Err(StrategyConfigError::RobustWithDp(_))));
+        let err = StrategyArgs { server_momentum: Some(0.5), ..args(StrategyKind::Reptile) }.resolve().unwrap_err();
+        assert_eq!(err.to_string(), "--server-momentum does not apply to --strategy reptile (it takes: --server-lr)");
     }
 
     #[test]

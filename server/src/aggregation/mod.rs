@@ -5,9 +5,11 @@
 //! Krum) need every update of the round at once: they spool each update to a file and read them
 //! back block by block, so their disk use is O(clients × model) and their memory O(clients ×
 //! block). The server optimisers ([`server_opt`]: FedAvgM, FedAdam, FedYogi, FedAdagrad) wrap a
-//! mean and keep moments across rounds; [`StrategyConfig`] is the `--strategy` flags, checked.
+//! mean and keep moments across rounds; [`reptile`] is Reptile's meta step (an unweighted mean of
+//! the deltas times a step size); [`StrategyConfig`] is the `--strategy` flags, checked.
 
 mod config;
+pub mod reptile;
 pub mod robust;
 pub mod server_opt;
 
