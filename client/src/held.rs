@@ -28,6 +28,8 @@ pub struct HeldState {
     pub feedback: ErrorFeedback,
     /// The model of the last round, reused (new weights copied in) to spare its allocation.
     pub model: Option<fl_model::model::Classifier>,
+    /// The local rows labelled by the teacher of a distilling federation (memory only).
+    pub distilled: Option<crate::distill::Distilled>,
     global_dirty: bool,
     feedback_dirty: bool,
 }
@@ -41,6 +43,7 @@ impl HeldState {
             global: None,
             feedback: ErrorFeedback::default(),
             model: None,
+            distilled: None,
             global_dirty: false,
             feedback_dirty: false,
         }

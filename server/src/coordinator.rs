@@ -156,6 +156,8 @@ pub struct RoundTask {
     pub secagg: Option<SecAggTask>,
     /// μ of the proximal term clients add to their loss (FedProx); 0 for none.
     pub proximal_mu: f64,
+    /// The teacher clients distill from (`--distill-from`), when the federation distills.
+    pub distill: Option<Arc<fl_proto::pb::DistillTask>>,
 }
 
 /// What the engine sends down a client's work stream.
@@ -197,6 +199,8 @@ pub struct UpdateHeader {
     pub train_accuracy: f64,
     /// Seconds of local training.
     pub train_s: f64,
+    /// The client trained with the round's distillation teacher.
+    pub distilled: bool,
 }
 
 impl UpdateHeader {
@@ -396,6 +400,8 @@ struct Accumulator {
     folding: bool,
     /// Secure aggregation's counts: masked, dropped, recovered.
     secagg: Option<(usize, usize, usize)>,
+    /// Folded updates whose client distilled.
+    distilled: usize,
 }
 
 /// The bookkeeping of the attempt being collected.
@@ -548,6 +554,8 @@ pub struct Coordinator {
     secagg: Option<(SecAggConfig, fl_common::secagg::QuantizationPlan)>,
     best: Mutex<BestRound>,
     early_stopped: AtomicBool,
+    /// The teacher of federated distillation (see [`crate::distill`]).
+    pub(crate) distill: Option<Arc<crate::distill::Teacher>>,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -599,6 +607,7 @@ impl Coordinator {
             secagg: None,
             best: Mutex::new(BestRound::default()),
             early_stopped: AtomicBool::new(false),
+            distill: None,
             settings,
             ca,
         };
@@ -958,7 +967,8 @@ impl Coordinator {
         ticket: UploadTicket,
         upload: SpooledUpload,
     ) -> Result<(), UpdateRefusal> {
-        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, .. } = upload.header;
+        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, distilled, .. } =
+            upload.header;
         let codec: UpdateCodec =
             upload.header.codec.parse().map_err(|_| InvalidUpdate::UnsupportedCodec(upload.header.codec.clone()))?;
         let mut sum = ticket.sum.lock_owned().await;
@@ -1008,6 +1018,7 @@ impl Coordinator {
             sum.weighted_accuracy += train_accuracy * num_examples as f64;
             sum.bytes_up += upload.bytes;
             sum.train_s = sum.train_s.max(train_s);
+            sum.distilled += usize::from(distilled);
             Ok::<(), crate::aggregation::AggregationError>(())
         })
         .await;
@@ -1107,6 +1118,7 @@ impl Coordinator {
                 .map(|d| (d.base_digest.clone(), d.codec.name().to_string(), d.bytes.len() as u64)),
             secagg: secagg.as_ref().map(|a| a.task.clone()),
             proximal_mu,
+            distill: self.distill.as_ref().map(|t| Arc::new(t.task())),
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -1130,6 +1142,7 @@ impl Coordinator {
                 train_s: 0.0,
                 folding: false,
                 secagg: None,
+                distilled: 0,
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
             secagg,
@@ -1473,6 +1486,8 @@ struct MetricsLine {
     dp: Option<DpMetrics>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     secagg: Option<SecAggMetrics>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    distill: Option<crate::distill::DistillMetrics>,
 }
 
 /// The secure-aggregation fields of a metrics line.
@@ -1584,6 +1599,7 @@ async fn complete_round(
             secagg_dropped: dropped,
             secagg_recovered: recovered,
         }),
+        distill: coord.distill.as_ref().map(|t| t.metrics(sum.distilled)),
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
@@ -1737,6 +1753,7 @@ mod tests {
             train_loss: 1.0,
             train_accuracy: 0.5,
             train_s: 0.1,
+            distilled: false,
         };
         let path = dir.path().join("a.part");
         std::fs::write(&path, weights.encode(None)).unwrap();

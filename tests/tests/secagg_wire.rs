@@ -50,6 +50,7 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
         dp: Default::default(),
         secagg: SecAggArgs { enabled: true, ..SecAggArgs::default() },
         strategy: Default::default(),
+        distill: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let served = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));

@@ -194,6 +194,8 @@ struct ServeArgs {
     #[command(flatten)]
     strategy: fl_server::aggregation::StrategyArgs,
     #[command(flatten)]
+    distill: fl_server::distill::DistillArgs,
+    #[command(flatten)]
     long_run: fl_server::long_run::LongRunArgs,
 }
 
@@ -310,6 +312,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         dp: args.dp.clone(),
         secagg: args.secagg.clone(),
         strategy: args.strategy.clone(),
+        distill: args.distill.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
