@@ -242,7 +242,7 @@ enum Command {
         #[arg(long)]
         prune_rows: bool,
         /// Also drop the embedding rows still equal to this model's: the federation's initial
-        /// model (STATE/model/round-0000.safetensors), so the buckets no client ever touched.
+        /// model (STATE/model/initial.safetensors), so the buckets no client ever touched.
         #[arg(long)]
         untouched_from: Option<PathBuf>,
         /// Labelled CSV to measure the accuracy before and after.

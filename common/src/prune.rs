@@ -72,7 +72,7 @@ pub fn prune_rows(weights: &mut TensorSet, name: &str, fraction: f64) -> Option<
 }
 
 /// Zeroes the rows of the matrix `name` that are bit for bit those of `initial` (the
-/// federation's round-0 model, `STATE/model/round-0000.safetensors`): the embedding buckets that
+/// federation's round-0 model, `STATE/model/initial.safetensors`): the embedding buckets that
 /// no client's training ever touched, since updates only move the rows a batch reads. Returns the
 /// number of rows zeroed; refuses an `initial` whose matrix is missing or of another shape.
 pub fn prune_unchanged_rows(weights: &mut TensorSet, initial: &TensorSet, name: &str) -> Result<usize, String> {

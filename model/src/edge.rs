@@ -76,7 +76,7 @@ pub fn export(spec: &ModelSpec, weights: &TensorSet, options: &ExportOptions) ->
 }
 
 /// Zeroes the embedding rows of `weights` (a model of `spec`) that are still those of the
-/// federation's initial model in the file `initial` (`STATE/model/round-0000.safetensors`): the
+/// federation's initial model in the file `initial` (`STATE/model/initial.safetensors`): the
 /// buckets no client ever touched (`export --untouched-from`). Returns how many rows were zeroed;
 /// the compact file then leaves them out.
 pub fn drop_untouched_rows(

@@ -124,10 +124,12 @@ impl DistillArgs {
                 return Err(Permanent::error("--distill-temperature and --distill-alpha need --distill-from"))
             }
             (None, _) => return Ok(()),
-            (Some(path), None) => return Err(Permanent::error(format!(
+            (Some(path), None) => {
+                return Err(Permanent::error(format!(
                 "--distill-from {}: distillation cannot be turned on for an existing federation; use a new --state-dir",
                 path.display()
-            ))),
+            )))
+            }
             (Some(_), Some(_)) => self.resolve(spec, backend)?.map(|t| t.config),
         };
         if let (Some(asked), Some(stored)) = (asked, stored) {
