@@ -208,6 +208,40 @@ fn a_federation_distils_from_a_shipped_teacher_fetched_once_per_client() {
         assert_eq!(std::fs::read(dir.join(&kept)).unwrap(), bytes, "{} keeps the teacher", dir.display());
     }
 
+    // The federation's final model without the rows no client's update ever moved.
+    let model = state.join("model");
+    let export = |out: &Path, initial: &Path| {
+        run(command("fl-client")
+            .args(["export", "--model"])
+            .arg(model.join("final.safetensors"))
+            .arg("--out")
+            .arg(out)
+            .arg("--untouched-from")
+            .arg(initial)
+            .arg("--data")
+            .arg(data.join("test.csv")))
+    };
+    let (plain, untouched) = (root.path().join("final.fl"), root.path().join("final-touched.fl"));
+    let out = run(command("fl-client")
+        .args(["export", "--model"])
+        .arg(model.join("final.safetensors"))
+        .arg("--out")
+        .arg(&plain));
+    assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = export(&untouched, &model.join("initial.safetensors"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+    let dropped: usize = stdout.split(" embedding rows never touched").next().unwrap().trim().parse().unwrap();
+    assert!(dropped > 0 && dropped < 4096, "{stdout}");
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(size(&untouched) < size(&plain), "{} vs {}", size(&untouched), size(&plain));
+    accuracy(&untouched, &data.join("test.csv"));
+    // The initial weights of another model are refused.
+    let out = export(&untouched, &teacher_f32);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--untouched-from") && stderr.contains("teacher.safetensors"), "{stderr}");
+
     // A restart cannot change the teacher: another file is refused, the same one resumes.
     let stderr = refused_serve(&state, &["--distill-from", &path(&teacher_f32)]);
     assert!(stderr.contains("would change the existing federation's distillation"), "{stderr}");
