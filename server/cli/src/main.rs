@@ -354,6 +354,9 @@ fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
     c.insert("update codecs".into(), args.update_codec.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
     c.insert("eval data".into(), args.eval_data.as_ref().map_or_else(|| "none".into(), |p| p.display().to_string()));
     c.insert("state dir".into(), args.state_dir.display().to_string());
+    if let Some(teacher) = &args.distill.from {
+        c.insert("distillation teacher".into(), teacher.display().to_string());
+    }
     c
 }
 
