@@ -599,7 +599,8 @@ async fn do_round(
     Ok(outcome)
 }
 
-/// Tells the coordinator that this client's round failed before an update, instead of going silent.
+/// Tells the coordinator that this client could not train the round (training or its distillation
+/// setup failed), instead of going silent.
 async fn report_failure(
     client: &mut FederationClient<Channel>,
     round: u32,
