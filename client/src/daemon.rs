@@ -21,7 +21,7 @@ use fl_common::tls::connect;
 use fl_model::data::LabelledTexts;
 use fl_model::model::{default_device, Classifier};
 use fl_model::personal::{personal_round, Personalization};
-use fl_model::train::{train, EncodedDataset, TrainConfig};
+use fl_model::train::{train_with, EncodedDataset, TrainConfig};
 
 use crate::held::HeldState;
 use crate::identity::Identity;
@@ -52,12 +52,13 @@ pub struct DaemonConfig {
     pub attack: Option<crate::attack::Attack>,
 }
 
-/// How this client trains a round: threads, personalisation, and the test-only attack.
+/// How this client trains a round: threads, personalisation, distillation, and the test-only attack.
 #[derive(Debug)]
 struct LocalSetup {
     threads: i32,
     personal: Option<PersonalConfig>,
     attack: Option<crate::attack::Attack>,
+    distill: crate::distill::DistillSetup,
 }
 
 /// How a client personalises, and where it keeps its personal model.
@@ -265,7 +266,9 @@ async fn session(
                 let (spec, data) = encoded.clone().ok_or_else(|| anyhow!("round task before welcome"))?;
                 let (round, attempt) = (task.round, task.attempt);
                 let personal = config.personal.clone();
-                let local = LocalSetup { threads: config.threads, personal, attack: config.attack };
+                let distill =
+                    crate::distill::DistillSetup { texts: config.data.clone(), dir: config.state_dir.join("distill") };
+                let local = LocalSetup { threads: config.threads, personal, attack: config.attack, distill };
                 let ids = (&client_id, channel.clone());
                 let round_run = do_round(&mut client, ids, &spec, data, task, local, held, shutdown);
                 match round_run.await {
@@ -330,20 +333,19 @@ enum RoundOutcome {
     TrainingFailed(String),
 }
 
-/// A downloaded model payload: the full model file, or the round's aggregate in `codec`.
-struct Download {
-    bytes: Vec<u8>,
+/// A downloaded model payload: the full model file, the round's aggregate in `codec`, or the
+/// distillation teacher.
+pub(crate) struct Download {
+    pub(crate) bytes: Vec<u8>,
     delta: bool,
     codec: String,
 }
 
-async fn fetch_model(
+/// Streams what `request` asks for, in order.
+pub(crate) async fn fetch_model(
     client: &mut FederationClient<Channel>,
-    round: u32,
-    attempt: u32,
-    have_sha256: String,
+    request: pb::FetchModelRequest,
 ) -> Result<Download> {
-    let request = pb::FetchModelRequest { round, attempt, have_sha256 };
     let mut stream = client.fetch_model(request).await.map_err(classify)?.into_inner();
     let mut bytes = Vec::new();
     let (mut delta, mut codec) = (false, String::new());
@@ -377,7 +379,8 @@ async fn global_model(
     }
     let base = held.global_if(&task.delta_base_sha256);
     let have = base.as_ref().map(|_| task.delta_base_sha256.clone()).unwrap_or_default();
-    let download = fetch_model(client, round, attempt, have).await?;
+    let request = pb::FetchModelRequest { round, attempt, have_sha256: have, ..Default::default() };
+    let download = fetch_model(client, request).await?;
     let (spec, want) = (spec.clone(), task.model_sha256.clone());
     let decoded = tokio::task::spawn_blocking(move || -> Result<(String, TensorSet)> {
         let global = match (download.delta, base) {
@@ -426,7 +429,7 @@ async fn do_round(
     held: &mut HeldState,
     shutdown: &CancellationToken,
 ) -> Result<RoundOutcome> {
-    let LocalSetup { threads, personal, attack } = local;
+    let LocalSetup { threads, personal, attack, distill } = local;
     let (round, attempt) = (task.round, task.attempt);
     // The coordinator's most preferred codec that this client reads; none listed is the exact one.
     let codec = match task.update_codecs.first() {
@@ -464,6 +467,12 @@ async fn do_round(
     }
     let global = global_model(client, spec, &task, held).await?;
     held.train_config = Some(train_config.clone());
+    let setting = (spec, data, threads, personal.is_some());
+    let (data, distillation) =
+        match crate::distill::prepare(client, &task, &distill, setting, &mut held.distilled).await {
+            Ok(prepared) => prepared,
+            Err(e) => return report_failure(client, round, attempt, format!("distillation: {e:#}")).await,
+        };
     let model_spec = spec.clone();
     // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
     // whose bound holds for the clipped delta only.
@@ -493,7 +502,7 @@ async fn do_round(
                         }
                         _ => Classifier::from_tensors(model_spec.clone(), &global, default_device())?,
                     };
-                    let stats = train(&mut model, &data, &train_config, &cancel, report);
+                    let stats = train_with(&mut model, &data, &train_config, distillation, &cancel, report);
                     let delta = model.to_tensors().minus(&global);
                     reused = Some(model);
                     (stats, delta, None)
@@ -549,13 +558,7 @@ async fn do_round(
     };
     let (stats, body, train_s, feedback, reused, local_eval) = match failure {
         Ok(trained) => trained,
-        Err(reason) => {
-            let report = pb::TrainingFailureReport { round, attempt, reason: reason.clone() };
-            if let Err(status) = client.report_training_failure(report).await {
-                warn!(round, attempt, "could not report the training failure: {}", status.message());
-            }
-            return Ok(RoundOutcome::TrainingFailed(reason));
-        }
+        Err(reason) => return report_failure(client, round, attempt, reason).await,
     };
     held.model = reused;
     if stats.cancelled {
@@ -593,6 +596,7 @@ async fn do_round(
         train_accuracy: stats.accuracy,
         train_s,
         local_eval,
+        distilled: distillation.is_some(),
     };
     let digest = sha256_hex(&payload);
     let chunks = upload_chunks(header, payload, digest);
@@ -621,6 +625,21 @@ async fn do_round(
         warn!(round, "could not keep the global model and residual for the next round: {e:#}");
     }
     Ok(outcome)
+}
+
+/// Tells the coordinator that this client could not train the round (training or its distillation
+/// setup failed), instead of going silent.
+async fn report_failure(
+    client: &mut FederationClient<Channel>,
+    round: u32,
+    attempt: u32,
+    reason: String,
+) -> Result<RoundOutcome> {
+    let report = pb::TrainingFailureReport { round, attempt, reason: reason.clone() };
+    if let Err(status) = client.report_training_failure(report).await {
+        warn!(round, attempt, "could not report the training failure: {}", status.message());
+    }
+    Ok(RoundOutcome::TrainingFailed(reason))
 }
 
 /// A personalising client's round: trains the upload and the personal model, and measures and

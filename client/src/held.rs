@@ -31,6 +31,8 @@ pub struct HeldState {
     /// The training settings of the last round this process trained (for the fine-tuning after
     /// the federation); in memory only.
     pub train_config: Option<fl_model::train::TrainConfig>,
+    /// The local rows labelled by the teacher of a distilling federation (memory only).
+    pub distilled: Option<crate::distill::Distilled>,
     global_dirty: bool,
     feedback_dirty: bool,
 }
@@ -45,6 +47,7 @@ impl HeldState {
             feedback: ErrorFeedback::default(),
             model: None,
             train_config: None,
+            distilled: None,
             global_dirty: false,
             feedback_dirty: false,
         }

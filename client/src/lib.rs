@@ -3,6 +3,7 @@
 
 pub mod attack;
 pub mod daemon;
+pub mod distill;
 pub mod enroll;
 pub mod held;
 pub mod identity;

@@ -19,7 +19,7 @@ use fl_model::central::{
 };
 use fl_model::data::{read_labelled_csv, read_unlabelled_csv};
 use fl_model::datagen::{partition, write_csv, GeneratorConfig, Partition, TextGenerator};
-use fl_model::edge::{export, ExportOptions};
+use fl_model::edge::{drop_untouched_rows, export, ExportOptions};
 use fl_model::embed::{embed, write_points_csv};
 use fl_model::explain::{describe_attention, describe_explanation, explain, Method};
 use fl_model::model::{default_device, Classifier};
@@ -246,6 +246,10 @@ enum Command {
         /// training never or barely moved) instead of single weights; other layers stay whole.
         #[arg(long)]
         prune_rows: bool,
+        /// Also drop the embedding rows still equal to this model's: the federation's initial
+        /// model (STATE/model/initial.safetensors), so the buckets no client ever touched.
+        #[arg(long)]
+        untouched_from: Option<PathBuf>,
         /// Labelled CSV to measure the accuracy before and after.
         #[arg(long)]
         data: Option<PathBuf>,
@@ -776,7 +780,7 @@ true label: {label}"
             ));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { model, out, quantize, prune, prune_scope, prune_rows, data } => {
+        Command::Export { model, out, quantize, prune, prune_scope, prune_rows, untouched_from, data } => {
             anyhow::ensure!((0.0..1.0).contains(&prune), "--prune must be in [0, 1), got {prune}");
             anyhow::ensure!(!prune_rows || prune > 0.0, "--prune-rows needs --prune FRACTION (of rows to drop)");
             let options = ExportOptions {
@@ -795,8 +799,16 @@ true label: {label}"
             let rows = data.as_ref().map(|p| read_labelled_csv(p)).transpose()?;
             let before_size = std::fs::metadata(&model).with_context(|| format!("reading {}", model.display()))?.len();
             let original = Classifier::load(&model, tch::Device::Cpu)?;
-            let exported = export(&original.spec, &original.to_tensors(), &options)
-                .with_context(|| format!("exporting {}", model.display()))?;
+            let mut weights = original.to_tensors();
+            let untouched = match &untouched_from {
+                Some(initial) => Some(
+                    drop_untouched_rows(&mut weights, &original.spec, initial)
+                        .map_err(|e| fl_common::cli::Permanent::error(format!("--untouched-from {e}")))?,
+                ),
+                None => None,
+            };
+            let exported =
+                export(&original.spec, &weights, &options).with_context(|| format!("exporting {}", model.display()))?;
             fl_common::files::write_atomic(&out, &exported.bytes, 0o644)
                 .with_context(|| format!("writing {}", out.display()))?;
             let shrunk = Classifier::load(&out, tch::Device::Cpu)?;
@@ -810,6 +822,9 @@ true label: {label}"
                 what += &format!(", {:.0}% {scope} pruned", prune * 100.0);
             }
             let mb = |b: u64| b as f64 / 1e6;
+            if let Some(n) = untouched {
+                println!("{n} embedding rows never touched (equal to the initial model's) dropped");
+            }
             println!("{:<12} {:>14} {:>14}", "", "before", "after");
             println!("{:<12} {:>14} {:>14}", "format", "f32", what);
             println!(

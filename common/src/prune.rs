@@ -71,6 +71,35 @@ pub fn prune_rows(weights: &mut TensorSet, name: &str, fraction: f64) -> Option<
     Some(k)
 }
 
+/// Zeroes the rows of the matrix `name` that are bit for bit those of `initial` (the
+/// federation's round-0 model, `STATE/model/initial.safetensors`): the embedding buckets that
+/// no client's training ever touched, since updates only move the rows a batch reads. Returns the
+/// number of rows zeroed; refuses an `initial` whose matrix is missing or of another shape.
+pub fn prune_unchanged_rows(weights: &mut TensorSet, initial: &TensorSet, name: &str) -> Result<usize, String> {
+    let t = weights
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == name && t.shape.len() >= 2)
+        .ok_or_else(|| format!("the model has no matrix {name}"))?;
+    let start = initial
+        .tensors
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| format!("the initial model has no tensor {name}"))?;
+    if start.shape != t.shape {
+        return Err(format!("{name} is {:?} in the initial model and {:?} in the model", start.shape, t.shape));
+    }
+    let cols = (t.data.len() / t.shape[0].max(1)).max(1);
+    let mut zeroed = 0;
+    for (row, old) in t.data.chunks_mut(cols).zip(start.data.chunks(cols)) {
+        if row.iter().zip(old).all(|(a, b)| a.to_bits() == b.to_bits()) && row.iter().any(|v| *v != 0.0) {
+            row.fill(0.0);
+            zeroed += 1;
+        }
+    }
+    Ok(zeroed)
+}
+
 /// Number of non-zero values.
 pub fn count_nonzero(weights: &TensorSet) -> usize {
     weights.tensors.iter().flat_map(|t| &t.data).filter(|v| **v != 0.0).count()
@@ -122,5 +151,21 @@ mod tests {
         assert_eq!(w.tensors[1].data, vec![8.0, -1.0, 3.0, -7.0, 0.0, 0.0, 0.0, 0.0]);
         assert_eq!(prune_rows(&mut w, "bias", 0.5), None);
         assert_eq!(count_nonzero(&w), 4 + 2 + 2);
+    }
+
+    #[test]
+    fn unchanged_rows_are_those_equal_to_the_initial_model() {
+        let initial = set();
+        let mut w = set();
+        // Rows 1 and 3 of "big" were trained; rows 0 and 2 were never touched.
+        w.tensors[1].data[2] = 3.5;
+        w.tensors[1].data[7] = 4.0 + f32::EPSILON * 4.0;
+        assert_eq!(prune_unchanged_rows(&mut w, &initial, "big"), Ok(2));
+        assert_eq!(w.tensors[1].data, vec![0.0, 0.0, 3.5, -7.0, 0.0, 0.0, -5.0, 4.0 + f32::EPSILON * 4.0]);
+        assert_eq!(prune_unchanged_rows(&mut w, &initial, "big"), Ok(0), "zero rows are not counted twice");
+        assert!(prune_unchanged_rows(&mut w, &initial, "missing").unwrap_err().contains("no matrix missing"));
+        let mut other = set();
+        other.tensors[1].shape = vec![2, 4];
+        assert!(prune_unchanged_rows(&mut w, &other, "big").unwrap_err().contains("[2, 4]"));
     }
 }

@@ -163,6 +163,12 @@ fn soften(p: &[f32], t: f64) -> Vec<f32> {
     e.iter().map(|v| (v / total) as f32).collect()
 }
 
+/// The teacher's class probabilities on `texts`, softened to temperature `t`: the targets of
+/// distillation ([`crate::train::EncodedDataset::soft`]), centrally and in a federated round.
+pub fn soft_targets(teacher: &Classifier, texts: &[&str], t: f64) -> Vec<Vec<f32>> {
+    teacher.predict_proba(texts).iter().map(|p| soften(p, t)).collect()
+}
+
 /// As [`train_central`], and with a teacher, knowledge distillation: the student trains on the
 /// labels mixed with the teacher's softened outputs (and on `unlabelled` texts through the
 /// teacher alone). Validation, and the best epoch, are on the labelled rows held out.
@@ -203,8 +209,7 @@ pub fn train_student(
             train_data.labels.push(UNLABELLED);
         }
         let texts: Vec<&str> = train_rows.texts.iter().chain(t.unlabelled).map(String::as_str).collect();
-        let probs = t.model.predict_proba(&texts);
-        train_data.soft = Some(probs.iter().map(|p| soften(p, t.distillation.temperature)).collect());
+        train_data.soft = Some(soft_targets(t.model, &texts, t.distillation.temperature));
     }
     progress(Progress::Start { train_rows: train_data.len(), validation_rows: validation.len() });
 

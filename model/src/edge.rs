@@ -5,7 +5,7 @@
 //! and the plain f32 model file, so `predict` and `--explain` take either.
 
 use fl_common::compact::{encode_compact, CompactError, CompactModel, Precision, Values};
-use fl_common::prune::{count_nonzero, prune_rows, prune_weights, PruneScope};
+use fl_common::prune::{count_nonzero, prune_rows, prune_unchanged_rows, prune_weights, PruneScope};
 use fl_common::{ModelKind, ModelSpec, TensorSet};
 
 use crate::model::EMBEDDING;
@@ -73,6 +73,22 @@ pub fn export(spec: &ModelSpec, weights: &TensorSet, options: &ExportOptions) ->
         rows_dropped,
         weights_pruned,
     })
+}
+
+/// Zeroes the embedding rows of `weights` (a model of `spec`) that are still those of the
+/// federation's initial model in the file `initial` (`STATE/model/initial.safetensors`): the
+/// buckets no client ever touched (`export --untouched-from`). Returns how many rows were zeroed;
+/// the compact file then leaves them out.
+pub fn drop_untouched_rows(
+    weights: &mut TensorSet,
+    spec: &ModelSpec,
+    initial: &std::path::Path,
+) -> Result<usize, String> {
+    let name = initial.display();
+    let bytes = std::fs::read(initial).map_err(|e| format!("{name}: {e}"))?;
+    let (start_spec, start) = fl_common::decode_model(&bytes).map_err(|e| format!("{name}: not a model file: {e}"))?;
+    start_spec.check_compatible(spec).map_err(|e| format!("{name}: not this model's initial weights: {e}"))?;
+    prune_unchanged_rows(weights, &start, EMBEDDING).map_err(|e| format!("{name}: {e}"))
 }
 
 /// A fastText model run from its int8 embedding table: each text's mean embedding is summed

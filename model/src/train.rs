@@ -335,9 +335,25 @@ pub fn train(
     data: &EncodedDataset,
     config: &TrainConfig,
     cancel: &CancellationToken,
+    progress: impl FnMut(f32, &TrainStats),
+) -> TrainStats {
+    train_with(model, data, config, None, cancel, progress)
+}
+
+/// As [`train`], and with `distillation`, on the labels mixed with the teacher's outputs in
+/// `data.soft` ([`Trainer::distill`]): a client's round of federated distillation.
+pub fn train_with(
+    model: &mut Classifier,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    distillation: Option<Distillation>,
+    cancel: &CancellationToken,
     mut progress: impl FnMut(f32, &TrainStats),
 ) -> TrainStats {
     let mut trainer = Trainer::new(model, config);
+    if let Some(d) = distillation {
+        trainer = trainer.distill(d);
+    }
     let batch_size = config.batch_size.max(1) as usize;
     let total_steps = (config.epochs as usize * data.len().div_ceil(batch_size)).max(1);
     let mut stats = TrainStats { examples: data.len(), ..Default::default() };
@@ -462,5 +478,41 @@ mod tests {
         let plain = run(0.0);
         assert_eq!(plain, run(0.0), "training is deterministic for a seed");
         assert_ne!(plain, run(0.5), "a positive μ reaches the trainer");
+    }
+
+    #[test]
+    fn train_with_a_teacher_at_t_1_and_alpha_1_is_train_and_alpha_0_follows_the_teacher() {
+        tch::set_num_threads(1);
+        let first = start(ModelKind::Fasttext);
+        let (spec, initial) = (first.spec.clone(), first.to_tensors());
+        let run = |distillation: Option<Distillation>| {
+            let mut model = Classifier::from_tensors(spec.clone(), &initial, Device::Cpu).unwrap();
+            let mut data = data(&model);
+            // A teacher that is sure of the class after each example's own: every soft target
+            // disagrees with the label.
+            data.soft = Some(
+                data.labels
+                    .iter()
+                    .map(|&l| (0..3).map(|c| if c == (l + 1) % 3 { 0.98 } else { 0.01 }).collect())
+                    .collect(),
+            );
+            train_with(&mut model, &data, &config(0.0), distillation, &CancellationToken::new(), |_, _| {});
+            let agree = |target: &dyn Fn(i64) -> i64| {
+                let (accuracy, _) =
+                    model.evaluate(&data.docs, &data.labels.iter().map(|&l| target(l)).collect::<Vec<_>>());
+                accuracy
+            };
+            (model.to_tensors(), agree(&|l| l), agree(&|l| (l + 1) % 3))
+        };
+        let (plain, labels_acc, _) = run(None);
+        let (hard, ..) = run(Some(Distillation { temperature: 1.0, alpha: 1.0 }));
+        assert!(max_abs_diff(&plain, &hard) < 1e-6, "T 1 and alpha 1 is training on the labels");
+        let (_, on_labels, on_teacher) = run(Some(Distillation { temperature: 2.0, alpha: 0.0 }));
+        assert!(labels_acc > 0.9, "the labels are learnt: {labels_acc}");
+        assert!(on_teacher > 0.9 && on_labels < 0.1, "alpha 0 follows the teacher: {on_teacher} vs labels {on_labels}");
+    }
+
+    fn max_abs_diff(a: &TensorSet, b: &TensorSet) -> f32 {
+        a.minus(b).tensors.iter().flat_map(|t| t.data.iter().map(|v| v.abs())).fold(0.0, f32::max)
     }
 }

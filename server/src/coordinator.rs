@@ -156,6 +156,8 @@ pub struct RoundTask {
     pub secagg: Option<SecAggTask>,
     /// μ of the proximal term clients add to their loss (FedProx); 0 for none.
     pub proximal_mu: f64,
+    /// The teacher clients distill from (`--distill-from`), when the federation distills.
+    pub distill: Option<Arc<fl_proto::pb::DistillTask>>,
 }
 
 /// What the engine sends down a client's work stream.
@@ -199,6 +201,8 @@ pub struct UpdateHeader {
     pub train_s: f64,
     /// A personalising client's accuracies on its held-out split (`crate::personal`).
     pub local_eval: Option<crate::personal::LocalEvaluation>,
+    /// The client trained with the round's distillation teacher.
+    pub distilled: bool,
 }
 
 impl UpdateHeader {
@@ -404,6 +408,8 @@ struct Accumulator {
     secagg: Option<(usize, usize, usize)>,
     /// The personalising clients' local evaluations.
     local_evals: Vec<crate::personal::LocalEvaluation>,
+    /// Folded updates whose client distilled.
+    distilled: usize,
 }
 
 /// The bookkeeping of the attempt being collected.
@@ -556,6 +562,8 @@ pub struct Coordinator {
     secagg: Option<(SecAggConfig, fl_common::secagg::QuantizationPlan)>,
     best: Mutex<BestRound>,
     early_stopped: AtomicBool,
+    /// The teacher of federated distillation (see [`crate::distill`]).
+    pub(crate) distill: Option<Arc<crate::distill::Teacher>>,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -607,6 +615,7 @@ impl Coordinator {
             secagg: None,
             best: Mutex::new(BestRound::default()),
             early_stopped: AtomicBool::new(false),
+            distill: None,
             settings,
             ca,
         };
@@ -973,7 +982,7 @@ impl Coordinator {
         ticket: UploadTicket,
         upload: SpooledUpload,
     ) -> Result<(), UpdateRefusal> {
-        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, local_eval, .. } =
+        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, local_eval, distilled, .. } =
             upload.header;
         let codec: UpdateCodec =
             upload.header.codec.parse().map_err(|_| InvalidUpdate::UnsupportedCodec(upload.header.codec.clone()))?;
@@ -1025,6 +1034,7 @@ impl Coordinator {
             sum.bytes_up += upload.bytes;
             sum.train_s = sum.train_s.max(train_s);
             sum.local_evals.extend(local_eval);
+            sum.distilled += usize::from(distilled);
             Ok::<(), crate::aggregation::AggregationError>(())
         })
         .await;
@@ -1124,6 +1134,7 @@ impl Coordinator {
                 .map(|d| (d.base_digest.clone(), d.codec.name().to_string(), d.bytes.len() as u64)),
             secagg: secagg.as_ref().map(|a| a.task.clone()),
             proximal_mu,
+            distill: self.distill.as_ref().map(|t| Arc::new(t.task())),
         });
         let now = Instant::now();
         let book = RoundBook {
@@ -1148,6 +1159,7 @@ impl Coordinator {
                 folding: false,
                 secagg: None,
                 local_evals: Vec::new(),
+                distilled: 0,
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
             secagg,
@@ -1493,6 +1505,7 @@ struct MetricsLine {
     secagg: Option<SecAggMetrics>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     personal: Option<crate::personal::PersonalMetrics>,
+    distill: Option<crate::distill::DistillMetrics>,
 }
 
 /// The secure-aggregation fields of a metrics line.
@@ -1606,6 +1619,7 @@ async fn complete_round(
             secagg_recovered: recovered,
         }),
         personal: crate::personal::summarize(&sum.local_evals),
+        distill: coord.distill.as_ref().map(|t| t.metrics(sum.distilled)),
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;
@@ -1760,6 +1774,7 @@ mod tests {
             train_accuracy: 0.5,
             train_s: 0.1,
             local_eval: None,
+            distilled: false,
         };
         let path = dir.path().join("a.part");
         std::fs::write(&path, weights.encode(None)).unwrap();

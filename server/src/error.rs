@@ -51,6 +51,9 @@ pub enum ServiceError {
     /// The client went away.
     #[error("client went away")]
     Cancelled,
+    /// A teacher was asked for in a federation that does not distill.
+    #[error("this federation has no distillation teacher (serve --distill-from)")]
+    NoTeacher,
     /// A bug or a failed background task.
     #[error("internal error: {0}")]
     Internal(String),
@@ -72,6 +75,7 @@ impl From<ServiceError> for Status {
             ServiceError::Access(AccessError::ClientRevoked(_) | AccessError::TokenRevoked(_)) => {
                 Status::permission_denied(message)
             }
+            ServiceError::NoTeacher => Status::failed_precondition(message),
             ServiceError::BadCsr(_) | ServiceError::NoHeader | ServiceError::EmptyUpload => {
                 Status::invalid_argument(message)
             }

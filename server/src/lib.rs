@@ -11,6 +11,7 @@ pub mod aggregation;
 pub mod backend;
 pub mod coordinator;
 pub mod delta;
+pub mod distill;
 pub mod dp;
 pub mod error;
 pub mod health;
@@ -105,6 +106,8 @@ pub struct ServeConfig {
     pub secagg: secagg::SecAggArgs,
     /// Aggregation strategy flags; all unset is FedAvg (or, on a restart, the stored ones).
     pub strategy: StrategyArgs,
+    /// Federated distillation flags; unset is off (or, on a restart, the stored setting).
+    pub distill: distill::DistillArgs,
 }
 
 /// How `serve` ended.
@@ -250,6 +253,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
                 conflicts.join(", ")
             )));
         }
+        config.distill.settle(state.root(), &record.spec, backend)?;
         if config.init_model.is_some() {
             tracing::warn!("--init-model is ignored: the federation already exists and resumes from its last round");
         }
@@ -309,7 +313,11 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             DpFedAvg::new(dp, dp.clip_norm, expected_clients_per_round(&config.settings))?;
         }
         new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;
+        let teacher = config.distill.resolve(&spec, backend)?;
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
+        if let Some(teacher) = &teacher {
+            teacher.save(state.root())?;
+        }
         new_strategy.save(state.root())?;
         if let Some(dp) = new_dp {
             DpLedger::new(dp).save(state.root())?;
@@ -380,6 +388,10 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     if let Some(secagg) = config.secagg.settle(secagg::SecAggConfig::load(coord.state.root())?)? {
         info!(?secagg, "secure aggregation is on");
         coord = coord.with_secagg(secagg)?;
+    }
+    if let Some(teacher) = distill::Teacher::load(coord.state.root())? {
+        info!(teacher = %teacher.config.source, sha256 = %teacher.config.teacher_sha256, bytes = teacher.config.teacher_bytes, "federated distillation is on");
+        coord = coord.with_distill(teacher);
     }
     Ok(Prepared { coord, tls, eval, new_token, elapsed_s: progress.elapsed_s })
 }

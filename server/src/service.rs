@@ -58,6 +58,7 @@ impl From<&RoundTask> for pb::RoundTask {
             delta_codec: task.delta.as_ref().map(|d| d.1.clone()).unwrap_or_default(),
             delta_bytes: task.delta.as_ref().map(|d| d.2).unwrap_or_default(),
             secagg: crate::secagg::wire::task(task),
+            distill: crate::distill::wire(task),
         }
     }
 }
@@ -74,6 +75,7 @@ impl From<pb::UpdateHeader> for UpdateHeader {
             train_accuracy: h.train_accuracy,
             train_s: h.train_s,
             local_eval: h.local_eval.map(Into::into),
+            distilled: h.distilled,
         }
     }
 }
@@ -182,6 +184,10 @@ impl FederationService {
     }
 
     fn fetch_model(&self, client: &ClientRecord, req: pb::FetchModelRequest) -> Result<ModelStream, ServiceError> {
+        if req.teacher {
+            let (teacher, counter) = self.coord.teacher_for(&client.id, req.round, req.attempt)?;
+            return Ok(Box::pin(tokio_stream::iter(crate::distill::teacher_chunks(teacher, counter).map(Ok))));
+        }
         let (model, counter) = match crate::personal::final_model(&self.coord, req.round) {
             Some(last) => last,
             None => self.coord.model_for(&client.id, req.round, req.attempt)?,

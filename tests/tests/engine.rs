@@ -74,6 +74,7 @@ impl Served {
             dp,
             secagg: Default::default(),
             strategy: Default::default(),
+            distill: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
@@ -541,6 +542,7 @@ async fn a_restart_with_other_dp_flags_is_refused() {
                 dp,
                 secagg: Default::default(),
                 strategy: Default::default(),
+                distill: Default::default(),
             };
             fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
         }

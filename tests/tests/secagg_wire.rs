@@ -56,6 +56,7 @@ fn secure_config(
         dp,
         secagg: SecAggArgs { enabled: true, ..SecAggArgs::default() },
         strategy,
+        distill: Default::default(),
     }
 }
 

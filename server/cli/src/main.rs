@@ -194,6 +194,8 @@ struct ServeArgs {
     #[command(flatten)]
     strategy: fl_server::aggregation::StrategyArgs,
     #[command(flatten)]
+    distill: fl_server::distill::DistillArgs,
+    #[command(flatten)]
     long_run: fl_server::long_run::LongRunArgs,
 }
 
@@ -310,6 +312,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         dp: args.dp.clone(),
         secagg: args.secagg.clone(),
         strategy: args.strategy.clone(),
+        distill: args.distill.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -351,6 +354,9 @@ fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
     c.insert("update codecs".into(), args.update_codec.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
     c.insert("eval data".into(), args.eval_data.as_ref().map_or_else(|| "none".into(), |p| p.display().to_string()));
     c.insert("state dir".into(), args.state_dir.display().to_string());
+    if let Some(teacher) = &args.distill.from {
+        c.insert("distillation teacher".into(), teacher.display().to_string());
+    }
     c
 }
 
