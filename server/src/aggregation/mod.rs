@@ -5,9 +5,13 @@
 //! Krum) need every update of the round at once: they spool each update to a file and read them
 //! back block by block, so their disk use is O(clients × model) and their memory O(clients ×
 //! block). The server optimisers ([`server_opt`]: FedAvgM, FedAdam, FedYogi, FedAdagrad) wrap a
-//! mean and keep moments across rounds; [`StrategyConfig`] is the `--strategy` flags, checked.
+//! mean and keep moments across rounds; [`norm_bound`] clips each update before the mean;
+//! [`buffered`] is the policy of `--mode async` (FedBuff); [`StrategyConfig`] is the
+//! `--strategy` and `--mode` flags, checked.
 
+pub mod buffered;
 mod config;
+pub mod norm_bound;
 pub mod robust;
 pub mod server_opt;
 

@@ -226,6 +226,10 @@ impl AggregationStrategy for ServerOptimized {
         self.inner.dp_round()
     }
 
+    fn supports_secure_sum(&self) -> bool {
+        self.inner.supports_secure_sum()
+    }
+
     fn try_fold(&mut self, update: ClientUpdate<'_>) -> Result<(), AggregationError> {
         self.inner.try_fold(update)
     }
