@@ -675,10 +675,8 @@ impl Coordinator {
         if self.dp.is_some() {
             anyhow::bail!("--secure-aggregation with differential privacy (--dp-*) is not supported yet");
         }
-        if self.async_engine.is_some() {
-            anyhow::bail!(
-                "--secure-aggregation cannot run in --mode async: masking needs a synchronous round of clients"
-            );
+        if let Some(runtime) = &self.strategy {
+            runtime.config().check_secure_aggregation()?;
         }
         let strategy = match &self.strategy {
             Some(runtime) => runtime.attempt_strategy(None),

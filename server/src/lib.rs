@@ -295,6 +295,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
                     "--secure-aggregation with differential privacy (--dp-*) is not supported yet",
                 ));
             }
+            new_strategy.check_secure_aggregation()?;
             secagg.quantization(secagg::max_participants(&config.settings))?;
         }
         new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;

@@ -235,6 +235,15 @@ pub enum StrategyConfigError {
          use fedavg, fedprox, norm-bound or a server optimiser (fedavgm, fedadam, fedyogi, fedadagrad)"
     )]
     AsyncWithRobust(StrategyKind),
+    /// Secure aggregation with a strategy that needs each update.
+    #[error(
+        "--secure-aggregation cannot run --strategy {0}: it needs each client's update, which secure \
+         aggregation hides; use fedavg, fedprox or a server optimiser"
+    )]
+    SecureWithEachUpdate(StrategyKind),
+    /// Secure aggregation in async mode.
+    #[error("--secure-aggregation cannot run in --mode async: masking needs a synchronous round of clients")]
+    SecureAsync,
     /// Async mode with differential privacy.
     #[error(
         "--mode async cannot be combined with --dp-noise-multiplier: the accountant's amplification by \
@@ -401,6 +410,18 @@ impl StrategyConfig {
                     min_clients,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that secure aggregation, which hands the strategy one unmasked mean per round,
+    /// can run with this configuration.
+    pub fn check_secure_aggregation(&self) -> Result<(), StrategyConfigError> {
+        if self.mode == RoundMode::Async {
+            return Err(StrategyConfigError::SecureAsync);
+        }
+        if self.strategy.is_robust() || self.strategy == StrategyKind::NormBound {
+            return Err(StrategyConfigError::SecureWithEachUpdate(self.strategy));
         }
         Ok(())
     }
@@ -641,6 +662,20 @@ mod tests {
         let bound = StrategyArgs { norm_bound: Some(2.5), ..args(StrategyKind::NormBound) }.resolve().unwrap();
         assert_eq!(bound.norm_bound, Some(2.5));
         assert_eq!(bound.check_runs_with(1, true), Err(StrategyConfigError::NormBoundWithDp));
+        // Secure aggregation hides each update: refused with norm-bound, robust rules and async mode.
+        assert_eq!(
+            bound.check_secure_aggregation(),
+            Err(StrategyConfigError::SecureWithEachUpdate(StrategyKind::NormBound))
+        );
+        assert_eq!(median.check_secure_aggregation(), Err(StrategyConfigError::SecureAsync));
+        assert_eq!(
+            StrategyArgs { byzantine: Some(1), ..args(StrategyKind::Krum) }
+                .resolve()
+                .unwrap()
+                .check_secure_aggregation(),
+            Err(StrategyConfigError::SecureWithEachUpdate(StrategyKind::Krum))
+        );
+        args(StrategyKind::Fedadam).resolve().unwrap().check_secure_aggregation().unwrap();
         let conflicts = StrategyArgs { norm_bound: Some(3.0), ..Default::default() }.conflicts_with(&bound);
         assert_eq!(conflicts, vec!["--norm-bound 3 (federation: 2.5)".to_string()]);
     }
