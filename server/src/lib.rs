@@ -299,6 +299,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             secagg.quantization(secagg::max_participants(&config.settings))?;
         }
         new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;
+        check_async_settings(&new_strategy, &config.settings)?;
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
         new_strategy.save(state.root())?;
         if let Some(dp) = new_dp {
@@ -340,6 +341,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let ledger = DpLedger::load(state.root())?;
     let strategy = StrategyConfig::load(state.root())?;
     strategy.check_runs_with(config.settings.min_clients, ledger.is_some())?;
+    check_async_settings(&strategy, &config.settings)?;
     if strategy != StrategyConfig::default() {
         info!(strategy = %strategy.strategy, config = ?strategy, "aggregation strategy");
     }
@@ -372,6 +374,17 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         coord = coord.with_secagg(secagg)?;
     }
     Ok(Prepared { coord, tls, eval, new_token, elapsed_s: progress.elapsed_s })
+}
+
+/// Refuses the round flags that `--mode async` has no use for, rather than ignoring them.
+fn check_async_settings(strategy: &StrategyConfig, settings: &RoundSettings) -> Result<()> {
+    if strategy.buffered().is_some() && (settings.clients_per_round != 0 || settings.over_sample != 1.0) {
+        return Err(fl_common::cli::Permanent::error(
+            "--clients-per-round and --over-sample do not apply to --mode async: every connected client \
+             trains, and a step takes --buffer-size updates",
+        ));
+    }
+    Ok(())
 }
 
 /// The number of updates a round expects, which sizes the noise on the adaptive clip count:

@@ -71,9 +71,10 @@ fn processes_federate_in_async_mode_and_the_mode_cannot_change_on_restart() {
 #[test]
 fn combinations_that_cannot_work_are_refused_before_a_federation_is_created() {
     let root = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--mode", "async"], "--mode async needs --buffer-size K"),
         (&["--buffer-size", "2"], "--buffer-size applies to --mode async only"),
+        (&["--mode", "async", "--buffer-size", "2", "--clients-per-round", "3"], "do not apply to --mode async"),
         (&["--mode", "async", "--buffer-size", "2", "--secure-aggregation"], "cannot run in --mode async"),
         (
             &["--mode", "async", "--buffer-size", "2", "--strategy", "median"],

@@ -82,13 +82,10 @@ fn robust_strategies_hold_against_4_of_20_sign_flipping_clients() {
     assert!(clean > 0.7, "the clean run learns (accuracy {clean})");
     assert!(fedavg < clean - 0.20, "FedAvg under attack loses at least 20 points: {fedavg} vs clean {clean}");
     for (kind, accuracy) in &robust {
-        // Krum keeps one client's update a round (1/20 of the data): even without attackers it
-        // ends about 4 points below clean FedAvg (BENCHMARKS.md), so against FedAvg its bar is 5
-        // points, and the attack itself may cost it at most 3 (below); the others average many
-        // honest updates and stay within 3 of clean FedAvg.
-        let bar = if *kind == StrategyKind::Krum { 0.05 } else { 0.03 };
-        assert!(*accuracy > clean - bar, "{kind} under attack stays within {bar} of clean: {accuracy} vs {clean}");
+        assert!(*accuracy > clean - 0.03, "{kind} under attack stays within 3 points of clean: {accuracy} vs {clean}");
     }
+    // Krum applies one client's update a round, so it is slower and noisier than the means even
+    // without attackers (BENCHMARKS.md); the attack itself must not cost it more than 3 points.
     let krum = robust.iter().find(|(k, _)| *k == StrategyKind::Krum).unwrap().1;
     assert!(krum > krum_clean - 0.03, "the attack costs Krum at most 3 points: {krum} vs its clean run {krum_clean}");
     assert!(bounded > fedavg + 0.20, "norm bounding resists the attack: {bounded} vs FedAvg's {fedavg}");

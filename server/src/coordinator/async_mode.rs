@@ -102,7 +102,7 @@ impl AsyncEngine {
 
     pub(super) fn heartbeat(&self, coord: &Coordinator, client: &str, round: u32, attempt: u32, progress: f32) -> bool {
         let mut phase = lock(&coord.phase);
-        if self.task_model(client, round, attempt).is_none() {
+        if coord.is_finished() || self.task_model(client, round, attempt).is_none() {
             return false;
         }
         if let Phase::Collecting(book) = &mut *phase {
