@@ -339,8 +339,9 @@ pub(super) async fn run_steps(
             if enough.await.is_none() {
                 return Ok(());
             }
-            coord.open_round(step, attempt, Vec::new(), engine.mode.buffer_size, None);
+            // Before the step opens: no update can be folded into it while its book is reset.
             engine.start_step(step);
+            coord.open_round(step, attempt, Vec::new(), engine.mode.buffer_size, None);
             info!(step, attempt, buffer_size = engine.mode.buffer_size, "async step collecting");
             let deadline = Instant::now() + settings.round_timeout;
             let close = coord.wait_for(deadline, &shutdown, || {
