@@ -43,6 +43,8 @@ use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::secagg::{SecAggAttempt, SecAggConfig, SecAggTask};
 use crate::state::{self, CoordinatorStatus, StateDir};
 
+mod async_mode;
+
 /// Round settings of a serve run.
 #[derive(Clone, Debug)]
 pub struct RoundSettings {
@@ -410,6 +412,58 @@ struct Accumulator {
     local_evals: Vec<crate::personal::LocalEvaluation>,
     /// Folded updates whose client distilled.
     distilled: usize,
+    /// `--mode async`: the staleness of the folded updates, and the ones refused as too stale.
+    buffered: Option<crate::aggregation::buffered::StepStaleness>,
+}
+
+impl Accumulator {
+    /// Folds a decoded update and counts it, on a blocking thread; a failed fold (a robust
+    /// strategy's spool on a full disk) leaves the sum as it was.
+    fn add(
+        &mut self,
+        client: String,
+        delta: &TensorSet,
+        header: &UpdateHeader,
+        bytes: u64,
+    ) -> Result<(), crate::aggregation::AggregationError> {
+        let num_examples = header.num_examples;
+        self.folding = true;
+        let result = self.strategy.try_fold(ClientUpdate { delta, num_examples });
+        self.folding = false;
+        result?;
+        self.folded.push(client);
+        self.examples += num_examples;
+        self.weighted_loss += header.train_loss * num_examples as f64;
+        self.weighted_accuracy += header.train_accuracy * num_examples as f64;
+        self.bytes_up += bytes;
+        self.train_s = self.train_s.max(header.train_s);
+        self.local_evals.extend(header.local_eval);
+        self.distilled += usize::from(header.distilled);
+        Ok(())
+    }
+}
+
+/// Reads a spooled upload, decodes its delta against `reference` and checks it (names, shapes,
+/// finite values, the L2 bound), on a blocking thread.
+async fn decode_update(
+    codec: UpdateCodec,
+    path: PathBuf,
+    reference: Arc<TensorSet>,
+    max_norm: f64,
+) -> Result<TensorSet, UpdateRefusal> {
+    tokio::task::spawn_blocking(move || -> Result<TensorSet, InvalidUpdate> {
+        let bytes = std::fs::read(&path).map_err(InvalidUpdate::SpoolRead)?;
+        let delta = codec.decode(&bytes, &reference)?;
+        delta.check_matches(&reference)?;
+        let norm = delta.l2_norm();
+        if norm > max_norm {
+            return Err(InvalidUpdate::NormTooLarge { norm, bound: max_norm });
+        }
+        Ok(delta)
+    })
+    .await
+    .map_err(|e| UpdateRefusal::FoldFailed(format!("decoding: {e}")))
+    .and_then(|d| d.map_err(UpdateRefusal::from))
 }
 
 /// The bookkeeping of the attempt being collected.
@@ -564,6 +618,8 @@ pub struct Coordinator {
     early_stopped: AtomicBool,
     /// The teacher of federated distillation (see [`crate::distill`]).
     pub(crate) distill: Option<Arc<crate::distill::Teacher>>,
+    /// `--mode async`: the clients' outstanding tasks (see [`async_mode`]).
+    async_engine: Option<async_mode::AsyncEngine>,
 }
 
 fn fed_avg() -> Box<dyn AggregationStrategy> {
@@ -616,6 +672,7 @@ impl Coordinator {
             best: Mutex::new(BestRound::default()),
             early_stopped: AtomicBool::new(false),
             distill: None,
+            async_engine: None,
             settings,
             ca,
         };
@@ -638,6 +695,9 @@ impl Coordinator {
             if !dp.strategy.supports_secure_sum() {
                 anyhow::bail!(crate::secagg::DP_NEEDS_CLIENT_CLIP);
             }
+        }
+        if let Some(runtime) = &self.strategy {
+            runtime.config().check_secure_aggregation()?;
         }
         let strategy = match &self.strategy {
             Some(runtime) => runtime.attempt_strategy(None),
@@ -744,6 +804,7 @@ impl Coordinator {
 
     /// Aggregates with `--strategy` (see [`StrategyRuntime`]) instead of plain FedAvg.
     pub fn with_strategy(mut self, strategy: StrategyRuntime) -> Coordinator {
+        self.async_engine = strategy.config().buffered().map(async_mode::AsyncEngine::new);
         self.strategy = Some(Arc::new(strategy));
         self
     }
@@ -869,6 +930,8 @@ impl Coordinator {
         // A sampled client that reconnects mid-round (it restarted, or its link dropped) gets
         // the round's task again.
         let resend = match &*lock(&self.phase) {
+            // In async mode a client that (re)connects is idle: the engine gives it a new task.
+            _ if self.async_engine.is_some() => async_mode::forget_task(self, client_id),
             Phase::Collecting(book) => {
                 let connected = HashSet::new();
                 policy::resend_task_on_connect(&book.view(&connected, self.settings.min_clients), client_id)
@@ -937,6 +1000,9 @@ impl Coordinator {
         round: u32,
         attempt: u32,
     ) -> Result<(Arc<GlobalModel>, Arc<AtomicU64>), UpdateRefusal> {
+        if let Some(engine) = &self.async_engine {
+            return engine.model_for(client_id, round, attempt);
+        }
         let phase = lock(&self.phase);
         let book = phase.collecting(round, attempt)?;
         if !book.sampled.contains(client_id) {
@@ -947,6 +1013,9 @@ impl Coordinator {
 
     /// Checks that an upload from `client_id` with `header` may start.
     pub fn begin_upload(&self, client_id: &str, header: &UpdateHeader) -> Result<UploadTicket, UpdateRefusal> {
+        if let Some(engine) = &self.async_engine {
+            return engine.begin_upload(client_id, header);
+        }
         let phase = lock(&self.phase);
         let book = phase.collecting(header.round, header.attempt)?;
         if book.secagg.is_some() {
@@ -965,7 +1034,9 @@ impl Coordinator {
 
     /// Records that a client's upload was refused or lost after it started.
     pub fn record_rejection(&self, client_id: &str, round: u32, attempt: u32) {
-        if let Ok(book) = lock(&self.phase).collecting_mut(round, attempt) {
+        if let Some(engine) = &self.async_engine {
+            engine.answered(self, client_id, round, attempt, async_mode::Answer::Rejected);
+        } else if let Ok(book) = lock(&self.phase).collecting_mut(round, attempt) {
             if book.sampled.contains(client_id) {
                 book.accepted.remove(client_id);
                 book.rejected.insert(client_id.to_string());
@@ -982,29 +1053,18 @@ impl Coordinator {
         ticket: UploadTicket,
         upload: SpooledUpload,
     ) -> Result<(), UpdateRefusal> {
-        let UpdateHeader { round, attempt, num_examples, train_loss, train_accuracy, train_s, local_eval, distilled, .. } =
-            upload.header;
+        let (round, attempt) = (upload.header.round, upload.header.attempt);
         let codec: UpdateCodec =
             upload.header.codec.parse().map_err(|_| InvalidUpdate::UnsupportedCodec(upload.header.codec.clone()))?;
+        if let Some(engine) = &self.async_engine {
+            return engine.fold_upload(self, client_id, codec, ticket, upload).await;
+        }
         let mut sum = ticket.sum.lock_owned().await;
         // The attempt may have closed, or the client answered, while this upload waited its turn.
         lock(&self.phase).collecting(round, attempt)?.check_may_answer(client_id)?;
-        let reference = ticket.model.tensors.clone();
-        let max_norm = self.settings.max_update_norm;
-        let path = upload.path;
-        let decoded = tokio::task::spawn_blocking(move || -> Result<TensorSet, InvalidUpdate> {
-            let bytes = std::fs::read(&path).map_err(InvalidUpdate::SpoolRead)?;
-            let delta = codec.decode(&bytes, &reference)?;
-            delta.check_matches(&reference)?;
-            let norm = delta.l2_norm();
-            if norm > max_norm {
-                return Err(InvalidUpdate::NormTooLarge { norm, bound: max_norm });
-            }
-            Ok(delta)
-        })
-        .await
-        .map_err(|e| UpdateRefusal::FoldFailed(format!("decoding: {e}")))
-        .and_then(|d| d.map_err(UpdateRefusal::from));
+        let decoded =
+            decode_update(codec, upload.path.clone(), ticket.model.tensors.clone(), self.settings.max_update_norm)
+                .await;
         let delta = match decoded {
             Ok(delta) => delta,
             Err(refusal) => {
@@ -1021,23 +1081,19 @@ impl Coordinator {
         }
         self.changed();
         let id = client_id.to_string();
-        let folded = tokio::task::spawn_blocking(move || {
-            sum.folding = true;
-            // A fold that fails (a robust strategy's spool on a full disk) leaves the sum as it was.
-            let result = sum.strategy.try_fold(ClientUpdate { delta: &delta, num_examples });
-            sum.folding = false;
-            result?;
-            sum.folded.push(id);
-            sum.examples += num_examples;
-            sum.weighted_loss += train_loss * num_examples as f64;
-            sum.weighted_accuracy += train_accuracy * num_examples as f64;
-            sum.bytes_up += upload.bytes;
-            sum.train_s = sum.train_s.max(train_s);
-            sum.local_evals.extend(local_eval);
-            sum.distilled += usize::from(distilled);
-            Ok::<(), crate::aggregation::AggregationError>(())
-        })
-        .await;
+        let folded = tokio::task::spawn_blocking(move || sum.add(id, &delta, &upload.header, upload.bytes)).await;
+        self.fold_outcome(client_id, round, attempt, folded)
+    }
+
+    /// What a fold on a blocking thread came to: a fold that failed or panicked is recorded (the
+    /// update as rejected, a spool error as the attempt's failure) and refused.
+    fn fold_outcome(
+        &self,
+        client_id: &str,
+        round: u32,
+        attempt: u32,
+        folded: Result<Result<(), crate::aggregation::AggregationError>, tokio::task::JoinError>,
+    ) -> Result<(), UpdateRefusal> {
         let failed = match folded {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
@@ -1059,6 +1115,9 @@ impl Coordinator {
     /// attempt closes as soon as every sampled client answered, not at the deadline. Returns
     /// whether the report counted (false for a client not sampled, or one that already answered).
     pub fn record_training_failure(&self, client_id: &str, round: u32, attempt: u32, reason: &str) -> bool {
+        if let Some(engine) = &self.async_engine {
+            return engine.answered(self, client_id, round, attempt, async_mode::Answer::Failed(reason));
+        }
         let counted = match lock(&self.phase).collecting_mut(round, attempt) {
             Ok(book) if book.sampled.contains(client_id) && !book.has_answered(client_id) => {
                 book.rejected.insert(client_id.to_string());
@@ -1073,6 +1132,9 @@ impl Coordinator {
 
     /// Records a heartbeat; returns whether the round attempt is still open for this client.
     pub fn heartbeat(&self, client_id: &str, round: u32, attempt: u32, progress: f32) -> bool {
+        if let Some(engine) = &self.async_engine {
+            return engine.heartbeat(self, client_id, round, attempt, progress);
+        }
         match lock(&self.phase).collecting_mut(round, attempt) {
             Ok(book) if book.sampled.contains(client_id) => {
                 book.progress.insert(client_id.to_string(), progress.clamp(0.0, 1.0));
@@ -1160,6 +1222,7 @@ impl Coordinator {
                 secagg: None,
                 local_evals: Vec::new(),
                 distilled: 0,
+                buffered: None,
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
             secagg,
@@ -1300,6 +1363,9 @@ pub async fn run_rounds(
     shutdown: CancellationToken,
     elapsed_before: f64,
 ) -> Result<()> {
+    if coord.async_engine.is_some() {
+        return async_mode::run_steps(coord, eval, shutdown, elapsed_before).await;
+    }
     let serving_since = Instant::now();
     let settings = coord.settings.clone();
     let mut rng = rand::rngs::StdRng::from_os_rng();
@@ -1414,32 +1480,11 @@ pub async fn run_rounds(
                     book.rejected.len()
                 )),
             };
-            if let Some(mut reason) = failure {
-                if let Some(error) = lock(&coord.attempt_error).take() {
-                    reason = format!("{reason}; {error}");
+            if let Some(reason) = failure {
+                if !fail_attempt(&coord, &book, reason, &mut repeated, &shutdown).await? {
+                    return Ok(());
                 }
-                let all_failed = policy::all_training_failed(&book.sampled, &book.training_failures);
-                if let Some(why) = &all_failed {
-                    reason = format!("{reason}; {why}");
-                }
-                if repeated.record(all_failed) >= settings.max_failed_attempts.max(1) {
-                    coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
-                    coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
-                    return Err(fl_common::cli::Permanent::error(format!(
-                        "stopping the federation: {} attempts in a row of round {round} failed the same way ({reason}); \
-                         the {} committed round(s) are kept: fix the cause (e.g. --lr) and restart",
-                        repeated.count,
-                        coord.completed_rounds()
-                    )));
-                }
-                warn!(round, attempt, "round attempt failed: {reason}; retrying");
-                coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
-                coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
                 attempt += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
                 continue;
             }
             repeated = policy::RepeatedFailure::default();
@@ -1449,6 +1494,43 @@ pub async fn run_rounds(
         }
     }
     Ok(())
+}
+
+/// Records a failed attempt and waits a second before the next one; `Ok(false)` when `shutdown`
+/// fired meanwhile. `--max-failed-attempts` attempts in a row in which every client's training
+/// failed the same way stop the federation (a permanent error; committed rounds are kept).
+async fn fail_attempt(
+    coord: &Coordinator,
+    book: &RoundBook,
+    mut reason: String,
+    repeated: &mut policy::RepeatedFailure,
+    shutdown: &CancellationToken,
+) -> Result<bool> {
+    let (round, attempt) = (book.task.round, book.task.attempt);
+    if let Some(error) = lock(&coord.attempt_error).take() {
+        reason = format!("{reason}; {error}");
+    }
+    let all_failed = policy::all_training_failed(&book.sampled, &book.training_failures);
+    if let Some(why) = &all_failed {
+        reason = format!("{reason}; {why}");
+    }
+    if repeated.record(all_failed) >= coord.settings.max_failed_attempts.max(1) {
+        coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
+        coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
+        return Err(fl_common::cli::Permanent::error(format!(
+            "stopping the federation: {} attempts in a row of round {round} failed the same way ({reason}); \
+             the {} committed round(s) are kept: fix the cause (e.g. --lr) and restart",
+            repeated.count,
+            coord.completed_rounds()
+        )));
+    }
+    warn!(round, attempt, "round attempt failed: {reason}; retrying");
+    coord.failed_attempts.fetch_add(1, Ordering::SeqCst);
+    coord.record_failure(format!("round {round} attempt {attempt}: {reason}"));
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(1)) => Ok(true),
+        _ = shutdown.cancelled() => Ok(false),
+    }
 }
 
 /// Says how far the clients that did not answer got, from their heartbeats.
@@ -1506,6 +1588,9 @@ struct MetricsLine {
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     personal: Option<crate::personal::PersonalMetrics>,
     distill: Option<crate::distill::DistillMetrics>,
+    /// `--mode async`: staleness_mean, staleness_max, dropped_stale.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    buffered: Option<crate::aggregation::buffered::StalenessMetrics>,
 }
 
 /// The secure-aggregation fields of a metrics line.
@@ -1620,6 +1705,7 @@ async fn complete_round(
         }),
         personal: crate::personal::summarize(&sum.local_evals),
         distill: coord.distill.as_ref().map(|t| t.metrics(sum.distilled)),
+        buffered: sum.buffered.as_ref().map(|b| b.metrics()),
     };
     let state = coord.state.clone();
     let json = serde_json::to_string(&line)?;

@@ -300,12 +300,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             if new_dp.as_ref().is_some_and(|dp| dp.clip_on != dp::ClipSite::Client || dp.adaptive.is_some()) {
                 return Err(fl_common::cli::Permanent::error(secagg::DP_NEEDS_CLIENT_CLIP));
             }
-            if new_strategy.robust_rule().is_some() {
-                return Err(fl_common::cli::Permanent::error(format!(
-                    "--secure-aggregation: --strategy {} needs each client's update, which secure aggregation hides; use fedavg, fedavgm or an adaptive server optimiser",
-                    new_strategy.strategy
-                )));
-            }
+            new_strategy.check_secure_aggregation()?;
             secagg.quantization(secagg::max_participants(&config.settings))?;
         }
         if let Some(dp) = &new_dp {
@@ -314,6 +309,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         }
         new_strategy.check_runs_with(config.settings.min_clients, new_dp.is_some())?;
         let teacher = config.distill.resolve(&spec, backend)?;
+        check_async_settings(&new_strategy, &config.settings)?;
         let (record, ca) = state.create(&spec, &config.tls_sans)?;
         if let Some(teacher) = &teacher {
             teacher.save(state.root())?;
@@ -358,6 +354,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let ledger = DpLedger::load(state.root())?;
     let strategy = StrategyConfig::load(state.root())?;
     strategy.check_runs_with(config.settings.min_clients, ledger.is_some())?;
+    check_async_settings(&strategy, &config.settings)?;
     if strategy != StrategyConfig::default() {
         info!(strategy = %strategy.strategy, config = ?strategy, "aggregation strategy");
     }
@@ -394,6 +391,17 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
         coord = coord.with_distill(teacher);
     }
     Ok(Prepared { coord, tls, eval, new_token, elapsed_s: progress.elapsed_s })
+}
+
+/// Refuses the round flags that `--mode async` has no use for, rather than ignoring them.
+fn check_async_settings(strategy: &StrategyConfig, settings: &RoundSettings) -> Result<()> {
+    if strategy.buffered().is_some() && (settings.clients_per_round != 0 || settings.over_sample != 1.0) {
+        return Err(fl_common::cli::Permanent::error(
+            "--clients-per-round and --over-sample do not apply to --mode async: every connected client \
+             trains, and a step takes --buffer-size updates",
+        ));
+    }
+    Ok(())
 }
 
 /// The number of updates a round expects, which sizes the noise on the adaptive clip count:

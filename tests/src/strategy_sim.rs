@@ -62,6 +62,19 @@ impl Population {
         self.clients.is_empty()
     }
 
+    /// The L2 norm of client `client`'s update when it trains `weights` with `local`: what an
+    /// operator measures on a clean round to choose norm bounding's B.
+    pub fn update_norm(&self, client: usize, weights: &TensorSet, local: &TrainConfig) -> Result<f64> {
+        let mut model = Classifier::from_tensors(self.spec.clone(), weights, tch::Device::Cpu)?;
+        train(&mut model, &self.clients[client], local, &CancellationToken::new(), |_, _| {});
+        Ok(model.to_tensors().minus(weights).l2_norm())
+    }
+
+    /// The initial weights of a simulated federation with `seed` (as [`run`] starts from).
+    pub fn initial_weights(&self, seed: u64) -> Result<TensorSet> {
+        Ok(Classifier::new(self.spec.clone(), tch::Device::Cpu, seed)?.to_tensors())
+    }
+
     /// Accuracy and loss of `weights` on the evaluation set.
     pub fn evaluate(&self, weights: &TensorSet) -> Result<(f64, f64)> {
         let model = Classifier::from_tensors(self.spec.clone(), weights, tch::Device::Cpu)?;
@@ -89,7 +102,7 @@ pub struct SimRun<'a> {
 pub fn run(population: &Population, run: &SimRun<'_>, state_dir: &Path) -> Result<Vec<f64>> {
     std::fs::create_dir_all(state_dir)?;
     let runtime = StrategyRuntime::open(run.strategy.clone(), state_dir, 0)?;
-    let mut global = Classifier::new(population.spec.clone(), tch::Device::Cpu, run.seed)?.to_tensors();
+    let mut global = population.initial_weights(run.seed)?;
     let cancel = CancellationToken::new();
     let mut noise = rand::rngs::StdRng::seed_from_u64(run.seed);
     let mut accuracy = Vec::new();

@@ -12,6 +12,8 @@ use std::time::Duration;
 use fl_client::identity::{ClientState, Identity};
 use fl_common::{decode_model, TensorSet};
 use fl_proto::pb;
+use fl_server::aggregation::buffered::RoundMode;
+use fl_server::aggregation::StrategyArgs;
 use fl_server::dp::accountant::RdpAccountant;
 use fl_server::dp::{DpArgs, DpLedger};
 use fl_server::registry::{ClientStatus, RegistryStore};
@@ -56,6 +58,19 @@ impl Served {
     }
 
     async fn start_with_dp(settings: RoundSettings, spool: Option<Arc<dyn Spool>>, dp: DpArgs) -> Served {
+        Self::start_full(settings, spool, dp, Default::default()).await
+    }
+
+    async fn start_with_strategy(settings: RoundSettings, strategy: StrategyArgs) -> Served {
+        Self::start_full(settings, None, DpArgs::default(), strategy).await
+    }
+
+    async fn start_full(
+        settings: RoundSettings,
+        spool: Option<Arc<dyn Spool>>,
+        dp: DpArgs,
+        strategy: StrategyArgs,
+    ) -> Served {
         fl_common::tls::install_crypto_provider();
         let root = tempfile::tempdir().unwrap();
         let state_dir = root.path().join("coordinator");
@@ -73,7 +88,7 @@ impl Served {
             dashboard: None,
             dp,
             secagg: Default::default(),
-            strategy: Default::default(),
+            strategy,
             distill: Default::default(),
         };
         let shutdown = CancellationToken::new();
@@ -624,4 +639,109 @@ async fn local_evaluations_are_summarised_per_attempt_and_the_final_model_is_ser
     assert!((field("personal_accuracy_p10") - 0.63).abs() < 1e-12, "{line}");
     assert!((field("local_global_accuracy_mean") - 0.6).abs() < 1e-12, "{line}");
     assert!((field("local_global_accuracy_p10") - 0.52).abs() < 1e-12, "{line}");
+}
+
+fn async_mode(buffer_size: usize, max_staleness: u32) -> StrategyArgs {
+    StrategyArgs {
+        mode: Some(RoundMode::Async),
+        buffer_size: Some(buffer_size),
+        max_staleness: Some(max_staleness),
+        ..Default::default()
+    }
+}
+
+/// A client's local "training" as a pure function of the model, the client and the task, so
+/// two runs that hand out the same tasks on the same models get the same updates.
+fn local_delta(global: &TensorSet, client: usize, task: &pb::RoundTask) -> TensorSet {
+    let seed = task.config.as_ref().unwrap().seed;
+    let mut delta = global.zeros_like();
+    for (t, g) in delta.tensors.iter_mut().zip(&global.tensors) {
+        for (i, (d, w)) in t.data.iter_mut().zip(&g.data).enumerate() {
+            *d = 0.3 * (w * (client as f32 + 1.7)).sin() + ((seed % 97) as f32 * 0.001 + i as f32 * 0.01) / 3.0;
+        }
+    }
+    delta
+}
+
+/// Three clients of equal speed play `rounds` rounds: each takes its task, downloads the model
+/// and uploads its delta, one after the other; returns the model file of every round.
+async fn play_equal_speeds(served: &mut Served, rounds: u32) -> Vec<TensorSet> {
+    let identities = [served.enroll("a").await, served.enroll("b").await, served.enroll("c").await];
+    let mut clients = Vec::new();
+    for identity in &identities {
+        clients.push(served.join(identity).await);
+    }
+    for round in 1..=rounds {
+        for (i, client) in clients.iter_mut().enumerate() {
+            let task = client.task_of_round(round).await;
+            assert_eq!((task.round, task.attempt), (round, 0));
+            let global = client.global(&task).await;
+            let examples = 10 * (i as u64 + 1);
+            assert!(client.submit(upload(&task, &local_delta(&global, i, &task), examples)).await.unwrap().accepted);
+        }
+    }
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    (1..=rounds).map(|r| served.model(&format!("model/round-{r:04}.safetensors"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_with_equal_speeds_and_k_equal_to_the_clients_is_synchronous_fedavg() {
+    let mut sync = Served::start(settings(3, 3), None).await;
+    let sync_models = play_equal_speeds(&mut sync, 3).await;
+    let mut buffered = Served::start_with_strategy(settings(3, 3), async_mode(3, 0)).await;
+    let async_models = play_equal_speeds(&mut buffered, 3).await;
+    assert_ne!(sync_models[0], sync.initial(), "the rounds moved the model");
+    for (round, (s, a)) in sync_models.iter().zip(&async_models).enumerate() {
+        assert_eq!(s, a, "round {}: async step and synchronous FedAvg round differ", round + 1);
+    }
+    for line in read_metrics(&buffered.state_dir) {
+        assert_eq!(line["participants"].as_u64(), Some(3), "{line}");
+        assert_eq!(line["staleness_mean"].as_f64(), Some(0.0), "{line}");
+        assert_eq!((line["staleness_max"].as_u64(), line["dropped_stale"].as_u64()), (Some(0), Some(0)), "{line}");
+    }
+    assert!(read_metrics(&sync.state_dir)[0].get("staleness_mean").is_none(), "sync rounds have no staleness");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_weights_stale_updates_and_refuses_those_staler_than_s() {
+    // K = 1: a step after every update. S = 1.
+    let mut served = Served::start_with_strategy(settings(4, 2), async_mode(1, 1)).await;
+    let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
+    let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
+    let initial = served.initial();
+    let (a1, b1) = (a.task_of_round(1).await, b.task_of_round(1).await);
+    assert_eq!(a1, b1, "step 1's task goes to both clients");
+    assert!(a.submit(upload(&a1, &filled(&initial, 0.1), 10)).await.unwrap().accepted);
+    served.wait_status("step 1", |s| s.completed_rounds == 1).await;
+    let model1 = served.model("model/round-0001.safetensors");
+    assert_moved_by(&initial, &model1, 0.1);
+
+    // Step 2: a trains on model 1; b is still on the initial model, which it can still download.
+    let a2 = a.task_of_round(2).await;
+    assert_eq!(b.global(&b1).await, initial);
+    assert!(b.heartbeat(&b1).await.unwrap(), "staleness 1 is within --max-staleness 1");
+    assert!(b.submit(upload(&b1, &filled(&initial, 0.4), 10)).await.unwrap().accepted);
+    served.wait_status("step 2", |s| s.completed_rounds == 2).await;
+    let model2 = served.model("model/round-0002.safetensors");
+    assert_moved_by(&model1, &model2, 0.4 / 2f32.sqrt());
+
+    // Step 3 with b's fresh update; a's task (of step 2) then has staleness 2 and is dropped.
+    let b3 = b.task_of_round(3).await;
+    assert!(b.submit(upload(&b3, &filled(&initial, 0.2), 10)).await.unwrap().accepted);
+    served.wait_status("step 3", |s| s.completed_rounds == 3).await;
+    assert!(!a.heartbeat(&a2).await.unwrap(), "a's task is too stale: the heartbeat stops it");
+    expect_refused(a.submit(upload(&a2, &filled(&initial, 5.0), 10)).await, tonic::Code::FailedPrecondition, "stale");
+    let a4 = a.task_of_round(4).await;
+    assert!(a.submit(upload(&a4, &filled(&initial, 0.3), 10)).await.unwrap().accepted);
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    assert_moved_by(&served.model("model/round-0003.safetensors"), &served.model("model/final.safetensors"), 0.3);
+
+    let metrics = read_metrics(&served.state_dir);
+    let field = |line: &serde_json::Value, name: &str| line[name].as_f64().unwrap();
+    let staleness: Vec<(f64, f64, f64)> = metrics
+        .iter()
+        .map(|l| (field(l, "staleness_mean"), field(l, "staleness_max"), field(l, "dropped_stale")))
+        .collect();
+    assert_eq!(staleness, vec![(0.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 1.0)]);
+    assert!(served.status().refused.get("stale").is_some_and(|n| *n >= 1), "{:?}", served.status().refused);
 }

@@ -255,6 +255,7 @@ fn is_permanent(e: &(dyn std::error::Error + 'static)) -> bool {
     e.is::<fl_model::data::DataError>()
         || e.is::<fl_common::SpecError>()
         || e.is::<fl_server::dp::DpConfigError>()
+        || e.is::<fl_server::aggregation::StrategyConfigError>()
         || matches!(
             e.downcast_ref::<fl_model::model::ModelError>(),
             Some(fl_model::model::ModelError::Invalid { .. } | fl_model::model::ModelError::Spec(_))

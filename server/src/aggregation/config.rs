@@ -8,6 +8,8 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use super::buffered::{BufferedMode, RoundMode};
+use super::norm_bound::NormBounded;
 use super::reptile::Reptile;
 use super::robust::{RobustAggregator, RobustRule, SPOOL_PREFIX};
 use super::server_opt::{ServerOptState, ServerOptimized, ServerOptimizer};
@@ -44,6 +46,8 @@ pub enum StrategyKind {
     MultiKrum,
     /// Reptile's meta step: the unweighted mean delta times the server step size.
     Reptile,
+    /// FedAvg of the updates, each clipped to an L2 norm of `--norm-bound`.
+    NormBound,
 }
 
 impl std::fmt::Display for StrategyKind {
@@ -69,6 +73,7 @@ impl StrategyKind {
             StrategyKind::Fedadagrad => &["--server-lr", "--beta1", "--tau"],
             StrategyKind::TrimmedMean => &["--trim-fraction"],
             StrategyKind::Krum | StrategyKind::MultiKrum => &["--byzantine"],
+            StrategyKind::NormBound => &["--norm-bound"],
         }
     }
 }
@@ -78,7 +83,7 @@ impl StrategyKind {
 #[derive(Clone, Debug, Default, PartialEq, clap::Args)]
 pub struct StrategyArgs {
     /// Aggregation strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, median,
-    /// trimmed-mean, krum, multi-krum or reptile [default: fedavg].
+    /// trimmed-mean, krum, multi-krum, norm-bound or reptile [default: fedavg].
     #[arg(long, value_enum, env = "FL_STRATEGY")]
     pub strategy: Option<StrategyKind>,
     /// μ of the proximal term μ/2·‖w − w_global‖² that clients add to their loss (any strategy;
@@ -107,6 +112,20 @@ pub struct StrategyArgs {
     /// Attackers F that krum and multi-krum tolerate; needs --min-clients ≥ 2F+3 (required for them).
     #[arg(long)]
     pub byzantine: Option<usize>,
+    /// L2 norm each update is clipped to by norm-bound (required for it).
+    #[arg(long, allow_negative_numbers = true)]
+    pub norm_bound: Option<f64>,
+    /// sync: rounds of sampled clients; async: FedBuff, clients train continuously and the
+    /// server steps after every --buffer-size updates [default: sync].
+    #[arg(long, value_enum, env = "FL_MODE")]
+    pub mode: Option<RoundMode>,
+    /// Updates per server step in --mode async (required for it).
+    #[arg(long, value_parser = fl_common::cli::parse::int_in(1usize, 100_000))]
+    pub buffer_size: Option<usize>,
+    /// Largest staleness (server steps since the update's model) accepted in --mode async;
+    /// staler updates are refused and counted [default: 10].
+    #[arg(long, value_parser = fl_common::cli::parse::int_in(0u32, 1_000_000))]
+    pub max_staleness: Option<u32>,
 }
 
 /// A checked strategy configuration: what a federation runs with and keeps in its state dir.
@@ -139,6 +158,18 @@ pub struct StrategyConfig {
     /// Krum's F.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<usize>,
+    /// Norm bounding's B.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f64>,
+    /// Synchronous rounds or buffered asynchronous steps.
+    #[serde(default)]
+    pub mode: RoundMode,
+    /// K of `--mode async`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_size: Option<usize>,
+    /// S of `--mode async`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staleness: Option<u32>,
 }
 
 /// Why the strategy flags cannot run; each message names the flag to change.
@@ -188,6 +219,43 @@ pub enum StrategyConfigError {
          mean of clipped updates; use fedavg or a server optimiser (fedavgm, fedadam, fedyogi, fedadagrad) with DP"
     )]
     RobustWithDp(StrategyKind),
+    /// Norm bounding without its bound.
+    #[error("--strategy norm-bound needs --norm-bound B, the largest L2 norm of an update")]
+    NeedsNormBound,
+    /// Norm bounding with differential privacy, which clips already.
+    #[error(
+        "--strategy norm-bound cannot be combined with --dp-noise-multiplier: DP-FedAvg clips every update \
+         already (--dp-clip-norm); use fedavg with DP"
+    )]
+    NormBoundWithDp,
+    /// Async mode without its buffer size.
+    #[error("--mode async needs --buffer-size K, the number of updates per server step")]
+    NeedsBufferSize,
+    /// An async flag in sync mode.
+    #[error("{0} applies to --mode async only")]
+    AsyncOnly(&'static str),
+    /// A strategy that needs every update of a round at once, in async mode.
+    #[error(
+        "--mode async cannot run --strategy {0}: it needs every update of a synchronous round at once; \
+         use fedavg, fedprox, norm-bound or a server optimiser (fedavgm, fedadam, fedyogi, fedadagrad)"
+    )]
+    AsyncWithRobust(StrategyKind),
+    /// Secure aggregation with a strategy that needs each update.
+    #[error(
+        "--secure-aggregation cannot run --strategy {0}: it needs each client's update, which secure \
+         aggregation hides; use fedavg, fedprox or a server optimiser"
+    )]
+    SecureWithEachUpdate(StrategyKind),
+    /// Secure aggregation in async mode.
+    #[error("--secure-aggregation cannot run in --mode async: masking needs a synchronous round of clients")]
+    SecureAsync,
+    /// Async mode with differential privacy.
+    #[error(
+        "--mode async cannot be combined with --dp-noise-multiplier: the accountant's amplification by \
+         sampling assumes each round's clients are drawn at random, and an async step takes whichever \
+         clients finish first"
+    )]
+    AsyncWithDp,
 }
 
 fn check(flag: &'static str, value: f64, ok: bool, range: &'static str) -> Result<f64, StrategyConfigError> {
@@ -199,7 +267,7 @@ fn check(flag: &'static str, value: f64, ok: bool, range: &'static str) -> Resul
 }
 
 impl StrategyArgs {
-    fn given(&self) -> [(&'static str, bool); 7] {
+    fn given(&self) -> [(&'static str, bool); 8] {
         [
             ("--server-lr", self.server_lr.is_some()),
             ("--server-momentum", self.server_momentum.is_some()),
@@ -208,6 +276,7 @@ impl StrategyArgs {
             ("--tau", self.tau.is_some()),
             ("--trim-fraction", self.trim_fraction.is_some()),
             ("--byzantine", self.byzantine.is_some()),
+            ("--norm-bound", self.norm_bound.is_some()),
         ]
     }
 
@@ -231,6 +300,27 @@ impl StrategyArgs {
                 .then(|| check(flag, given.unwrap_or(default), ok(given.unwrap_or(default)), range))
                 .transpose()
         };
+        let mode = self.mode.unwrap_or_default();
+        let (buffer_size, max_staleness) = match mode {
+            RoundMode::Async => (
+                Some(self.buffer_size.ok_or(StrategyConfigError::NeedsBufferSize)?),
+                Some(self.max_staleness.unwrap_or(10)),
+            ),
+            RoundMode::Sync if self.buffer_size.is_some() => {
+                return Err(StrategyConfigError::AsyncOnly("--buffer-size"))
+            }
+            RoundMode::Sync if self.max_staleness.is_some() => {
+                return Err(StrategyConfigError::AsyncOnly("--max-staleness"))
+            }
+            RoundMode::Sync => (None, None),
+        };
+        let norm_bound = match strategy {
+            StrategyKind::NormBound => {
+                let bound = self.norm_bound.ok_or(StrategyConfigError::NeedsNormBound)?;
+                Some(check("--norm-bound", bound, bound > 0.0, "more than 0")?)
+            }
+            _ => None,
+        };
         let byzantine = match strategy {
             StrategyKind::Krum | StrategyKind::MultiKrum => {
                 Some(self.byzantine.ok_or(StrategyConfigError::NeedsByzantine(strategy))?)
@@ -253,6 +343,10 @@ impl StrategyArgs {
             tau: opt("--tau", self.tau, 1e-3, |x| x > 0.0, "more than 0")?,
             trim_fraction: opt("--trim-fraction", self.trim_fraction, 0.2, |x| (0.0..0.5).contains(&x), "in [0, 0.5)")?,
             byzantine,
+            norm_bound,
+            mode,
+            buffer_size,
+            max_staleness,
         })
     }
 
@@ -277,6 +371,18 @@ impl StrategyArgs {
         differs("--tau", self.tau, stored.tau);
         differs("--trim-fraction", self.trim_fraction, stored.trim_fraction);
         differs("--byzantine", self.byzantine.map(|b| b as f64), stored.byzantine.map(|b| b as f64));
+        differs("--norm-bound", self.norm_bound, stored.norm_bound);
+        if let Some(m) = self.mode.filter(|m| *m != stored.mode) {
+            conflicts.push(format!("--mode {m} (federation: {})", stored.mode));
+        }
+        let mut differs_int = |flag: &str, given: Option<u64>, stored: Option<u64>| {
+            if let Some(g) = given.filter(|g| Some(*g) != stored) {
+                let was = stored.map_or_else(|| "not used".to_string(), |s| s.to_string());
+                conflicts.push(format!("{flag} {g} (federation: {was})"));
+            }
+        };
+        differs_int("--buffer-size", self.buffer_size.map(|b| b as u64), stored.buffer_size.map(|b| b as u64));
+        differs_int("--max-staleness", self.max_staleness.map(u64::from), stored.max_staleness.map(u64::from));
         conflicts
     }
 }
@@ -288,6 +394,17 @@ impl StrategyConfig {
         if dp && (self.strategy.is_robust() || self.strategy == StrategyKind::Reptile) {
             return Err(StrategyConfigError::RobustWithDp(self.strategy));
         }
+        if dp && self.strategy == StrategyKind::NormBound {
+            return Err(StrategyConfigError::NormBoundWithDp);
+        }
+        if self.mode == RoundMode::Async {
+            if self.strategy.is_robust() {
+                return Err(StrategyConfigError::AsyncWithRobust(self.strategy));
+            }
+            if dp {
+                return Err(StrategyConfigError::AsyncWithDp);
+            }
+        }
         if let Some(rule) = self.robust_rule() {
             let needed = rule.min_updates();
             if min_clients < needed {
@@ -298,6 +415,18 @@ impl StrategyConfig {
                     min_clients,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that secure aggregation, which hands the strategy one unmasked mean per round,
+    /// can run with this configuration.
+    pub fn check_secure_aggregation(&self) -> Result<(), StrategyConfigError> {
+        if self.mode == RoundMode::Async {
+            return Err(StrategyConfigError::SecureAsync);
+        }
+        if self.strategy.is_robust() || self.strategy == StrategyKind::NormBound {
+            return Err(StrategyConfigError::SecureWithEachUpdate(self.strategy));
         }
         Ok(())
     }
@@ -326,6 +455,17 @@ impl StrategyConfig {
             StrategyKind::Krum => Some(RobustRule::Krum { byzantine }),
             StrategyKind::MultiKrum => Some(RobustRule::MultiKrum { byzantine }),
             _ => None,
+        }
+    }
+
+    /// The settings of `--mode async`; `None` in sync mode.
+    pub fn buffered(&self) -> Option<BufferedMode> {
+        match self.mode {
+            RoundMode::Sync => None,
+            RoundMode::Async => Some(BufferedMode {
+                buffer_size: self.buffer_size.unwrap_or(1).max(1),
+                max_staleness: self.max_staleness.unwrap_or(10),
+            }),
         }
     }
 
@@ -403,6 +543,9 @@ impl StrategyRuntime {
         }
         let inner: Box<dyn AggregationStrategy> = match (self.config.robust_rule(), dp) {
             (Some(rule), _) => Box::new(RobustAggregator::new(rule, &self.spool_root())),
+            (None, None) if self.config.strategy == StrategyKind::NormBound => {
+                Box::new(NormBounded::new(self.config.norm_bound.unwrap_or(f64::INFINITY)))
+            }
             (None, Some(dp)) => dp,
             (None, None) => Box::new(FedAvg::default()),
         };
@@ -495,10 +638,77 @@ mod tests {
     }
 
     #[test]
+    fn async_mode_and_norm_bound_flags() {
+        let async_args = StrategyArgs { mode: Some(RoundMode::Async), buffer_size: Some(3), ..Default::default() };
+        let config = async_args.resolve().unwrap();
+        assert_eq!(config.buffered(), Some(BufferedMode { buffer_size: 3, max_staleness: 10 }));
+        assert_eq!(StrategyArgs::default().resolve().unwrap().buffered(), None);
+        let err = StrategyArgs { mode: Some(RoundMode::Async), ..Default::default() }.resolve().unwrap_err();
+        assert_eq!(err, StrategyConfigError::NeedsBufferSize);
+        let err = StrategyArgs { max_staleness: Some(2), ..Default::default() }.resolve().unwrap_err();
+        assert_eq!(err.to_string(), "--max-staleness applies to --mode async only");
+        // Strategies that need the whole round, and DP, are refused in async mode.
+        let median = StrategyArgs { strategy: Some(StrategyKind::Median), ..async_args.clone() }.resolve().unwrap();
+        let err = median.check_runs_with(3, false).unwrap_err();
+        assert!(err.to_string().starts_with("--mode async cannot run --strategy median"), "{err}");
+        assert_eq!(config.check_runs_with(3, true), Err(StrategyConfigError::AsyncWithDp));
+        config.check_runs_with(1, false).unwrap();
+        let adam = StrategyArgs { strategy: Some(StrategyKind::Fedadam), ..async_args.clone() }.resolve().unwrap();
+        adam.check_runs_with(1, false).unwrap();
+        // A restart may not change the mode or its settings.
+        let conflicts = StrategyArgs { mode: Some(RoundMode::Sync), ..Default::default() }.conflicts_with(&config);
+        assert_eq!(conflicts, vec!["--mode sync (federation: async)".to_string()]);
+        let conflicts =
+            StrategyArgs { buffer_size: Some(4), max_staleness: Some(1), ..Default::default() }.conflicts_with(&config);
+        assert_eq!(
+            conflicts,
+            vec!["--buffer-size 4 (federation: 3)".to_string(), "--max-staleness 1 (federation: 10)".to_string()]
+        );
+        assert!(async_args.conflicts_with(&config).is_empty());
+
+        let err = args(StrategyKind::NormBound).resolve().unwrap_err();
+        assert_eq!(err, StrategyConfigError::NeedsNormBound);
+        let err = StrategyArgs { norm_bound: Some(0.0), ..args(StrategyKind::NormBound) }.resolve().unwrap_err();
+        assert_eq!(err.to_string(), "--norm-bound 0: must be more than 0");
+        let err = StrategyArgs { norm_bound: Some(1.0), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().starts_with("--norm-bound does not apply to --strategy fedavg"), "{err}");
+        let bound = StrategyArgs { norm_bound: Some(2.5), ..args(StrategyKind::NormBound) }.resolve().unwrap();
+        assert_eq!(bound.norm_bound, Some(2.5));
+        assert_eq!(bound.check_runs_with(1, true), Err(StrategyConfigError::NormBoundWithDp));
+        // Secure aggregation hides each update: refused with norm-bound, robust rules and async mode.
+        assert_eq!(
+            bound.check_secure_aggregation(),
+            Err(StrategyConfigError::SecureWithEachUpdate(StrategyKind::NormBound))
+        );
+        assert_eq!(median.check_secure_aggregation(), Err(StrategyConfigError::SecureAsync));
+        assert_eq!(
+            StrategyArgs { byzantine: Some(1), ..args(StrategyKind::Krum) }
+                .resolve()
+                .unwrap()
+                .check_secure_aggregation(),
+            Err(StrategyConfigError::SecureWithEachUpdate(StrategyKind::Krum))
+        );
+        args(StrategyKind::Fedadam).resolve().unwrap().check_secure_aggregation().unwrap();
+        let conflicts = StrategyArgs { norm_bound: Some(3.0), ..Default::default() }.conflicts_with(&bound);
+        assert_eq!(conflicts, vec!["--norm-bound 3 (federation: 2.5)".to_string()]);
+    }
+
+    #[test]
     fn config_round_trips_through_its_file() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(StrategyConfig::load(dir.path()).unwrap(), StrategyConfig::default());
         let config = StrategyArgs { byzantine: Some(1), ..args(StrategyKind::MultiKrum) }.resolve().unwrap();
+        config.save(dir.path()).unwrap();
+        assert_eq!(StrategyConfig::load(dir.path()).unwrap(), config);
+        let config = StrategyArgs {
+            mode: Some(RoundMode::Async),
+            buffer_size: Some(5),
+            max_staleness: Some(2),
+            norm_bound: Some(1.5),
+            ..args(StrategyKind::NormBound)
+        }
+        .resolve()
+        .unwrap();
         config.save(dir.path()).unwrap();
         assert_eq!(StrategyConfig::load(dir.path()).unwrap(), config);
     }

@@ -6,9 +6,13 @@
 //! back block by block, so their disk use is O(clients × model) and their memory O(clients ×
 //! block). The server optimisers ([`server_opt`]: FedAvgM, FedAdam, FedYogi, FedAdagrad) wrap a
 //! mean and keep moments across rounds; [`reptile`] is Reptile's meta step (an unweighted mean of
-//! the deltas times a step size); [`StrategyConfig`] is the `--strategy` flags, checked.
+//! the deltas times a step size); [`norm_bound`] clips each update before the mean;
+//! [`buffered`] is the policy of `--mode async` (FedBuff); [`StrategyConfig`] is the
+//! `--strategy` and `--mode` flags, checked.
 
+pub mod buffered;
 mod config;
+pub mod norm_bound;
 pub mod reptile;
 pub mod robust;
 pub mod server_opt;

@@ -42,6 +42,17 @@ impl AggregationStrategy for Reptile {
         self.folded += 1;
     }
 
+    /// Every client weighs the same, as secure aggregation's uniform mean does.
+    fn supports_secure_sum(&self) -> bool {
+        true
+    }
+
+    fn fold_secure_sum(&mut self, mean: &TensorSet, count: usize) {
+        let sum = self.sum.as_mut().expect("begin_round before fold");
+        sum.add_scaled(mean, count as f32);
+        self.folded += count;
+    }
+
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
         let sum = self.sum.take()?;
         if self.folded == 0 {
@@ -95,5 +106,16 @@ mod tests {
         for (x, y) in a.tensors[0].data.iter().zip(&b.tensors[0].data) {
             assert!((x - y).abs() < 1e-6, "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn a_secure_sum_takes_the_same_step_as_its_updates() {
+        let global = tensors(&[1.0, -2.0]);
+        let mut reptile = Reptile::new(0.5);
+        assert!(reptile.supports_secure_sum());
+        reptile.begin_round(&global);
+        // The unmasked mean of (1, 0) and (−3, 4), as secure aggregation hands it over.
+        reptile.fold_secure_sum(&tensors(&[-1.0, 2.0]), 2);
+        assert_eq!(reptile.finish(&global).unwrap().tensors[0].data, vec![0.5, -1.0]);
     }
 }
