@@ -43,6 +43,9 @@ use crate::registry::{now_unix, ClientStatus, RegistryStore};
 use crate::secagg::{SecAggAttempt, SecAggConfig, SecAggTask};
 use crate::state::{self, CoordinatorStatus, StateDir};
 
+mod in_process;
+pub use in_process::{InProcessFederation, Opened};
+
 /// Round settings of a serve run.
 #[derive(Clone, Debug)]
 pub struct RoundSettings {
