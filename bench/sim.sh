@@ -14,7 +14,16 @@ DIR=${BENCH_DIR:-target/bench}/sim
 THREADS=${THREADS:-$(nproc)}
 mkdir -p "$DIR"
 
-curve() { python3 -c 'import json,sys; m=[json.loads(l) for l in open(sys.argv[1])]; print(" ".join(f"{x[\"accuracy\"]:.3f}" for x in m)); print("final accuracy %.4f, mean round_s %.2f, epsilon %s" % (m[-1]["accuracy"], sum(x["round_s"] for x in m)/len(m), m[-1].get("dp_epsilon", "-")))' "$1"; }
+curve() {
+  python3 - "$1" <<'PY'
+import json, sys
+m = [json.loads(l) for l in open(sys.argv[1])]
+print(" ".join(f"{x['accuracy']:.3f}" for x in m))
+eps = m[-1].get("dp_epsilon")
+print(f"final accuracy {m[-1]['accuracy']:.4f}, mean round_s {sum(x['round_s'] for x in m)/len(m):.2f}, epsilon {eps if eps is not None else '-'}")
+PY
+}
+export RUST_LOG=${RUST_LOG:-warn}
 
 case "${1:-scale}" in
 scale)

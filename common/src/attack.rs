@@ -81,7 +81,7 @@ impl Attack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fl_common::NamedTensor;
+    use crate::NamedTensor;
     use rand::SeedableRng;
 
     fn delta() -> TensorSet {

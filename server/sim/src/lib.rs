@@ -208,6 +208,9 @@ struct VirtualClient {
     attack: Option<Attack>,
 }
 
+/// Salts the seeds of the attackers' choice and noise, apart from the training seeds.
+const ATTACK_SALT: u64 = 0x00A7_7AC4;
+
 /// Mixes seeds (SplitMix64's finaliser): distinct inputs give unrelated seeds.
 fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -308,7 +311,7 @@ pub fn run(args: &SimArgs, cancel: &CancellationToken) -> Result<SimOutcome> {
     if let Some(spec) = &args.attack {
         let count = ((spec.fraction * n as f64).round() as usize).clamp(1, n);
         let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(args.seed ^ 0xA77A_C4)));
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(args.seed ^ ATTACK_SALT)));
         for &k in &order[..count] {
             attackers[k] = true;
         }
@@ -543,7 +546,8 @@ fn train_client(
         delta.clip_l2_norm(clip);
     }
     if let Some(attack) = &client.attack {
-        attack.apply(&mut delta, &mut rand::rngs::StdRng::seed_from_u64(client_seed(seed ^ 0xA77A_C4, task.round, k)));
+        attack
+            .apply(&mut delta, &mut rand::rngs::StdRng::seed_from_u64(client_seed(seed ^ ATTACK_SALT, task.round, k)));
     }
     let payload = codec.encode(&delta)?;
     Ok(Ok(Trained { payload, loss: stats.loss, accuracy: stats.accuracy, train_s: started.elapsed().as_secs_f64() }))
