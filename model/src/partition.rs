@@ -45,7 +45,7 @@ pub enum PartitionError {
     },
     /// Some class would belong to no client.
     #[error(
-        "{clients} clients × {k} classes each cannot cover {classes} classes: raise --clients or --classes-per-client"
+        "{clients} clients × {k} classes each cannot cover {classes} classes: give more clients (fl-sim --clients, gen-data --shards) or more --classes-per-client"
     )]
     ClassesUncovered {
         /// Clients.

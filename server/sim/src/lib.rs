@@ -334,6 +334,13 @@ pub fn run(args: &SimArgs, cancel: &CancellationToken) -> Result<SimOutcome> {
     config.model.labels = Some(labels.clone());
     let fed = fl_server::prepare_in_process(&config, &fl_coordinator::backend::TorchBackend, &ids)?;
     let spec = fed.spec().clone();
+    if threads > 1 && spec.dropout > 0.0 {
+        tracing::warn!(
+            threads,
+            dropout = spec.dropout,
+            "libtorch's dropout generator is global to the process: with --threads above 1 a rerun may differ slightly (--threads 1 is bit-exact)"
+        );
+    }
     // One tokenization of every row; a client's data is gathered from it for its turn only.
     let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0)?;
     let encoded = EncodedDataset::encode(&probe, &rows.texts, label_idx);

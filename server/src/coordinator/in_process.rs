@@ -162,14 +162,15 @@ impl InProcessFederation {
         if sum.folding || sum.folded.len() < needed {
             let failures: Vec<String> =
                 book.training_failures.iter().take(3).map(|(c, why)| format!("{c}: {why}")).collect();
-            anyhow::bail!(
+            // The simulator does not retry: its clients would answer the same way again.
+            return Err(fl_common::cli::Permanent::error(format!(
                 "round {}: {} of {} sampled updates folded, {needed} needed ({} refused; {})",
                 book.task.round,
                 sum.folded.len(),
                 book.sampled.len(),
                 book.rejected.len(),
                 if failures.is_empty() { "see the log".to_string() } else { failures.join("; ") }
-            );
+            )));
         }
         let elapsed = self.elapsed_before + self.started.elapsed().as_secs_f64();
         super::complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed).await
