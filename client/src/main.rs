@@ -344,6 +344,9 @@ enum Command {
         /// Dirichlet concentration (smaller is more skewed).
         #[arg(long, default_value_t = 0.5, value_parser = parse::positive(1e6))]
         alpha: f64,
+        /// Classes per shard of `--partition pathological`.
+        #[arg(long, default_value_t = 2, value_parser = parse::int_in(1usize, 16))]
+        classes_per_client: usize,
         /// Probability that a content word of a sentence is a word of the row's topic (lower is harder).
         #[arg(long, default_value_t = GeneratorConfig::default().signal, value_parser = parse::positive(1.0))]
         signal: f64,
@@ -410,6 +413,8 @@ enum PartitionArg {
     Iid,
     /// Per class, shares drawn from a Dirichlet distribution (`--alpha`).
     Dirichlet,
+    /// `--classes-per-client` classes per shard.
+    Pathological,
 }
 
 fn main() -> ExitCode {
@@ -947,10 +952,23 @@ true label: {label}"
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::GenData { out, rows, eval_rows, test_rows, classes, shards, partition: how, alpha, signal, seed } => {
+        Command::GenData {
+            out,
+            rows,
+            eval_rows,
+            test_rows,
+            classes,
+            shards,
+            partition: how,
+            alpha,
+            classes_per_client,
+            signal,
+            seed,
+        } => {
             let how = match how {
                 PartitionArg::Iid => Partition::Iid,
                 PartitionArg::Dirichlet => Partition::Dirichlet(alpha),
+                PartitionArg::Pathological => Partition::Pathological(classes_per_client),
             };
             anyhow::ensure!((2..=16).contains(&classes), "--classes must be 2 to 16");
             anyhow::ensure!(shards >= 1, "--shards must be at least 1");
@@ -965,7 +983,8 @@ true label: {label}"
             write("train.csv", &train)?;
             write("eval.csv", &generator.rows(eval_rows, seed.wrapping_add(2)))?;
             write("test.csv", &generator.rows(test_rows, seed.wrapping_add(3)))?;
-            for (i, shard) in partition(&train, shards, how, classes, seed).iter().enumerate() {
+            let parts = partition(&train, shards, how, classes, seed).map_err(fl_common::cli::Permanent::error)?;
+            for (i, shard) in parts.iter().enumerate() {
                 write(&format!("shard-{}.csv", i + 1), shard)?;
             }
             println!(

@@ -1,6 +1,7 @@
 //! Types, codecs, file and TLS helpers shared by the coordinator (`fl-server`, `fl-coordinator`),
 //! the client daemon (`fl-client`) and the ML library (`fl-model`). Nothing here needs libtorch.
 
+pub mod attack;
 pub mod cli;
 pub mod codec;
 pub mod compact;

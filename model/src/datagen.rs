@@ -7,9 +7,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Gamma};
 
 use crate::tokenizer::words;
 
@@ -373,52 +372,20 @@ impl TextGenerator {
     }
 }
 
-/// How rows are split among clients.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Partition {
-    /// Shuffled and dealt evenly.
-    Iid,
-    /// Per class, shares drawn from a Dirichlet distribution with this concentration (smaller is
-    /// more skewed).
-    Dirichlet(f64),
-}
+pub use crate::partition::{Partition, PartitionError};
 
-/// Splits `rows` into `shards` parts. Every row lands in exactly one part.
-pub fn partition(rows: &[Row], shards: usize, how: Partition, classes: usize, seed: u64) -> Vec<Vec<Row>> {
-    assert!(shards > 0, "at least one shard");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = vec![Vec::new(); shards];
-    match how {
-        Partition::Iid => {
-            let mut idx: Vec<usize> = (0..rows.len()).collect();
-            idx.shuffle(&mut rng);
-            for (i, r) in idx.into_iter().enumerate() {
-                out[i % shards].push(rows[r].clone());
-            }
-        }
-        Partition::Dirichlet(alpha) => {
-            let gamma = Gamma::new(alpha, 1.0).expect("alpha must be positive");
-            for class in 0..classes {
-                let mut members: Vec<&Row> = rows.iter().filter(|r| r.label == class).collect();
-                members.shuffle(&mut rng);
-                let weights: Vec<f64> = (0..shards).map(|_| gamma.sample(&mut rng) + 1e-12).collect();
-                let total: f64 = weights.iter().sum();
-                let mut start = 0usize;
-                let mut acc = 0.0;
-                for (s, w) in weights.iter().enumerate() {
-                    acc += w / total;
-                    let end =
-                        if s + 1 == shards { members.len() } else { (acc * members.len() as f64).round() as usize };
-                    out[s].extend(members[start..end.max(start)].iter().map(|r| (*r).clone()));
-                    start = end.max(start);
-                }
-            }
-            for shard in &mut out {
-                shard.shuffle(&mut rng);
-            }
-        }
-    }
-    out
+/// Splits `rows` into `shards` parts with [`crate::partition::partition_indices`] (no minimum
+/// shard size). Every row lands in exactly one part.
+pub fn partition(
+    rows: &[Row],
+    shards: usize,
+    how: Partition,
+    classes: usize,
+    seed: u64,
+) -> Result<Vec<Vec<Row>>, PartitionError> {
+    let labels: Vec<usize> = rows.iter().map(|r| r.label).collect();
+    let parts = crate::partition::partition_indices(&labels, classes, shards, &how, 0, seed)?;
+    Ok(parts.into_iter().map(|part| part.into_iter().map(|i| rows[i].clone()).collect()).collect())
 }
 
 /// Writes rows as a `text,label` CSV.
@@ -441,10 +408,10 @@ mod tests {
         let rows = g.rows(500, 1);
         assert_eq!(rows, TextGenerator::new(GeneratorConfig::default()).rows(500, 1));
         for how in [Partition::Iid, Partition::Dirichlet(0.3)] {
-            let parts = partition(&rows, 4, how, 10, 3);
+            let parts = partition(&rows, 4, how, 10, 3).unwrap();
             assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 500);
         }
-        let iid = partition(&rows, 4, Partition::Iid, 10, 3);
+        let iid = partition(&rows, 4, Partition::Iid, 10, 3).unwrap();
         assert!(iid.iter().all(|p| p.len() == 125));
         let other_seed = TextGenerator::new(GeneratorConfig { seed: 8, ..Default::default() }).rows(500, 1);
         assert_ne!(rows, other_seed);

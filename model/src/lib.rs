@@ -14,6 +14,7 @@ pub mod embed;
 pub mod evaluate;
 pub mod explain;
 pub mod model;
+pub mod partition;
 pub mod personal;
 pub mod predict;
 pub mod pretrained;

@@ -44,6 +44,8 @@ use crate::secagg::{SecAggAttempt, SecAggConfig, SecAggTask};
 use crate::state::{self, CoordinatorStatus, StateDir};
 
 mod async_mode;
+mod in_process;
+pub use in_process::{InProcessFederation, Opened};
 
 /// Round settings of a serve run.
 #[derive(Clone, Debug)]

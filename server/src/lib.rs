@@ -207,6 +207,18 @@ pub async fn serve(
     outcome
 }
 
+/// Creates or opens the federation in `config.state_dir` exactly as [`serve`] does, for driving
+/// in process (`fl-sim`) instead of serving: `clients` are the virtual clients, enrolled in the
+/// registry. Blocking.
+pub fn prepare_in_process(
+    config: &ServeConfig,
+    backend: &dyn ModelBackend,
+    clients: &[String],
+) -> Result<coordinator::InProcessFederation> {
+    let Prepared { coord, eval, elapsed_s, .. } = prepare(config, backend)?;
+    coordinator::InProcessFederation::new(coord, eval, elapsed_s, clients)
+}
+
 /// How often the registry file is checked for changes made by the admin CLI.
 const REGISTRY_POLL: Duration = Duration::from_secs(1);
 

@@ -46,7 +46,7 @@ impl Population {
             let labels = rows.iter().map(|r| r.label as i64).collect();
             EncodedDataset::encode(&probe, &texts, labels)
         };
-        let shards = partition(&generator.rows(rows, 1), clients, how, labels.len(), 3);
+        let shards = partition(&generator.rows(rows, 1), clients, how, labels.len(), 3)?;
         anyhow::ensure!(shards.iter().all(|s| !s.is_empty()), "a client got no rows: give more rows");
         let clients = shards.iter().map(|s| encode(s)).collect();
         Ok(Population { eval: encode(&generator.rows(eval_rows, 2)), spec, clients })

@@ -18,7 +18,7 @@ fn gen_data(dir: &Path, rows: usize, shards: usize) {
     let labels = generator.labels();
     let train = generator.rows(rows, 1);
     write_csv(&dir.join("eval.csv"), &generator.rows(200, 2), &labels).unwrap();
-    for (i, shard) in partition(&train, shards, Partition::Iid, 4, 3).iter().enumerate() {
+    for (i, shard) in partition(&train, shards, Partition::Iid, 4, 3).unwrap().iter().enumerate() {
         write_csv(&dir.join(format!("shard-{}.csv", i + 1)), shard, &labels).unwrap();
     }
 }

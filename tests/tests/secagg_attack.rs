@@ -23,7 +23,7 @@ fn gen_data(dir: &Path) {
     let labels = generator.labels();
     let train = generator.rows(300, 1);
     write_csv(&dir.join("eval.csv"), &generator.rows(100, 2), &labels).unwrap();
-    for (i, shard) in partition(&train, CLIENTS, Partition::Iid, 4, 3).iter().enumerate() {
+    for (i, shard) in partition(&train, CLIENTS, Partition::Iid, 4, 3).unwrap().iter().enumerate() {
         write_csv(&dir.join(format!("shard-{}.csv", i + 1)), shard, &labels).unwrap();
     }
 }

@@ -10,7 +10,7 @@ use fl_server::backend::{BackendError, Evaluation, Evaluator, ModelBackend};
 
 /// Builds, checks and evaluates models with libtorch on the CPU.
 #[derive(Debug, Default)]
-pub(crate) struct TorchBackend;
+pub struct TorchBackend;
 
 impl ModelBackend for TorchBackend {
     fn initial_weights(&self, spec: &ModelSpec, seed: u64) -> Result<TensorSet, BackendError> {

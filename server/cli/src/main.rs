@@ -1,7 +1,7 @@
 //! `fl-coordinator`: create and serve a federation, check its health, manage tokens and clients.
 //! The engine is `fl-server`; this binary hands it the libtorch evaluator of `fl-model`.
 
-mod backend;
+use fl_coordinator::backend;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

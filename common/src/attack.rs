@@ -1,7 +1,7 @@
-//! Poisoned updates, to test and to show the coordinator's defences (`fl-client run --attack`).
+//! Poisoned updates, to test and to show the coordinator's defences (`fl-client run --attack`, `fl-sim --attack`).
 //! A test tool: a client that runs one sends a corrupted delta on purpose.
 
-use fl_common::TensorSet;
+use crate::TensorSet;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -81,7 +81,7 @@ impl Attack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fl_common::NamedTensor;
+    use crate::NamedTensor;
     use rand::SeedableRng;
 
     fn delta() -> TensorSet {
