@@ -261,6 +261,13 @@ pub fn host_port(url: &str) -> Result<(String, u16), ConnectError> {
     Ok((host, port))
 }
 
+/// How often both ends of a connection ping the other (HTTP/2 PING) to find a dead peer.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a ping may wait for its answer before the connection is closed. Generous: the answer
+/// queues behind the data already sent, and with 100 clients downloading a 16 MB model on two
+/// busy cores a 5 s limit dropped one connection in five mid-download (BENCHMARKS.md, "Scale").
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Opens a TLS channel to the coordinator at `url` that trusts only `ca_pem` and presents
 /// `identity` if given. Used by the client daemon, enrollment and the health probe.
 pub async fn connect(
@@ -272,8 +279,8 @@ pub async fn connect(
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
         .tls_config(client_tls(ca_pem, identity, &host))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
-        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     Ok(endpoint.connect().await?)
 }
