@@ -322,20 +322,9 @@ pub async fn run(
     })
 }
 
-/// How long a connection may take, TLS handshake included: a coordinator out of descriptors
-/// leaves connections in its backlog, never accepted, and the handshake would wait for ever.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 async fn connect(url: &str, identity: &Identity) -> Result<Channel> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, fl_common::tls::connect(url, &identity.ca_pem, Some(&identity.key)))
-        .await
-    {
-        Ok(channel) => Ok(channel?),
-        Err(_) => bail!(
-            "no TLS connection to {url} within {} s: is the coordinator out of file descriptors (ulimit -n)?",
-            CONNECT_TIMEOUT.as_secs()
-        ),
-    }
+    // Within `tls::CONNECT_TIMEOUT`, TLS handshake included.
+    Ok(fl_common::tls::connect(url, &identity.ca_pem, Some(&identity.key)).await?)
 }
 
 /// Counters of the whole run.
