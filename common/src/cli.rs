@@ -24,6 +24,29 @@ pub fn die_quietly_on_closed_stdout() {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit, and returns the limit now
+/// in force. Each connected client holds a socket: a coordinator of 1,000 clients needs more than
+/// the soft limit of 1,024 that shells and systemd services often start with, while the hard
+/// limit is usually far higher (Go's runtime raises it the same way). Returns `None` where the
+/// limit cannot be read.
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is u64 on Linux, not on every target.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    Some(limit.rlim_cur as u64)
+}
+
 /// Cancels `token` on the first SIGINT or SIGTERM.
 pub async fn cancel_on_signal(token: CancellationToken) {
     let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
@@ -302,6 +325,25 @@ mod tests {
         let missing = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::NotFound)).context("reading x");
         assert_eq!(exit_status(&missing, |_| false), exit::PERMANENT);
         assert_eq!(exit_status(&Permanent::error("bad").context("enrolling"), |_| false), exit::PERMANENT);
+    }
+
+    #[test]
+    #[allow(clippy::unnecessary_cast)] // `rlim_t` is u64 on Linux, not on every target.
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let read = || {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit writes the struct passed to it.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+            limit
+        };
+        let before = read();
+        let raised = raise_open_files_limit().expect("the limit is readable");
+        let after = read();
+        assert_eq!(raised, after.rlim_cur as u64, "it returns the limit in force");
+        assert!(after.rlim_cur >= before.rlim_cur);
+        if before.rlim_max != libc::RLIM_INFINITY {
+            assert_eq!(after.rlim_cur, after.rlim_max, "the soft limit is the hard one now");
+        }
     }
 
     #[test]

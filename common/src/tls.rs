@@ -236,6 +236,16 @@ pub enum ConnectError {
     /// The connection or the TLS handshake failed.
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
+    /// The TCP connection was made but the TLS handshake got no answer in time.
+    #[error(
+        "no TLS connection to {url} within {seconds} s (a coordinator out of file descriptors leaves connections unanswered: see its `ulimit -n`)"
+    )]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The limit.
+        seconds: u64,
+    },
 }
 
 /// Host and port of an `https://HOST:PORT` URL (port 443 if none).
@@ -261,6 +271,15 @@ pub fn host_port(url: &str) -> Result<(String, u16), ConnectError> {
     Ok((host, port))
 }
 
+/// The longest a connection may take, TLS handshake included.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often both ends of a connection ping the other (HTTP/2 PING) to find a dead peer.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a ping may wait for its answer before the connection is closed. Generous: the answer
+/// queues behind the data already sent, and with 100 clients downloading a 16 MB model on two
+/// busy cores a 5 s limit dropped one connection in five mid-download (BENCHMARKS.md, "Scale").
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Opens a TLS channel to the coordinator at `url` that trusts only `ca_pem` and presents
 /// `identity` if given. Used by the client daemon, enrollment and the health probe.
 pub async fn connect(
@@ -272,10 +291,15 @@ pub async fn connect(
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
         .tls_config(client_tls(ca_pem, identity, &host))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
-        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect().await?)
+    // `connect_timeout` covers TCP only: a peer that never answers the handshake (a coordinator
+    // out of descriptors keeps connections in its backlog, unaccepted) would be waited for ever.
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(channel) => Ok(channel?),
+        Err(_) => Err(ConnectError::Timeout { url: url.to_string(), seconds: CONNECT_TIMEOUT.as_secs() }),
+    }
 }
 
 /// Accepts a server whose presented chain contains a CA with the pinned fingerprint and whose

@@ -39,7 +39,7 @@ use crate::backend::Evaluator;
 use crate::dp::{Budget, DpFedAvg, DpLedger};
 use crate::long_run::{BestRound, LongRunArgs};
 use crate::policy::{self, Close, RoundView};
-use crate::registry::{now_unix, ClientStatus, RegistryStore};
+use crate::registry::{now_unix, RegistryStore};
 use crate::secagg::{SecAggAttempt, SecAggConfig, SecAggTask};
 use crate::state::{self, CoordinatorStatus, StateDir};
 
@@ -819,7 +819,7 @@ impl Coordinator {
 
     /// Clients enrolled and not revoked: the population that q and the default δ refer to.
     fn enrolled_clients(&self) -> usize {
-        self.registry.snapshot().clients.iter().filter(|c| c.status == ClientStatus::Active).count()
+        self.registry.index().active
     }
 
     /// The current global model.
@@ -971,9 +971,8 @@ impl Coordinator {
     /// Ends the work streams of clients that the registry now says are revoked; returns the
     /// connected clients that may be sampled.
     pub fn drop_revoked(&self) -> Vec<String> {
-        let registry = self.registry.snapshot();
-        let revoked: HashSet<&str> =
-            registry.clients.iter().filter(|c| c.status == ClientStatus::Revoked).map(|c| c.id.as_str()).collect();
+        let index = self.registry.index();
+        let revoked = &index.revoked;
         let (eligible, dropped) = {
             let mut connections = lock(&self.connections);
             let mut dropped = 0;
@@ -1288,7 +1287,7 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(wake_at.min(Instant::now() + Duration::from_secs(1))) => {}
+                _ = tokio::time::sleep_until(policy::next_wake(wake_at, Instant::now(), Duration::from_secs(1))) => {}
                 _ = shutdown.cancelled() => return None,
             }
         }
@@ -1306,7 +1305,7 @@ pub async fn watch_registry(coord: Arc<Coordinator>, period: Duration, stop: Can
             _ = stop.cancelled() => return,
         }
         let registry = coord.registry.clone();
-        match tokio::task::spawn_blocking(move || registry.refresh()).await {
+        match tokio::task::spawn_blocking(move || registry.refresh_and_flush_seen()).await {
             Ok(Ok(true)) => {
                 coord.drop_revoked();
                 coord.changed();

@@ -204,6 +204,11 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     background.cancel();
     let _ = status_writer.await;
+    // When clients were last seen, noted since the watcher's last write.
+    let registry = coord.registry.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || registry.flush_seen()).await {
+        tracing::warn!("could not write when clients were last seen: {e}");
+    }
     outcome
 }
 
@@ -452,8 +457,8 @@ async fn run_server(
         fl_proto::pb::federation_server::FederationServer::new(service::FederationService::new(coord.clone(), spool))
             .max_decoding_message_size(service::MAX_UPLOAD_CHUNK_BYTES + 4096);
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .http2_keepalive_interval(Some(fl_common::tls::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(fl_common::tls::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(federation)
         .serve_with_incoming_shutdown(

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// How long a peer may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,11 +24,21 @@ pub fn tls_incoming(
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let mut last_warning = None;
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(pair) => pair,
                 Err(e) => {
-                    debug!("accept failed: {e}");
+                    // Out of descriptors, every client beyond the limit is refused: say so, at
+                    // most every 10 s, instead of at debug level.
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        if last_warning.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10)) {
+                            warn!("cannot accept a connection: {e}; each client holds a descriptor: raise `ulimit -n` (README, \"Large fleets\")");
+                            last_warning = Some(std::time::Instant::now());
+                        }
+                    } else {
+                        debug!("accept failed: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

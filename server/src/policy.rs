@@ -167,11 +167,34 @@ impl RepeatedFailure {
     }
 }
 
+/// When a wait that runs its check after every change, at `wake_at`, and at least every
+/// `period` next wakes up by itself: the sooner of the two, and never in the past. A `wake_at`
+/// gone by means "every `period`" from then on; waking at it again would run the check in a busy
+/// loop (a coordinator waiting for clients spun a core, and the spin costs more with every
+/// connected client).
+pub fn next_wake(wake_at: Instant, now: Instant, period: std::time::Duration) -> Instant {
+    if wake_at > now {
+        wake_at.min(now + period)
+    } else {
+        now + period
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_wait_wakes_at_its_time_then_every_period_never_in_the_past() {
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(next_wake(now + Duration::from_millis(300), now, second), now + Duration::from_millis(300));
+        assert_eq!(next_wake(now + Duration::from_secs(60), now, second), now + second, "at least every period");
+        assert_eq!(next_wake(now - Duration::from_secs(5), now, second), now + second, "a past time is not now");
+        assert_eq!(next_wake(now, now, second), now + second);
+    }
 
     fn set(ids: &[&str]) -> HashSet<String> {
         ids.iter().map(|s| s.to_string()).collect()

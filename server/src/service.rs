@@ -101,7 +101,7 @@ impl FederationService {
     fn authenticate<T>(&self, request: &Request<T>) -> Result<ClientRecord, ServiceError> {
         let certs = request.peer_certs().ok_or(ServiceError::NoCertificate)?;
         let leaf = certs.first().ok_or(ServiceError::NoCertificate)?;
-        Ok(self.coord.registry.snapshot().authenticate(&cert_fingerprint(leaf))?.clone())
+        Ok(self.coord.registry.authenticate(&cert_fingerprint(leaf))?)
     }
 
     fn welcome(&self, client_id: &str) -> Result<pb::Instruction, ServiceError> {
@@ -138,8 +138,9 @@ impl FederationService {
             status: ClientStatus::Active,
         };
         let registry = self.coord.registry.clone();
+        // Enrollments that arrive together share one write of the registry.
         let redeemed = tokio::task::spawn_blocking(move || {
-            registry.update(|reg| {
+            registry.update_batched(move |reg| {
                 reg.redeem(&token, now)?;
                 reg.clients.push(record);
                 Ok::<_, AccessError>(token.id.clone())
@@ -163,17 +164,8 @@ impl FederationService {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let connection = self.coord.connect(&client.id, tx.clone());
         info!(client = %client.id, name = %printable(&request.get_ref().name, NAME_CHARS), examples = request.get_ref().num_examples, "client connected");
-        let (registry, id, now) = (self.coord.registry.clone(), client.id.clone(), now_unix());
-        tokio::task::spawn_blocking(move || {
-            let seen = registry.update(|reg| {
-                if let Some(c) = reg.clients.iter_mut().find(|c| c.id == id) {
-                    c.last_seen_unix = now;
-                }
-            });
-            if let Err(e) = seen {
-                warn!("could not record when {id} was last seen: {e}");
-            }
-        });
+        // Written with every other client's in one update a second later: no write per join.
+        self.coord.registry.note_seen(&client.id, now_unix());
         let coord = self.coord.clone();
         tokio::spawn(async move {
             tx.closed().await;

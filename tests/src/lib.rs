@@ -3,6 +3,7 @@
 //! plays a client by hand.
 
 pub mod dp_sim;
+pub mod loadgen;
 pub mod strategy_sim;
 
 use std::path::{Path, PathBuf};

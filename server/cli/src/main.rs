@@ -281,6 +281,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    // One descriptor per connected client: a large fleet needs more than a default soft limit.
+    tracing::info!(open_files = ?fl_common::cli::raise_open_files_limit(), "open files limit");
     // Held until the process ends: a second coordinator on this state dir is refused at once.
     let _lock = fl_common::files::DirLock::acquire(&args.state_dir, "fl-coordinator serve")?;
     let sans =
