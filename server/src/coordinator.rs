@@ -1588,6 +1588,8 @@ struct MetricsLine {
     secagg: Option<SecAggMetrics>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     personal: Option<crate::personal::PersonalMetrics>,
+    /// `--distill-from`: distilled, teacher_bytes_down.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
     distill: Option<crate::distill::DistillMetrics>,
     /// `--mode async`: staleness_mean, staleness_max, dropped_stale.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]

@@ -317,7 +317,7 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
             if new_dp.as_ref().is_some_and(|dp| dp.clip_on != dp::ClipSite::Client || dp.adaptive.is_some()) {
                 return Err(fl_common::cli::Permanent::error(secagg::DP_NEEDS_CLIENT_CLIP));
             }
-            new_strategy.check_secure_aggregation()?;
+            new_strategy.check_secure_aggregation().map_err(fl_common::cli::Permanent::error)?;
             secagg.quantization(secagg::max_participants(&config.settings))?;
         }
         if let Some(dp) = &new_dp {
