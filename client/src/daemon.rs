@@ -577,8 +577,12 @@ async fn do_round(
     let payload = match body {
         Body::Flat(values) => {
             let config = secagg.ok_or_else(|| anyhow!("flat values without a secure-aggregation task"))?;
-            let reported =
-                crate::secagg::Reported { examples: stats.examples as u64, loss: stats.loss, accuracy: stats.accuracy };
+            let reported = crate::secagg::Reported {
+                examples: stats.examples as u64,
+                loss: stats.loss,
+                accuracy: stats.accuracy,
+                train_s,
+            };
             return match crate::secagg::submit(client, client_id, round, attempt, &config, values, reported).await {
                 Ok(()) => Ok(RoundOutcome::Accepted),
                 Err(e) => Ok(RoundOutcome::Refused(format!("{e:#}"))),

@@ -23,6 +23,8 @@ pub struct Reported {
     pub loss: f64,
     /// Training accuracy.
     pub accuracy: f64,
+    /// Seconds of local training.
+    pub train_s: f64,
 }
 
 fn key(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
@@ -124,6 +126,7 @@ pub async fn submit(
             num_examples: reported.examples,
             train_loss: reported.loss,
             train_accuracy: reported.accuracy,
+            train_s: reported.train_s,
         })
         .collect();
     if chunks.is_empty() {

@@ -780,6 +780,7 @@ impl Coordinator {
         sum.examples = stats.examples;
         sum.weighted_loss = stats.weighted_loss;
         sum.weighted_accuracy = stats.weighted_accuracy;
+        sum.train_s = stats.train_s;
         sum.bytes_up = stats.bytes_up;
         sum.secagg = Some((outcome.masked, outcome.dropped, outcome.recovered));
         Close::Complete(policy::CloseReason::AllAnswered)

@@ -195,6 +195,19 @@ pub enum SecAggRefusal {
     Aborted(String),
 }
 
+/// What a participant reported with its masked input.
+#[derive(Debug, Clone, Copy)]
+pub struct Reported {
+    /// Examples trained on.
+    pub examples: u64,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Training accuracy.
+    pub accuracy: f64,
+    /// Seconds of local training.
+    pub train_s: f64,
+}
+
 /// Counts for `metrics.jsonl` and the client stats of the survivors.
 #[derive(Debug, Default, Clone)]
 pub struct SecAggStats {
@@ -204,6 +217,8 @@ pub struct SecAggStats {
     pub weighted_loss: f64,
     /// Sum of accuracy times examples.
     pub weighted_accuracy: f64,
+    /// The slowest survivor's local training seconds.
+    pub train_s: f64,
     /// Bytes the coordinator received in the four stages.
     pub bytes_up: u64,
 }
@@ -227,8 +242,8 @@ pub struct SecAggAttempt {
     stage: watch::Sender<Result<Stage, String>>,
     changed: Notify,
     stats: Mutex<SecAggStats>,
-    /// Per participant, the examples, loss and accuracy it reported with its masked input.
-    reported: Mutex<HashMap<ParticipantId, (u64, f64, f64)>>,
+    /// Per participant, what it reported with its masked input.
+    reported: Mutex<HashMap<ParticipantId, Reported>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -328,7 +343,7 @@ impl SecAggAttempt {
         &self,
         client: &str,
         masked: &[u32],
-        reported: (u64, f64, f64),
+        reported: Reported,
     ) -> Result<UnmaskRequest, SecAggRefusal> {
         let id = self.participant(client)?;
         lock(&self.server).receive_masked(id, masked)?;
@@ -371,10 +386,11 @@ impl SecAggAttempt {
         let mut stats = lock(&self.stats).clone();
         let survivors = self.unmask.get().map(|u| u.survivors.clone()).unwrap_or_default();
         let reported = lock(&self.reported);
-        for (examples, loss, accuracy) in survivors.iter().filter_map(|s| reported.get(s)) {
-            stats.examples += examples;
-            stats.weighted_loss += loss * *examples as f64;
-            stats.weighted_accuracy += accuracy * *examples as f64;
+        for r in survivors.iter().filter_map(|s| reported.get(s)) {
+            stats.examples += r.examples;
+            stats.weighted_loss += r.loss * r.examples as f64;
+            stats.weighted_accuracy += r.accuracy * r.examples as f64;
+            stats.train_s = stats.train_s.max(r.train_s);
         }
         stats
     }
@@ -611,7 +627,15 @@ pub mod wire {
         if !(first.train_loss.is_finite() && first.train_accuracy.is_finite()) {
             return Err(malformed("non-finite training loss or accuracy".into()));
         }
-        let reported = (first.num_examples, first.train_loss, first.train_accuracy);
+        if !(first.train_s.is_finite() && first.train_s >= 0.0) {
+            return Err(malformed(format!("training seconds {}", first.train_s)));
+        }
+        let reported = super::Reported {
+            examples: first.num_examples,
+            loss: first.train_loss,
+            accuracy: first.train_accuracy,
+            train_s: first.train_s,
+        };
         let mut words: Vec<u32> = Vec::with_capacity(expected);
         let mut chunk = Some(first);
         while let Some(c) = chunk.take() {

@@ -152,6 +152,7 @@ fn differential_privacy_with_secure_aggregation_clips_on_the_clients_and_noises_
         assert_eq!(m["secagg_masked"], 3, "{m}");
         assert_eq!(m["dp_clip_norm"], clip, "{m}");
         assert!(m["dp_unclipped"].is_null(), "only the sum is seen: {m}");
+        assert!(m["train_s"].as_f64().is_some_and(|t| t > 0.0), "the clients' training seconds arrive: {m}");
         let before =
             if i == 0 { model.join("initial.safetensors") } else { model.join(format!("round-{i:04}.safetensors")) };
         let step = moved(&before, &model.join(format!("round-{:04}.safetensors", i + 1)));

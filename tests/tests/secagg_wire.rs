@@ -115,7 +115,7 @@ impl SecureRound {
             let (id, task) = (c.id.clone(), task.clone());
             let values = vec![0.1 * (i + 1) as f32; self.global.num_values()];
             running.push(tokio::spawn(async move {
-                let reported = fl_client::secagg::Reported { examples: 10, loss: 1.0, accuracy: 0.5 };
+                let reported = fl_client::secagg::Reported { examples: 10, loss: 1.0, accuracy: 0.5, train_s: 0.25 };
                 let config = task.secagg.clone().unwrap();
                 fl_client::secagg::submit(&mut client, &id, task.round, task.attempt, &config, values, reported).await
             }));
@@ -174,13 +174,16 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
         num_examples: 10,
         train_loss: 1.0,
         train_accuracy: 0.5,
+        train_s: 0.0,
     };
     let odd = pb::SecAggMaskedInputChunk { data: vec![7; 5], ..chunk(n, 0, 0) };
     let nan_loss = pb::SecAggMaskedInputChunk { train_loss: f64::NAN, ..chunk(n, 0, n as usize) };
     let other_attempt = pb::SecAggMaskedInputChunk { attempt: task.attempt + 1, ..chunk(n, 1, 1) };
+    let negative_time = pb::SecAggMaskedInputChunk { train_s: -1.0, ..chunk(n, 0, n as usize) };
     let cases = [
         (vec![chunk(n + 1, 0, n as usize + 1)], "masked values announced"),
         (vec![nan_loss], "non-finite"),
+        (vec![negative_time], "training seconds -1"),
         (vec![chunk(n, 1, 1)], "chunk at word 1 after 0 words"),
         (vec![chunk(n, 0, 1), chunk(n, 0, 1)], "chunk at word 0 after 1 words"),
         (vec![odd], "a multiple of 4"),
@@ -214,6 +217,7 @@ async fn a_secure_round_over_grpc_refuses_plain_updates_and_replays_and_averages
     let (metrics, global, next) = round.finish().await;
     assert_eq!(metrics["secagg_masked"], 3, "{metrics}");
     assert_eq!(metrics["secagg_dropped"], 0);
+    assert_eq!(metrics["train_s"], 0.25, "the masked inputs carry their training seconds: {metrics}");
     // The mean of 0.1, 0.2 and 0.3 is 0.2; quantization moves it by less than 1e-5.
     assert_moved_by(&global, &next, 0.2);
 }
