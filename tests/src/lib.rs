@@ -277,6 +277,26 @@ pub fn start_clients(root: &Path, url: &str, dirs: &[PathBuf]) -> Vec<ClientProc
         .collect()
 }
 
+/// A `serve` configuration for the in-process tests: labels a and b, TLS names localhost and
+/// 127.0.0.1, seed 1, and nothing else turned on; each test sets what it is about.
+pub fn plain_serve_config(state_dir: &Path, settings: fl_server::RoundSettings) -> fl_server::ServeConfig {
+    fl_server::ServeConfig {
+        state_dir: state_dir.to_path_buf(),
+        model: fl_server::ModelArgs { labels: Some(vec!["a".into(), "b".into()]), ..Default::default() },
+        eval_data: None,
+        settings,
+        tls_sans: vec!["localhost".into(), "127.0.0.1".into()],
+        seed: 1,
+        init_model: None,
+        spool: None,
+        dashboard: None,
+        dp: Default::default(),
+        secagg: Default::default(),
+        strategy: Default::default(),
+        distill: Default::default(),
+    }
+}
+
 /// A small federation: data in `root/data`, a coordinator in `root/coordinator`, and
 /// `clients` enrolled clients (not started).
 pub fn enrolled_federation(

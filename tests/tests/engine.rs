@@ -76,21 +76,7 @@ impl Served {
         let state_dir = root.path().join("coordinator");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let config = ServeConfig {
-            state_dir: state_dir.clone(),
-            model: ModelArgs { labels: Some(vec!["a".into(), "b".into()]), ..ModelArgs::default() },
-            eval_data: None,
-            settings,
-            tls_sans: vec!["localhost".into(), "127.0.0.1".into()],
-            seed: 1,
-            init_model: None,
-            spool,
-            dashboard: None,
-            dp,
-            secagg: Default::default(),
-            strategy,
-            distill: Default::default(),
-        };
+        let config = ServeConfig { spool, dp, strategy, ..plain_serve_config(&state_dir, settings) };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
         // The address is published once the listener accepts.
@@ -544,21 +530,8 @@ async fn a_restart_with_other_dp_flags_is_refused() {
         let state_dir = served.state_dir.clone();
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let config = ServeConfig {
-                state_dir,
-                model: ModelArgs::default(),
-                eval_data: None,
-                settings: settings(1, 2),
-                tls_sans: vec!["localhost".into()],
-                seed: 1,
-                init_model: None,
-                spool: None,
-                dashboard: None,
-                dp,
-                secagg: Default::default(),
-                strategy: Default::default(),
-                distill: Default::default(),
-            };
+            let config =
+                ServeConfig { model: ModelArgs::default(), dp, ..plain_serve_config(&state_dir, settings(1, 2)) };
             fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
         }
     };

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fl_common::codec::UpdateCodec;
-use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
+use fl_server::{RoundSettings, ServeOutcome};
 use fl_tests::loadgen::{self, LoadConfig};
+use fl_tests::plain_serve_config;
 use fl_tests::{read_metrics, read_status, PlainBackend};
 use tokio_util::sync::CancellationToken;
 
@@ -37,21 +38,7 @@ async fn twenty_clients_serve_two_rounds_with_drop_outs() {
         max_failed_attempts: 3,
         long_run: Default::default(),
     };
-    let config = ServeConfig {
-        state_dir: state_dir.clone(),
-        model: ModelArgs { labels: Some(vec!["a".into(), "b".into()]), ..ModelArgs::default() },
-        eval_data: None,
-        settings,
-        tls_sans: vec!["localhost".into()],
-        seed: 1,
-        init_model: None,
-        spool: None,
-        dashboard: None,
-        dp: Default::default(),
-        secagg: Default::default(),
-        strategy: Default::default(),
-        distill: Default::default(),
-    };
+    let config = plain_serve_config(&state_dir, settings);
     let shutdown = CancellationToken::new();
     let serve = tokio::spawn(fl_server::serve(config, Arc::new(PlainBackend), listener, shutdown.clone()));
     let until = tokio::time::Instant::now() + Duration::from_secs(30);

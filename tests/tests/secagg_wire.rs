@@ -16,7 +16,7 @@ use fl_proto::pb;
 use fl_server::aggregation::{StrategyArgs, StrategyKind};
 use fl_server::dp::{ClipSite, DpArgs};
 use fl_server::secagg::SecAggArgs;
-use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
+use fl_server::{RoundSettings, ServeConfig, ServeOutcome};
 use fl_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -28,35 +28,27 @@ fn secure_config(
     round_timeout: Duration,
     clients: usize,
 ) -> ServeConfig {
+    let settings = RoundSettings {
+        rounds: 1,
+        min_clients: clients,
+        clients_per_round: 0,
+        over_sample: 1.0,
+        round_timeout,
+        local_epochs: 1,
+        batch_size: 32,
+        lr: 0.01,
+        optimizer: "adam".into(),
+        seed: 7,
+        max_update_norm: 1.0e4,
+        update_codecs: Vec::new(),
+        max_failed_attempts: 3,
+        long_run: Default::default(),
+    };
     ServeConfig {
-        state_dir: state_dir.to_path_buf(),
-        model: ModelArgs { labels: Some(vec!["a".into(), "b".into()]), ..ModelArgs::default() },
-        eval_data: None,
-        settings: RoundSettings {
-            rounds: 1,
-            min_clients: clients,
-            clients_per_round: 0,
-            over_sample: 1.0,
-            round_timeout,
-            local_epochs: 1,
-            batch_size: 32,
-            lr: 0.01,
-            optimizer: "adam".into(),
-            seed: 7,
-            max_update_norm: 1.0e4,
-            update_codecs: Vec::new(),
-            max_failed_attempts: 3,
-            long_run: Default::default(),
-        },
-        tls_sans: vec!["localhost".into(), "127.0.0.1".into()],
-        seed: 1,
-        init_model: None,
-        spool: None,
-        dashboard: None,
         dp,
         secagg: SecAggArgs { enabled: true, ..SecAggArgs::default() },
         strategy,
-        distill: Default::default(),
+        ..plain_serve_config(state_dir, settings)
     }
 }
 
