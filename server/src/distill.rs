@@ -152,23 +152,14 @@ impl NewTeacher {
         let path = root.join(TEACHER_FILE);
         fl_common::files::write_atomic(&path, &self.bytes, 0o644)
             .with_context(|| format!("writing {}", path.display()))?;
-        let path = root.join(CONFIG_FILE);
-        let json = serde_json::to_vec_pretty(&self.config)?;
-        fl_common::files::write_atomic(&path, &json, 0o644).with_context(|| format!("writing {}", path.display()))
+        crate::state::write_setting(&root.join(CONFIG_FILE), &self.config)
     }
 }
 
 impl DistillConfig {
     /// Reads the stored setting; `None` when the federation does not distill.
     pub fn load(root: &Path) -> Result<Option<DistillConfig>> {
-        let path = root.join(CONFIG_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        crate::state::read_setting(&root.join(CONFIG_FILE))
     }
 }
 

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use fl_common::secagg::{
     AdvertisedKeys, ParticipantId, QuantizationPlan, RoundContext, RoundPlan, SealedShare, SecAggError, SecAggOutcome,
     SecAggServer, SecAggSettings, SharedKeys, Stage, Threshold, UnmaskRequest, UnmaskResponse, MAX_PARTICIPANTS,
@@ -113,21 +113,12 @@ impl SecAggArgs {
 impl SecAggConfig {
     /// Reads the stored setting; `None` when the federation has secure aggregation off.
     pub fn load(root: &Path) -> Result<Option<SecAggConfig>> {
-        let path = root.join(CONFIG_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        crate::state::read_setting(&root.join(CONFIG_FILE))
     }
 
     /// Stores the setting when the federation is created.
     pub fn save(&self, root: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self)?;
-        fl_common::files::write_atomic(&root.join(CONFIG_FILE), &json, 0o644)
-            .with_context(|| format!("writing {}", root.join(CONFIG_FILE).display()))
+        crate::state::write_setting(&root.join(CONFIG_FILE), self)
     }
 
     /// The protocol settings.

@@ -47,6 +47,22 @@ use fl_common::tls::{CertificateAuthority, CertifiedKey};
 use fl_common::ModelSpec;
 use serde::{Deserialize, Serialize};
 
+/// Reads a setting the state dir keeps as JSON (`secagg.json`, `distill.json`); `None` when the
+/// federation has none.
+pub(crate) fn read_setting<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes a setting as pretty JSON, atomically, when the federation is created.
+pub(crate) fn write_setting<T: Serialize>(path: &Path, setting: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(setting)?;
+    write_atomic(path, &json, 0o644).with_context(|| format!("writing {}", path.display()))
+}
+
 /// What is fixed when a federation is created.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FederationRecord {
