@@ -31,6 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use fl_common::cli::parse;
+use fl_common::codec::UpdateCodec;
 use fl_common::token::JoinToken;
 use fl_common::{decode_model, ModelKind, ModelSpec, SpecOverrides};
 use tokio::net::TcpListener;
@@ -55,6 +57,95 @@ pub struct ModelArgs {
     pub labels: Option<Vec<String>>,
     /// Architecture flags.
     pub arch: SpecOverrides,
+}
+
+/// The model and local-training flags that `serve` and `fl-sim` share: the architecture, and what
+/// each round tells its clients to train with. One declaration, so both parse the same way.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainingArgs {
+    /// Labels (comma-separated); default: the labels of --eval-data (fl-sim: else of --data).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// Model architecture: fasttext, bilstm, transformer or minilm [default: fasttext].
+    #[arg(long)]
+    pub model: Option<ModelKind>,
+    #[command(flatten)]
+    pub arch: SpecOverrides,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1, value_parser = parse::int_in(1u32, 10_000))]
+    pub local_epochs: u32,
+    /// Local batch size.
+    #[arg(long, default_value_t = 32, value_parser = parse::int_in(1u32, 1_000_000))]
+    pub batch_size: u32,
+    /// Local learning rate.
+    #[arg(long, default_value_t = 0.01, value_parser = parse::positive_f32(100.0))]
+    pub lr: f32,
+    /// Local optimizer: adam or sgd.
+    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
+    pub optimizer: String,
+    /// Largest accepted L2 norm of an update.
+    #[arg(long, default_value_t = 1.0e4, value_parser = parse::positive(1e12))]
+    pub max_update_norm: f64,
+    /// Update codec accepted from clients; repeat it (or separate with commas) for several, most
+    /// preferred first. Clients use the first they know. The first also sets the delta downloads
+    /// (none for safetensors-f32). One of: safetensors-f32, dense-f16, dense-int8, sparse-f32,
+    /// sparse-f16, sparse-int8, topk-f32, topk-f16, topk-int8. The default moved 1/9.9 of dense
+    /// f32's bytes at the same accuracy (BENCHMARKS.md "Update codecs"); safetensors-f32 stays
+    /// accepted from clients that know nothing else. See README "Update codecs".
+    #[arg(long = "update-codec", env = "FL_UPDATE_CODEC", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
+    pub update_codec: Vec<UpdateCodec>,
+}
+
+fn parse_update_codec(name: &str) -> Result<UpdateCodec, String> {
+    name.parse().map_err(|e: fl_common::codec::CodecError| e.to_string())
+}
+
+/// What a [`RoundSettings`] holds besides [`TrainingArgs`]: the schedule of the rounds.
+#[derive(Clone, Debug)]
+pub struct RoundSchedule {
+    /// Total rounds.
+    pub rounds: u32,
+    /// Fewest updates that make a round.
+    pub min_clients: usize,
+    /// Updates wanted per round (0: every connected client).
+    pub clients_per_round: usize,
+    /// Over-sampling factor.
+    pub over_sample: f64,
+    /// How long an attempt waits for updates.
+    pub round_timeout: Duration,
+    /// Base seed.
+    pub seed: u64,
+    /// Attempts in a row that fail for the same reasons before the federation stops.
+    pub max_failed_attempts: u32,
+    /// Learning-rate schedule and early stopping.
+    pub long_run: long_run::LongRunArgs,
+}
+
+impl TrainingArgs {
+    /// The model flags of [`ServeConfig::model`].
+    pub fn model_args(&self) -> ModelArgs {
+        ModelArgs { kind: self.model, labels: self.labels.clone(), arch: self.arch.clone() }
+    }
+
+    /// The engine's settings: these training flags on `schedule`.
+    pub fn round_settings(&self, schedule: RoundSchedule) -> RoundSettings {
+        RoundSettings {
+            rounds: schedule.rounds,
+            min_clients: schedule.min_clients,
+            clients_per_round: schedule.clients_per_round,
+            over_sample: schedule.over_sample,
+            round_timeout: schedule.round_timeout,
+            local_epochs: self.local_epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            optimizer: self.optimizer.clone(),
+            seed: schedule.seed,
+            max_update_norm: self.max_update_norm,
+            update_codecs: self.update_codec.clone(),
+            max_failed_attempts: schedule.max_failed_attempts,
+            long_run: schedule.long_run,
+        }
+    }
 }
 
 impl ModelArgs {

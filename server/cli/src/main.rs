@@ -12,10 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fl_common::cli::{parse, printable, NAME_CHARS};
 use fl_common::token::JoinToken;
-use fl_common::ModelKind;
 use fl_server::registry::{now_unix, ClientStatus, RegistryStore};
 use fl_server::state::StateDir;
-use fl_server::{ModelArgs, RoundSettings, ServeConfig, ServeOutcome};
+use fl_server::{RoundSchedule, ServeConfig, ServeOutcome};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -140,40 +139,11 @@ struct ServeArgs {
     /// Labelled CSV for centralized evaluation after each round.
     #[arg(long, env = "FL_EVAL_DATA")]
     eval_data: Option<PathBuf>,
-    /// Labels (comma-separated); default: the labels of --eval-data.
-    #[arg(long, value_delimiter = ',')]
-    labels: Option<Vec<String>>,
-    /// Model architecture: fasttext, bilstm or transformer [default: fasttext].
-    #[arg(long)]
-    model: Option<ModelKind>,
     #[command(flatten)]
-    arch: fl_common::SpecOverrides,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 1, value_parser = parse::int_in(1u32, 10_000))]
-    local_epochs: u32,
-    /// Local batch size.
-    #[arg(long, default_value_t = 32, value_parser = parse::int_in(1u32, 1_000_000))]
-    batch_size: u32,
-    /// Local learning rate.
-    #[arg(long, default_value_t = 0.01, value_parser = parse::positive_f32(100.0))]
-    lr: f32,
-    /// Local optimizer: adam or sgd.
-    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
-    optimizer: String,
+    training: fl_server::TrainingArgs,
     /// Seed of the initial model and of the rounds.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Largest accepted L2 norm of an update.
-    #[arg(long, default_value_t = 1.0e4, value_parser = parse::positive(1e12))]
-    max_update_norm: f64,
-    /// Update codec accepted from clients; repeat it (or separate with commas) for several, most
-    /// preferred first. Clients use the first they know. The first also sets the delta downloads
-    /// (none for safetensors-f32). One of: safetensors-f32, dense-f16, dense-int8, sparse-f32,
-    /// sparse-f16, sparse-int8, topk-f32, topk-f16, topk-int8. The default moved 1/9.9 of dense
-    /// f32's bytes at the same accuracy (BENCHMARKS.md "Update codecs"); safetensors-f32 stays
-    /// accepted from clients that know nothing else. See README "Update codecs".
-    #[arg(long = "update-codec", env = "FL_UPDATE_CODEC", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
-    update_codec: Vec<fl_common::codec::UpdateCodec>,
     /// Stop the federation (exit 2, committed rounds kept) after this many attempts in a row in
     /// which every sampled client's local training failed for the same reasons.
     #[arg(long, env = "FL_MAX_FAILED_ATTEMPTS", default_value_t = 3, value_parser = parse::int_in(1u32, 1000))]
@@ -289,24 +259,18 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         if args.tls_san.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { args.tls_san.clone() };
     let config = ServeConfig {
         state_dir: args.state_dir.clone(),
-        model: ModelArgs { kind: args.model, labels: args.labels.clone(), arch: args.arch.clone() },
+        model: args.training.model_args(),
         eval_data: args.eval_data.clone(),
-        settings: RoundSettings {
+        settings: args.training.round_settings(RoundSchedule {
             rounds: args.rounds,
             min_clients: args.min_clients,
             clients_per_round: args.clients_per_round,
             over_sample: args.over_sample,
             round_timeout: Duration::from_secs_f64(args.round_timeout),
-            local_epochs: args.local_epochs,
-            batch_size: args.batch_size,
-            lr: args.lr,
-            optimizer: args.optimizer.clone(),
             seed: args.seed,
-            max_update_norm: args.max_update_norm,
-            update_codecs: args.update_codec.clone(),
             max_failed_attempts: args.max_failed_attempts,
             long_run: args.long_run.clone(),
-        },
+        }),
         tls_sans: sans,
         seed: args.seed,
         init_model: args.init_model.clone(),
@@ -335,10 +299,6 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     }
 }
 
-fn parse_update_codec(name: &str) -> Result<fl_common::codec::UpdateCodec, String> {
-    name.parse().map_err(|e: fl_common::codec::CodecError| e.to_string())
-}
-
 /// What the dashboard shows as the run's configuration: the flags that shape the run.
 fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
     let mut c = std::collections::BTreeMap::new();
@@ -349,12 +309,13 @@ fn run_config(args: &ServeArgs) -> std::collections::BTreeMap<String, String> {
         if args.clients_per_round == 0 { "all connected".into() } else { args.clients_per_round.to_string() };
     c.insert("clients per round".into(), per_round);
     c.insert("round timeout".into(), format!("{} s", args.round_timeout));
-    c.insert("model".into(), args.model.map_or_else(|| "as created (default fasttext)".into(), |m| m.to_string()));
+    let t = &args.training;
+    c.insert("model".into(), t.model.map_or_else(|| "as created (default fasttext)".into(), |m| m.to_string()));
     c.insert(
         "local training".into(),
-        format!("{} epoch(s), batch {}, lr {}, {}", args.local_epochs, args.batch_size, args.lr, args.optimizer),
+        format!("{} epoch(s), batch {}, lr {}, {}", t.local_epochs, t.batch_size, t.lr, t.optimizer),
     );
-    c.insert("update codecs".into(), args.update_codec.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
+    c.insert("update codecs".into(), t.update_codec.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
     c.insert("eval data".into(), args.eval_data.as_ref().map_or_else(|| "none".into(), |p| p.display().to_string()));
     c.insert("state dir".into(), args.state_dir.display().to_string());
     if let Some(teacher) = &args.distill.from {

@@ -28,12 +28,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use fl_common::attack::Attack;
 use fl_common::cli::{parse, Permanent};
-use fl_common::{ModelKind, TensorSet};
+use fl_common::TensorSet;
 use fl_model::model::Classifier;
 use fl_model::partition::{partition_indices, Partition};
 use fl_model::train::{train, EncodedDataset, TrainConfig};
 use fl_server::coordinator::{Opened, RoundTask, UpdateHeader};
-use fl_server::{ModelArgs, RoundSettings, ServeConfig};
+use fl_server::{RoundSchedule, ServeConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tokio_util::sync::CancellationToken;
@@ -126,33 +126,8 @@ pub struct SimArgs {
     /// Poisoning clients: FRACTION:KIND, e.g. 0.2:sign-flip:5 (see `fl-client run --attack`).
     #[arg(long)]
     pub attack: Option<AttackSpec>,
-    /// Labels (comma-separated); default: the labels of --eval-data, else of --data.
-    #[arg(long, value_delimiter = ',')]
-    pub labels: Option<Vec<String>>,
-    /// Model architecture: fasttext, bilstm or transformer [default: fasttext].
-    #[arg(long)]
-    pub model: Option<ModelKind>,
     #[command(flatten)]
-    pub arch: fl_common::SpecOverrides,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 1, value_parser = parse::int_in(1u32, 10_000))]
-    pub local_epochs: u32,
-    /// Local batch size.
-    #[arg(long, default_value_t = 32, value_parser = parse::int_in(1u32, 1_000_000))]
-    pub batch_size: u32,
-    /// Local learning rate.
-    #[arg(long, default_value_t = 0.01, value_parser = parse::positive_f32(100.0))]
-    pub lr: f32,
-    /// Local optimizer: adam or sgd.
-    #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
-    pub optimizer: String,
-    /// Largest accepted L2 norm of an update.
-    #[arg(long, default_value_t = 1.0e4, value_parser = parse::positive(1e12))]
-    pub max_update_norm: f64,
-    /// Update codec the clients encode with (the first) and the coordinator accepts, as
-    /// `serve --update-codec`.
-    #[arg(long = "update-codec", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
-    pub update_codec: Vec<fl_common::codec::UpdateCodec>,
+    pub training: fl_server::TrainingArgs,
     #[command(flatten)]
     pub dp: fl_server::dp::DpArgs,
     #[command(flatten)]
@@ -162,10 +137,6 @@ pub struct SimArgs {
     /// No progress bar (it is drawn only on a terminal anyway).
     #[arg(long)]
     pub quiet: bool,
-}
-
-fn parse_update_codec(name: &str) -> Result<fl_common::codec::UpdateCodec, String> {
-    name.parse().map_err(|e: fl_common::codec::CodecError| e.to_string())
 }
 
 /// One line of `clients.jsonl`: what a virtual client did in a round.
@@ -229,24 +200,18 @@ impl SimArgs {
     fn serve_config(&self, clients_per_round: usize) -> ServeConfig {
         ServeConfig {
             state_dir: self.state_dir.clone(),
-            model: ModelArgs { kind: self.model, labels: self.labels.clone(), arch: self.arch.clone() },
+            model: self.training.model_args(),
             eval_data: self.eval_data.clone(),
-            settings: RoundSettings {
+            settings: self.training.round_settings(RoundSchedule {
                 rounds: self.rounds,
                 min_clients: self.min_clients.unwrap_or(clients_per_round),
                 clients_per_round,
                 over_sample: 1.0,
                 round_timeout: Duration::from_secs(86_400),
-                local_epochs: self.local_epochs,
-                batch_size: self.batch_size,
-                lr: self.lr,
-                optimizer: self.optimizer.clone(),
                 seed: self.seed,
-                max_update_norm: self.max_update_norm,
-                update_codecs: self.update_codec.clone(),
                 max_failed_attempts: 1,
                 long_run: self.long_run.clone(),
-            },
+            }),
             tls_sans: vec!["localhost".into()],
             seed: self.seed,
             init_model: None,
@@ -265,7 +230,7 @@ pub fn run(args: &SimArgs, cancel: &CancellationToken) -> Result<SimOutcome> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let rows = fl_model::data::read_labelled_csv(&args.data)?;
     // Labels: --labels, else --eval-data's (as serve), else --data's.
-    let labels = match (&args.labels, &args.eval_data) {
+    let labels = match (&args.training.labels, &args.eval_data) {
         (Some(l), _) => l.clone(),
         (None, Some(path)) => fl_model::data::read_labelled_csv(path)?.distinct_labels(),
         (None, None) => rows.distinct_labels(),
