@@ -25,7 +25,11 @@ pub struct SampleSize {
 /// The sample size of a round among `eligible` clients. `clients_per_round` 0 means all of them.
 pub fn sample_size(eligible: usize, clients_per_round: usize, min_clients: usize, over_sample: f64) -> SampleSize {
     let target = if clients_per_round == 0 { eligible } else { clients_per_round.max(min_clients).min(eligible) };
-    let sampled = ((target as f64 * over_sample.max(1.0)).ceil() as usize).min(eligible);
+    let wanted = target as f64 * over_sample.max(1.0);
+    // 100 × 1.1 is 110.00000000000001 in f64: a product within rounding of a whole number is that number.
+    let whole = wanted.round();
+    let wanted = if (wanted - whole).abs() <= 1e-9 * whole.max(1.0) { whole } else { wanted.ceil() };
+    let sampled = (wanted as usize).min(eligible);
     SampleSize { target, sampled }
 }
 
@@ -260,6 +264,8 @@ mod tests {
         assert_eq!(sample_size(6, 2, 2, 1.5), SampleSize { target: 2, sampled: 3 }, "over-sampling rounds up");
         assert_eq!(sample_size(3, 2, 2, 4.0), SampleSize { target: 2, sampled: 3 }, "at most all eligible");
         assert_eq!(sample_size(1, 4, 2, 1.0), SampleSize { target: 1, sampled: 1 });
+        assert_eq!(sample_size(1000, 100, 2, 1.1), SampleSize { target: 100, sampled: 110 }, "not 111");
+        assert_eq!(sample_size(1000, 10, 2, 1.25), SampleSize { target: 10, sampled: 13 }, "12.5 rounds up");
     }
 
     #[test]
