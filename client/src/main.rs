@@ -1,7 +1,7 @@
 //! `fl-client`: enroll with a coordinator, serve federated rounds, train centrally, predict and
 //! explain, generate data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -225,7 +225,8 @@ enum Command {
         arch: SpecOverrides,
     },
     /// Shrink a model for an edge box: int8 or f16 weights, pruned, in a compact file that
-    /// `predict` reads directly. Prints sizes, weights kept and, with --data, accuracy.
+    /// `predict` reads directly; or, with --merge, fold a minilm model's adapters into its base
+    /// as one standalone file. Prints sizes, weights kept and, with --data, accuracy.
     Export {
         /// Model file to shrink (e.g. STATE/model/final.safetensors).
         #[arg(long)]
@@ -253,6 +254,10 @@ enum Command {
         /// Labelled CSV to measure the accuracy before and after.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// minilm: fold each LoRA adapter into the base (W + alpha/rank B A) and write one f32
+        /// model file with the base, the head and the tokenizer, which needs no base package.
+        #[arg(long, conflicts_with_all = ["quantize", "prune", "prune_scope", "prune_rows", "untouched_from"])]
+        merge: bool,
     },
     /// What the model looks for in each class: its strongest n-grams (fastText) or words
     /// (sequence models) with precision and coverage, and a short ordered rule list imitating it,
@@ -438,6 +443,52 @@ fn is_permanent(e: &(dyn std::error::Error + 'static)) -> bool {
             e.downcast_ref::<ModelError>(),
             Some(ModelError::Invalid { .. } | ModelError::Spec(_) | ModelError::NonFinite { .. })
         )
+}
+
+/// `export --merge`: the minilm `model` with its adapters folded into its base, as one standalone
+/// model file `out`; a model of another kind is refused (exit 2) before anything is written.
+fn export_merged(model: &Path, out: &Path, data: Option<&Path>) -> Result<ExitCode> {
+    let rows = data.map(read_labelled_csv).transpose()?;
+    let before_size = std::fs::metadata(model).with_context(|| format!("reading {}", model.display()))?.len();
+    let original = Classifier::load(model, tch::Device::Cpu)?;
+    let merged = fl_model::edge::merge(&original)
+        .map_err(|e| fl_common::cli::Permanent::error(format!("export --merge {}: {e}", model.display())))?;
+    fl_common::files::write_atomic(out, &merged.bytes, 0o644).with_context(|| format!("writing {}", out.display()))?;
+    // Read back what was written: a file that would not load is an error here, not on the edge box.
+    let standalone = Classifier::load(out, tch::Device::Cpu)?;
+    let mb = |b: u64| b as f64 / 1e6;
+    println!("{:<12} {:>20} {:>20}", "", "before", "after");
+    println!("{:<12} {:>20} {:>20}", "format", "adapters + head", "merged, f32");
+    println!("{:<12} {:>20} {:>20}", "base", "needs the package", "in the file");
+    println!(
+        "{:<12} {:>17.2} MB {:>17.2} MB  ({:.1} times the size)",
+        "file size",
+        mb(before_size),
+        mb(merged.bytes.len() as u64),
+        merged.bytes.len() as f64 / before_size.max(1) as f64
+    );
+    println!(
+        "{:<12} {:>20} {:>20}  ({} adapters folded in)",
+        "parameters",
+        original.num_parameters(),
+        merged.parameters,
+        merged.adapters
+    );
+    if let (Some(rows), Some(path)) = (rows, data) {
+        let before = evaluate_rows(&original, &rows)?.accuracy;
+        let after = evaluate_rows(&standalone, &rows)?.accuracy;
+        println!(
+            "{:<12} {:>20.4} {:>20.4}  ({:+.2} points on {}, {} rows)",
+            "accuracy",
+            before,
+            after,
+            100.0 * (after - before),
+            path.display(),
+            rows.len()
+        );
+    }
+    println!("wrote {} (standalone: predict reads no --pretrained base)", out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -785,7 +836,18 @@ true label: {label}"
             ));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { model, out, quantize, prune, prune_scope, prune_rows, untouched_from, data } => {
+        Command::Export { model, out, data, merge: true, .. } => export_merged(&model, &out, data.as_deref()),
+        Command::Export {
+            model,
+            out,
+            quantize,
+            prune,
+            prune_scope,
+            prune_rows,
+            untouched_from,
+            data,
+            merge: false,
+        } => {
             anyhow::ensure!((0.0..1.0).contains(&prune), "--prune must be in [0, 1), got {prune}");
             anyhow::ensure!(!prune_rows || prune > 0.0, "--prune-rows needs --prune FRACTION (of rows to drop)");
             let options = ExportOptions {

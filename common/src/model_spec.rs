@@ -109,6 +109,11 @@ pub struct ModelSpec {
     /// minilm: the projections that get adapters, comma-separated, from [`LORA_TARGETS`].
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub lora_targets: String,
+    /// minilm: a standalone model from `fl-client export --merge`: the base's weights with the
+    /// adapters folded in, its config and tokenizer are in the model file itself, so no base is
+    /// read (`base_sha256` empty, no LoRA). It predicts and evaluates; it does not federate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -159,6 +164,7 @@ impl ModelSpec {
             lora_rank: 0,
             lora_alpha: 0.0,
             lora_targets: String::new(),
+            merged: false,
         };
         match kind {
             ModelKind::Fasttext => base,
@@ -240,27 +246,42 @@ impl ModelSpec {
             // BERT has 512 positions; [CLS] and [SEP] take two of max_len.
             check((3..=512).contains(&self.max_len), "max_len must be 3..=512 for minilm".into());
             check(self.pooling == "mean", format!("minilm pools the mean, not '{}'", self.pooling));
-            check(
-                self.base_sha256.len() == 64 && self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-                format!("base_sha256 must be 64 hex digits, not '{}'", self.base_sha256),
-            );
-            check(self.lora_rank <= self.embed_dim, format!("lora_rank must be 0..={}", self.embed_dim));
-            check(
-                self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
-                format!("lora_alpha must be positive, not {}", self.lora_alpha),
-            );
-            let targets = self.lora_target_list();
-            check(
-                targets.iter().all(|t| LORA_TARGETS.contains(t)),
-                format!("lora_targets '{}' must be names from {}", self.lora_targets, LORA_TARGETS.join(",")),
-            );
-            check(self.lora_rank == 0 || !targets.is_empty(), "lora_targets must name at least one projection".into());
+            if self.merged {
+                // The adapters are folded into the weights, and the base is in the file.
+                check(
+                    self.base_sha256.is_empty()
+                        && self.lora_rank == 0
+                        && self.lora_alpha == 0.0
+                        && self.lora_targets.is_empty(),
+                    "a merged minilm has no base_sha256 and no LoRA fields".into(),
+                );
+            } else {
+                check(
+                    self.base_sha256.len() == 64 && self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                    format!("base_sha256 must be 64 hex digits, not '{}'", self.base_sha256),
+                );
+                check(self.lora_rank <= self.embed_dim, format!("lora_rank must be 0..={}", self.embed_dim));
+                check(
+                    self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
+                    format!("lora_alpha must be positive, not {}", self.lora_alpha),
+                );
+                let targets = self.lora_target_list();
+                check(
+                    targets.iter().all(|t| LORA_TARGETS.contains(t)),
+                    format!("lora_targets '{}' must be names from {}", self.lora_targets, LORA_TARGETS.join(",")),
+                );
+                check(
+                    self.lora_rank == 0 || !targets.is_empty(),
+                    "lora_targets must name at least one projection".into(),
+                );
+            }
         } else {
             check(
                 self.lora_rank == 0 && self.lora_alpha == 0.0 && self.lora_targets.is_empty(),
                 format!("--lora-rank, --lora-alpha and --lora-targets apply to minilm only, not {}", self.kind),
             );
             check(self.base_sha256.is_empty(), format!("base_sha256 applies to minilm only, not {}", self.kind));
+            check(!self.merged, format!("merged applies to minilm only, not {}", self.kind));
         }
         if self.kind == ModelKind::Transformer {
             check(self.heads >= 1, "heads must be at least 1".into());
