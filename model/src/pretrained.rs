@@ -69,6 +69,10 @@ pub const META_BERT_CONFIG: &str = "fl.bert_config";
 /// Metadata key of a merged minilm model file holding the base's `tokenizer.json`.
 pub const META_TOKENIZER: &str = "fl.tokenizer";
 
+/// A base as a model file holds it: tensors under the checkpoint's names, and the metadata
+/// ([`META_BERT_CONFIG`], [`META_TOKENIZER`]) that [`merged_base`] reads back.
+pub type BaseParts = (Vec<(String, Tensor)>, HashMap<String, String>);
+
 /// What `config.json` says about the encoder's shape.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct BertConfig {
@@ -353,7 +357,7 @@ impl MinilmBase {
     pub(crate) fn to_parts(
         &self,
         mut fold: impl FnMut(usize, &str, &Tensor) -> Tensor,
-    ) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), PretrainedError> {
+    ) -> Result<BaseParts, PretrainedError> {
         let mut out: Vec<(String, Tensor)> = vec![
             ("embeddings.word_embeddings.weight".into(), self.word.shallow_clone()),
             ("embeddings.position_embeddings.weight".into(), self.position.shallow_clone()),

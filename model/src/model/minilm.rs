@@ -12,7 +12,6 @@
 //! An adapter adds `(alpha / rank) · B A x` to a projection `W x + b`: A `[rank, in]` starts random,
 //! B `[out, rank]` starts at zero, so a fresh model computes exactly the base's embedding.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use fl_common::ModelSpec;
@@ -20,7 +19,7 @@ use tch::{nn, nn::Module, Tensor};
 
 use super::transformer::{masked_mean, scaled_dot_product_attention};
 use super::{Architecture, Batch};
-use crate::pretrained::{Dense, MinilmBase, Norm, PretrainedError};
+use crate::pretrained::{BaseParts, Dense, MinilmBase, Norm, PretrainedError};
 use crate::tokenizer::HashedNgramTokenizer;
 
 /// A low-rank adapter `B A` on one projection.
@@ -185,7 +184,7 @@ impl Minilm {
     /// projection (`W + (alpha / rank) · B A`, so the adapter's term of [`Minilm::project`] moves
     /// into `W`), and the config and tokenizer as model file metadata: the standalone model of
     /// `fl-client export --merge`, without the head.
-    pub fn merged_base(&self) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), PretrainedError> {
+    pub fn merged_base(&self) -> Result<BaseParts, PretrainedError> {
         let _guard = tch::no_grad_guard();
         self.base.to_parts(|layer, target, weight| match self.adapters[layer].on(target) {
             Some(l) => (weight + l.b.matmul(&l.a) * self.scale).detach(),
