@@ -504,4 +504,26 @@ mod tests {
         let err = overrides.spec(ModelKind::Fasttext, labels()).unwrap_err().to_string();
         assert!(err.contains("apply to minilm only, not fasttext"), "{err}");
     }
+
+    #[test]
+    fn a_merged_minilm_names_no_base_and_no_lora_and_only_minilm_merges() {
+        let adapted = ModelSpec::with_defaults(ModelKind::Minilm, labels());
+        let merged = ModelSpec {
+            merged: true,
+            base_sha256: String::new(),
+            lora_rank: 0,
+            lora_alpha: 0.0,
+            lora_targets: String::new(),
+            ..adapted.clone()
+        };
+        assert_eq!(merged.validate(), Ok(()));
+        let json = serde_json::to_string(&merged).unwrap();
+        assert!(json.contains("\"merged\":true") && !json.contains("base_sha256"), "{json}");
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), merged);
+        assert!(!serde_json::to_string(&adapted).unwrap().contains("merged"), "unmerged specs write no field");
+        let half = ModelSpec { merged: true, ..adapted };
+        assert!(half.validate().unwrap_err().to_string().contains("a merged minilm has no base_sha256"));
+        let ft = ModelSpec { merged: true, ..ModelSpec::with_defaults(ModelKind::Fasttext, labels()) };
+        assert!(ft.validate().unwrap_err().to_string().contains("merged applies to minilm only"));
+    }
 }
