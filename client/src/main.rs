@@ -1,7 +1,7 @@
 //! `fl-client`: enroll with a coordinator, serve federated rounds, train centrally, predict and
 //! explain, generate data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -225,7 +225,8 @@ enum Command {
         arch: SpecOverrides,
     },
     /// Shrink a model for an edge box: int8 or f16 weights, pruned, in a compact file that
-    /// `predict` reads directly. Prints sizes, weights kept and, with --data, accuracy.
+    /// `predict` reads directly; or, with --merge, fold a minilm model's adapters into its base
+    /// as one standalone file. Prints sizes, weights kept and, with --data, accuracy.
     Export {
         /// Model file to shrink (e.g. STATE/model/final.safetensors).
         #[arg(long)]
@@ -253,6 +254,10 @@ enum Command {
         /// Labelled CSV to measure the accuracy before and after.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// minilm: fold each LoRA adapter into the base (W + alpha/rank B A) and write one f32
+        /// model file with the base, the head and the tokenizer, which needs no base package.
+        #[arg(long, conflicts_with_all = ["quantize", "prune", "prune_scope", "prune_rows", "untouched_from"])]
+        merge: bool,
     },
     /// What the model looks for in each class: its strongest n-grams (fastText) or words
     /// (sequence models) with precision and coverage, and a short ordered rule list imitating it,
@@ -438,6 +443,69 @@ fn is_permanent(e: &(dyn std::error::Error + 'static)) -> bool {
             e.downcast_ref::<ModelError>(),
             Some(ModelError::Invalid { .. } | ModelError::Spec(_) | ModelError::NonFinite { .. })
         )
+}
+
+/// `export --merge`: the minilm `model` with its adapters folded into its base, as one standalone
+/// model file `out`; a model of another kind is refused (exit 2) before anything is written.
+fn export_merged(model: &Path, out: &Path, data: Option<&Path>) -> Result<ExitCode> {
+    let rows_data = data.map(read_labelled_csv).transpose()?;
+    let before_size = std::fs::metadata(model).with_context(|| format!("reading {}", model.display()))?.len();
+    let original = Classifier::load(model, tch::Device::Cpu)?;
+    let merged = fl_model::edge::merge(&original)
+        .map_err(|e| fl_common::cli::Permanent::error(format!("export --merge {}: {e}", model.display())))?;
+    fl_common::files::write_atomic(out, &merged.bytes, 0o644).with_context(|| format!("writing {}", out.display()))?;
+    // Read back what was written: a file that would not load is an error here, not on the edge box.
+    let standalone = Classifier::load(out, tch::Device::Cpu)?;
+    let rows = [
+        ("format", "adapters + head".to_string(), "merged, f32".to_string(), String::new()),
+        ("base", "needs the package".to_string(), "in the file".to_string(), String::new()),
+        (
+            "file size",
+            megabytes(before_size),
+            megabytes(merged.bytes.len() as u64),
+            format!("({:.1} times the size)", merged.bytes.len() as f64 / before_size.max(1) as f64),
+        ),
+        (
+            "parameters",
+            original.num_parameters().to_string(),
+            merged.parameters.to_string(),
+            format!("({} adapters folded in)", merged.adapters),
+        ),
+    ];
+    print_export_table(
+        20,
+        &rows,
+        rows_data.as_ref().zip(data).map(|(rows, path)| (&original, &standalone, rows, path)),
+    )?;
+    println!("wrote {} (standalone: predict reads no --pretrained base)", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bytes` as megabytes, for `export`'s table.
+fn megabytes(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
+/// Prints `export`'s before/after table, columns `width` wide: one line per `(row, before,
+/// after, note)`, then the accuracy of the original and the exported model on labelled rows
+/// (read from `path`) when given.
+fn print_export_table(
+    width: usize,
+    rows: &[(&str, String, String, String)],
+    accuracy: Option<(&Classifier, &Classifier, &fl_model::data::LabelledTexts, &Path)>,
+) -> Result<()> {
+    let mut rows = rows.to_vec();
+    if let Some((original, exported, data, path)) = accuracy {
+        let before = evaluate_rows(original, data)?.accuracy;
+        let after = evaluate_rows(exported, data)?.accuracy;
+        let note = format!("({:+.2} points on {}, {} rows)", 100.0 * (after - before), path.display(), data.len());
+        rows.push(("accuracy", format!("{before:.4}"), format!("{after:.4}"), note));
+    }
+    println!("{:<12} {:>width$} {:>width$}", "", "before", "after");
+    for (row, before, after, note) in rows {
+        println!("{}", format!("{row:<12} {before:>width$} {after:>width$}  {note}").trim_end());
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -785,7 +853,18 @@ true label: {label}"
             ));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { model, out, quantize, prune, prune_scope, prune_rows, untouched_from, data } => {
+        Command::Export { model, out, data, merge: true, .. } => export_merged(&model, &out, data.as_deref()),
+        Command::Export {
+            model,
+            out,
+            quantize,
+            prune,
+            prune_scope,
+            prune_rows,
+            untouched_from,
+            data,
+            merge: false,
+        } => {
             anyhow::ensure!((0.0..1.0).contains(&prune), "--prune must be in [0, 1), got {prune}");
             anyhow::ensure!(!prune_rows || prune > 0.0, "--prune-rows needs --prune FRACTION (of rows to drop)");
             let options = ExportOptions {
@@ -801,7 +880,7 @@ true label: {label}"
                 },
                 prune_rows,
             };
-            let rows = data.as_ref().map(|p| read_labelled_csv(p)).transpose()?;
+            let rows_data = data.as_ref().map(|p| read_labelled_csv(p)).transpose()?;
             let before_size = std::fs::metadata(&model).with_context(|| format!("reading {}", model.display()))?.len();
             let original = Classifier::load(&model, tch::Device::Cpu)?;
             let mut weights = original.to_tensors();
@@ -826,39 +905,26 @@ true label: {label}"
                 };
                 what += &format!(", {:.0}% {scope} pruned", prune * 100.0);
             }
-            let mb = |b: u64| b as f64 / 1e6;
             if let Some(n) = untouched {
                 println!("{n} embedding rows never touched (equal to the initial model's) dropped");
             }
-            println!("{:<12} {:>14} {:>14}", "", "before", "after");
-            println!("{:<12} {:>14} {:>14}", "format", "f32", what);
-            println!(
-                "{:<12} {:>11.2} MB {:>11.2} MB  ({:.3} of the size)",
-                "file size",
-                mb(before_size),
-                mb(exported.bytes.len() as u64),
-                exported.bytes.len() as f64 / before_size.max(1) as f64
-            );
-            println!(
-                "{:<12} {:>14} {:>14}  ({:.1}% non-zero)",
-                "parameters",
-                exported.parameters,
-                exported.nonzero,
-                100.0 * exported.nonzero as f64 / exported.parameters.max(1) as f64
-            );
-            if let (Some(rows), Some(path)) = (rows, &data) {
-                let before = evaluate_rows(&original, &rows)?.accuracy;
-                let after = evaluate_rows(&shrunk, &rows)?.accuracy;
-                println!(
-                    "{:<12} {:>14.4} {:>14.4}  ({:+.2} points on {}, {} rows)",
-                    "accuracy",
-                    before,
-                    after,
-                    100.0 * (after - before),
-                    path.display(),
-                    rows.len()
-                );
-            }
+            let rows = [
+                ("format", "f32".to_string(), what, String::new()),
+                (
+                    "file size",
+                    megabytes(before_size),
+                    megabytes(exported.bytes.len() as u64),
+                    format!("({:.3} of the size)", exported.bytes.len() as f64 / before_size.max(1) as f64),
+                ),
+                (
+                    "parameters",
+                    exported.parameters.to_string(),
+                    exported.nonzero.to_string(),
+                    format!("({:.1}% non-zero)", 100.0 * exported.nonzero as f64 / exported.parameters.max(1) as f64),
+                ),
+            ];
+            let accuracy = rows_data.as_ref().zip(data.as_deref()).map(|(rows, path)| (&original, &shrunk, rows, path));
+            print_export_table(14, &rows, accuracy)?;
             println!("wrote {}{}", out.display(), if shrunk.runs_int8() { " (predict runs it in int8)" } else { "" });
             Ok(ExitCode::SUCCESS)
         }

@@ -23,17 +23,27 @@ pub enum ModelFileError {
 
 /// Encodes weights and spec as a model file.
 pub fn encode_model(spec: &ModelSpec, weights: &TensorSet) -> Vec<u8> {
-    let mut meta = HashMap::new();
-    meta.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
-    weights.encode(Some(meta))
+    encode_model_with(spec, weights, HashMap::new())
+}
+
+/// Encodes weights and spec as a model file, with more metadata beside the spec (a merged
+/// minilm's tokenizer and encoder config).
+pub fn encode_model_with(spec: &ModelSpec, weights: &TensorSet, mut metadata: HashMap<String, String>) -> Vec<u8> {
+    metadata.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
+    weights.encode(Some(metadata))
 }
 
 /// Decodes a model file into spec and weights.
 pub fn decode_model(bytes: &[u8]) -> Result<(ModelSpec, TensorSet), ModelFileError> {
+    decode_model_with(bytes).map(|(spec, weights, _)| (spec, weights))
+}
+
+/// Decodes a model file into spec, weights and the whole metadata.
+pub fn decode_model_with(bytes: &[u8]) -> Result<(ModelSpec, TensorSet, HashMap<String, String>), ModelFileError> {
     let (weights, meta) = TensorSet::decode(bytes)?;
     let spec_json = meta.get(META_SPEC).ok_or(ModelFileError::NoSpec)?;
     let spec: ModelSpec = serde_json::from_str(spec_json)?;
-    Ok((spec, weights))
+    Ok((spec, weights, meta))
 }
 
 #[cfg(test)]

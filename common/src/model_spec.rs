@@ -109,6 +109,11 @@ pub struct ModelSpec {
     /// minilm: the projections that get adapters, comma-separated, from [`LORA_TARGETS`].
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub lora_targets: String,
+    /// minilm: a standalone model from `fl-client export --merge`: the base's weights with the
+    /// adapters folded in, its config and tokenizer are in the model file itself, so no base is
+    /// read (`base_sha256` empty, no LoRA). It predicts and evaluates; it does not federate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -159,6 +164,7 @@ impl ModelSpec {
             lora_rank: 0,
             lora_alpha: 0.0,
             lora_targets: String::new(),
+            merged: false,
         };
         match kind {
             ModelKind::Fasttext => base,
@@ -240,27 +246,42 @@ impl ModelSpec {
             // BERT has 512 positions; [CLS] and [SEP] take two of max_len.
             check((3..=512).contains(&self.max_len), "max_len must be 3..=512 for minilm".into());
             check(self.pooling == "mean", format!("minilm pools the mean, not '{}'", self.pooling));
-            check(
-                self.base_sha256.len() == 64 && self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-                format!("base_sha256 must be 64 hex digits, not '{}'", self.base_sha256),
-            );
-            check(self.lora_rank <= self.embed_dim, format!("lora_rank must be 0..={}", self.embed_dim));
-            check(
-                self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
-                format!("lora_alpha must be positive, not {}", self.lora_alpha),
-            );
-            let targets = self.lora_target_list();
-            check(
-                targets.iter().all(|t| LORA_TARGETS.contains(t)),
-                format!("lora_targets '{}' must be names from {}", self.lora_targets, LORA_TARGETS.join(",")),
-            );
-            check(self.lora_rank == 0 || !targets.is_empty(), "lora_targets must name at least one projection".into());
+            if self.merged {
+                // The adapters are folded into the weights, and the base is in the file.
+                check(
+                    self.base_sha256.is_empty()
+                        && self.lora_rank == 0
+                        && self.lora_alpha == 0.0
+                        && self.lora_targets.is_empty(),
+                    "a merged minilm has no base_sha256 and no LoRA fields".into(),
+                );
+            } else {
+                check(
+                    self.base_sha256.len() == 64 && self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                    format!("base_sha256 must be 64 hex digits, not '{}'", self.base_sha256),
+                );
+                check(self.lora_rank <= self.embed_dim, format!("lora_rank must be 0..={}", self.embed_dim));
+                check(
+                    self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
+                    format!("lora_alpha must be positive, not {}", self.lora_alpha),
+                );
+                let targets = self.lora_target_list();
+                check(
+                    targets.iter().all(|t| LORA_TARGETS.contains(t)),
+                    format!("lora_targets '{}' must be names from {}", self.lora_targets, LORA_TARGETS.join(",")),
+                );
+                check(
+                    self.lora_rank == 0 || !targets.is_empty(),
+                    "lora_targets must name at least one projection".into(),
+                );
+            }
         } else {
             check(
                 self.lora_rank == 0 && self.lora_alpha == 0.0 && self.lora_targets.is_empty(),
                 format!("--lora-rank, --lora-alpha and --lora-targets apply to minilm only, not {}", self.kind),
             );
             check(self.base_sha256.is_empty(), format!("base_sha256 applies to minilm only, not {}", self.kind));
+            check(!self.merged, format!("merged applies to minilm only, not {}", self.kind));
         }
         if self.kind == ModelKind::Transformer {
             check(self.heads >= 1, "heads must be at least 1".into());
@@ -482,5 +503,27 @@ mod tests {
         assert_eq!(overrides.conflicts_with(&ModelSpec::with_defaults(ModelKind::Minilm, labels())).len(), 2);
         let err = overrides.spec(ModelKind::Fasttext, labels()).unwrap_err().to_string();
         assert!(err.contains("apply to minilm only, not fasttext"), "{err}");
+    }
+
+    #[test]
+    fn a_merged_minilm_names_no_base_and_no_lora_and_only_minilm_merges() {
+        let adapted = ModelSpec::with_defaults(ModelKind::Minilm, labels());
+        let merged = ModelSpec {
+            merged: true,
+            base_sha256: String::new(),
+            lora_rank: 0,
+            lora_alpha: 0.0,
+            lora_targets: String::new(),
+            ..adapted.clone()
+        };
+        assert_eq!(merged.validate(), Ok(()));
+        let json = serde_json::to_string(&merged).unwrap();
+        assert!(json.contains("\"merged\":true") && !json.contains("base_sha256"), "{json}");
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), merged);
+        assert!(!serde_json::to_string(&adapted).unwrap().contains("merged"), "unmerged specs write no field");
+        let half = ModelSpec { merged: true, ..adapted };
+        assert!(half.validate().unwrap_err().to_string().contains("a merged minilm has no base_sha256"));
+        let ft = ModelSpec { merged: true, ..ModelSpec::with_defaults(ModelKind::Fasttext, labels()) };
+        assert!(ft.validate().unwrap_err().to_string().contains("merged applies to minilm only"));
     }
 }

@@ -1,14 +1,16 @@
-//! The edge model: export a trained model as a compact file (f16 or int8, pruned), and run a
-//! fastText model straight from its int8 table.
+//! The edge model: export a trained model as a compact file (f16 or int8, pruned), run a
+//! fastText model straight from its int8 table, and merge a minilm's adapters into a standalone
+//! model that needs no base package.
 //!
 //! The file format is [`fl_common::compact`]'s. [`crate::model::Classifier::load`] reads both it
 //! and the plain f32 model file, so `predict` and `--explain` take either.
 
 use fl_common::compact::{encode_compact, CompactError, CompactModel, Precision, Values};
+use fl_common::model_file::encode_model_with;
 use fl_common::prune::{count_nonzero, prune_rows, prune_unchanged_rows, prune_weights, PruneScope};
-use fl_common::{ModelKind, ModelSpec, TensorSet};
+use fl_common::{ModelKind, ModelSpec, NamedTensor, TensorSet};
 
-use crate::model::EMBEDDING;
+use crate::model::{Classifier, EMBEDDING};
 
 /// How to shrink a model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,6 +91,72 @@ pub fn drop_untouched_rows(
     let (start_spec, start) = fl_common::decode_model(&bytes).map_err(|e| format!("{name}: not a model file: {e}"))?;
     start_spec.check_compatible(spec).map_err(|e| format!("{name}: not this model's initial weights: {e}"))?;
     prune_unchanged_rows(weights, &start, EMBEDDING).map_err(|e| format!("{name}: {e}"))
+}
+
+/// Why a model could not be merged.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// Only a minilm model has adapters and a base to fold them into.
+    #[error(
+        "--merge folds LoRA adapters into the pretrained base of a minilm model; this is a {0} model, which has \
+         none (shrink it with --quantize and --prune instead)"
+    )]
+    NotMinilm(ModelKind),
+    /// The model is merged already.
+    #[error("the model is merged already (it holds its base); there is nothing to fold")]
+    AlreadyMerged,
+    /// The base could not be written out.
+    #[error(transparent)]
+    Pretrained(#[from] crate::pretrained::PretrainedError),
+}
+
+/// A merged standalone minilm model file and what went into it.
+#[derive(Clone, Debug)]
+pub struct Merged {
+    /// The model file.
+    pub bytes: Vec<u8>,
+    /// Its spec: the model's, marked merged, without a base reference or LoRA fields.
+    pub spec: ModelSpec,
+    /// Weights in the file (base and head).
+    pub parameters: usize,
+    /// Adapters folded into the base's projections.
+    pub adapters: usize,
+}
+
+/// Folds each LoRA adapter of a minilm `model` into its base (`W + (alpha / rank) · B A`) and
+/// writes one standalone model file: the base's weights under the checkpoint's names, the head,
+/// and the encoder config and tokenizer in the metadata, so that loading it reads no base.
+pub fn merge(model: &Classifier) -> Result<Merged, MergeError> {
+    if model.spec.merged {
+        return Err(MergeError::AlreadyMerged);
+    }
+    let minilm = model.minilm().ok_or(MergeError::NotMinilm(model.spec.kind))?;
+    let (base, metadata) = minilm.merged_base()?;
+    let mut tensors: Vec<NamedTensor> = base
+        .into_iter()
+        .map(|(name, t)| {
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            let data = Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu).contiguous().view(-1))
+                .expect("base weights are f32");
+            NamedTensor { name, shape, data }
+        })
+        .collect();
+    tensors.extend(model.to_tensors().tensors.into_iter().filter(|t| t.name.starts_with("head.")));
+    let weights = TensorSet::new(tensors);
+    let spec = ModelSpec {
+        base_sha256: String::new(),
+        lora_rank: 0,
+        lora_alpha: 0.0,
+        lora_targets: String::new(),
+        merged: true,
+        ..model.spec.clone()
+    };
+    Ok(Merged {
+        bytes: encode_model_with(&spec, &weights, metadata),
+        spec,
+        parameters: weights.num_values(),
+        adapters: minilm.adapter_count(),
+    })
 }
 
 /// A fastText model run from its int8 embedding table: each text's mean embedding is summed

@@ -63,8 +63,18 @@ pub enum PretrainedError {
     },
 }
 
+/// Metadata key of a merged minilm model file (`fl-client export --merge`) holding its
+/// [`BertConfig`] as JSON.
+pub const META_BERT_CONFIG: &str = "fl.bert_config";
+/// Metadata key of a merged minilm model file holding the base's `tokenizer.json`.
+pub const META_TOKENIZER: &str = "fl.tokenizer";
+
+/// A base as a model file holds it: tensors under the checkpoint's names, and the metadata
+/// ([`META_BERT_CONFIG`], [`META_TOKENIZER`]) that [`merged_base`] reads back.
+pub type BaseParts = (Vec<(String, Tensor)>, HashMap<String, String>);
+
 /// What `config.json` says about the encoder's shape.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct BertConfig {
     /// Model width.
     pub hidden_size: i64,
@@ -114,9 +124,9 @@ pub(crate) struct BaseLayer {
 /// The frozen encoder: embeddings, layers, tokenizer, and where it came from.
 #[derive(Debug)]
 pub struct MinilmBase {
-    /// The directory it was read from.
+    /// The directory it was read from, or the merged model file that holds it.
     pub dir: PathBuf,
-    /// SHA-256 (hex) of its model.safetensors.
+    /// SHA-256 (hex) of its model.safetensors; empty for a merged model's.
     pub sha256: String,
     /// Its shape.
     pub config: BertConfig,
@@ -261,22 +271,56 @@ fn sha256_file(path: &Path) -> Result<String, PretrainedError> {
 
 fn read_base(dir: &Path, sha256: String, device: Device) -> Result<MinilmBase, PretrainedError> {
     let config_path = dir.join("config.json");
-    let invalid = |path: &Path, reason: String| PretrainedError::Invalid { path: path.display().to_string(), reason };
     let config: BertConfig = std::fs::read(&config_path)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| invalid(&config_path, e))?;
-    if config.hidden_act != "gelu" {
-        return Err(invalid(&config_path, format!("hidden_act '{}' is not supported (only gelu)", config.hidden_act)));
-    }
+        .map_err(|reason| PretrainedError::Invalid { path: config_path.display().to_string(), reason })?;
     let tokenizer_path = dir.join("tokenizer.json");
-    let mut tokenizer =
-        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| invalid(&tokenizer_path, e.to_string()))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| PretrainedError::Invalid { path: tokenizer_path.display().to_string(), reason: e.to_string() })?;
+    let weights_path = dir.join("model.safetensors");
+    let tensors = Tensor::read_safetensors(&weights_path)
+        .map_err(|e| PretrainedError::Invalid { path: weights_path.display().to_string(), reason: e.to_string() })?;
+    let file = SafetensorsTensors { path: weights_path, tensors: tensors.into_iter().collect(), device };
+    assemble(dir, sha256, config, tokenizer, file)
+}
+
+/// The base inside a merged model file `path`: `tensors` under the checkpoint's names (the
+/// adapters already folded in), config and tokenizer from the file's `metadata`.
+pub fn merged_base(
+    path: &Path,
+    metadata: &HashMap<String, String>,
+    tensors: Vec<(String, Tensor)>,
+    device: Device,
+) -> Result<MinilmBase, PretrainedError> {
+    let invalid = |reason: String| PretrainedError::Invalid { path: path.display().to_string(), reason };
+    let entry = |key: &str| {
+        metadata.get(key).ok_or_else(|| invalid(format!("a merged minilm model file needs {key} in its metadata")))
+    };
+    let config: BertConfig =
+        serde_json::from_str(entry(META_BERT_CONFIG)?).map_err(|e| invalid(format!("{META_BERT_CONFIG}: {e}")))?;
+    let tokenizer: tokenizers::Tokenizer =
+        entry(META_TOKENIZER)?.parse().map_err(|e| invalid(format!("{META_TOKENIZER}: {e}")))?;
+    let file = SafetensorsTensors { path: path.to_path_buf(), tensors: tensors.into_iter().collect(), device };
+    assemble(path, String::new(), config, tokenizer, file)
+}
+
+/// A base from its parts, the shapes checked against `config`.
+fn assemble(
+    dir: &Path,
+    sha256: String,
+    config: BertConfig,
+    mut tokenizer: tokenizers::Tokenizer,
+    mut file: SafetensorsTensors,
+) -> Result<MinilmBase, PretrainedError> {
+    if config.hidden_act != "gelu" {
+        return Err(PretrainedError::Invalid {
+            path: dir.join("config.json").display().to_string(),
+            reason: format!("hidden_act '{}' is not supported (only gelu)", config.hidden_act),
+        });
+    }
     // tokenizer.json pads to a fixed 128: batches pad themselves, and truncation is set per model.
     tokenizer.with_padding(None);
-    let weights_path = dir.join("model.safetensors");
-    let tensors = Tensor::read_safetensors(&weights_path).map_err(|e| invalid(&weights_path, e.to_string()))?;
-    let mut file = SafetensorsTensors { path: weights_path, tensors: tensors.into_iter().collect(), device };
     let (h, ffn) = (config.hidden_size, config.intermediate_size);
     let layers = (0..config.num_hidden_layers)
         .map(|i| {
@@ -304,6 +348,52 @@ fn read_base(dir: &Path, sha256: String, device: Device) -> Result<MinilmBase, P
         layers,
         config,
     })
+}
+
+impl MinilmBase {
+    /// The frozen tensors under the checkpoint's names, each projection's weight passed through
+    /// `fold(layer, projection, weight)` (where `export --merge` adds the adapters), with the
+    /// config and tokenizer as the metadata that [`merged_base`] reads back.
+    pub(crate) fn to_parts(
+        &self,
+        mut fold: impl FnMut(usize, &str, &Tensor) -> Tensor,
+    ) -> Result<BaseParts, PretrainedError> {
+        let mut out: Vec<(String, Tensor)> = vec![
+            ("embeddings.word_embeddings.weight".into(), self.word.shallow_clone()),
+            ("embeddings.position_embeddings.weight".into(), self.position.shallow_clone()),
+            ("embeddings.token_type_embeddings.weight".into(), self.token_type.shallow_clone()),
+        ];
+        let norm = |out: &mut Vec<(String, Tensor)>, name: &str, n: &Norm| {
+            out.push((format!("{name}.weight"), n.weight.shallow_clone()));
+            out.push((format!("{name}.bias"), n.bias.shallow_clone()));
+        };
+        norm(&mut out, "embeddings.LayerNorm", &self.embedding_norm);
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            for (target, name, dense) in [
+                ("query", "attention.self.query", &l.query),
+                ("key", "attention.self.key", &l.key),
+                ("value", "attention.self.value", &l.value),
+                ("output", "attention.output.dense", &l.attention_output),
+                ("ffn_in", "intermediate.dense", &l.ffn_in),
+                ("ffn_out", "output.dense", &l.ffn_out),
+            ] {
+                out.push((format!("{p}.{name}.weight"), fold(i, target, &dense.weight)));
+                out.push((format!("{p}.{name}.bias"), dense.bias.shallow_clone()));
+            }
+            norm(&mut out, &format!("{p}.attention.output.LayerNorm"), &l.attention_norm);
+            norm(&mut out, &format!("{p}.output.LayerNorm"), &l.output_norm);
+        }
+        let invalid = |reason: String| PretrainedError::Invalid { path: self.dir.display().to_string(), reason };
+        let mut metadata = HashMap::new();
+        metadata.insert(
+            META_BERT_CONFIG.to_string(),
+            serde_json::to_string(&self.config).map_err(|e| invalid(e.to_string()))?,
+        );
+        metadata
+            .insert(META_TOKENIZER.to_string(), self.tokenizer.to_string(false).map_err(|e| invalid(e.to_string()))?);
+        Ok((out, metadata))
+    }
 }
 
 /// The tensors of a safetensors file, taken out by name with their shapes checked.

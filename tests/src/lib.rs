@@ -242,6 +242,11 @@ pub struct ClientProcess {
 impl ClientProcess {
     /// Starts `fl-client run` with one thread.
     pub fn start(url: &str, state_dir: &Path, data: &Path) -> ClientProcess {
+        ClientProcess::start_with(url, state_dir, data, &[])
+    }
+
+    /// [`ClientProcess::start`] with more flags for `run` (e.g. `--pretrained DIR`).
+    pub fn start_with(url: &str, state_dir: &Path, data: &Path, extra: &[&std::ffi::OsStr]) -> ClientProcess {
         let log = state_dir.with_extension("log");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = command("fl-client")
@@ -249,6 +254,7 @@ impl ClientProcess {
             .arg(state_dir)
             .arg("--data")
             .arg(data)
+            .args(extra)
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
             .spawn()

@@ -19,7 +19,7 @@ use tch::{nn, nn::Module, Tensor};
 
 use super::transformer::{masked_mean, scaled_dot_product_attention};
 use super::{Architecture, Batch};
-use crate::pretrained::{Dense, MinilmBase, Norm};
+use crate::pretrained::{BaseParts, Dense, MinilmBase, Norm, PretrainedError};
 use crate::tokenizer::HashedNgramTokenizer;
 
 /// A low-rank adapter `B A` on one projection.
@@ -50,6 +50,21 @@ struct LayerAdapters {
     output: Option<Lora>,
     ffn_in: Option<Lora>,
     ffn_out: Option<Lora>,
+}
+
+impl LayerAdapters {
+    /// The adapter on `target` (a name that [`crate::pretrained::MinilmBase::to_parts`] uses).
+    fn on(&self, target: &str) -> Option<&Lora> {
+        match target {
+            "query" => self.query.as_ref(),
+            "key" => self.key.as_ref(),
+            "value" => self.value.as_ref(),
+            "output" => self.output.as_ref(),
+            "ffn_in" => self.ffn_in.as_ref(),
+            "ffn_out" => self.ffn_out.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// The minilm classifier. Variables: `lora.{i}.{query,key,value,output,ffn_in,ffn_out}.{a,b}` for
@@ -164,6 +179,24 @@ impl Minilm {
     pub fn word_embeddings(&self) -> Tensor {
         self.base.word.shallow_clone()
     }
+
+    /// The base's weights under the checkpoint's names with each adapter folded into its
+    /// projection (`W + (alpha / rank) · B A`, so the adapter's term of [`Minilm::project`] moves
+    /// into `W`), and the config and tokenizer as model file metadata: the standalone model of
+    /// `fl-client export --merge`, without the head.
+    pub fn merged_base(&self) -> Result<BaseParts, PretrainedError> {
+        let _guard = tch::no_grad_guard();
+        self.base.to_parts(|layer, target, weight| match self.adapters[layer].on(target) {
+            Some(l) => (weight + l.b.matmul(&l.a) * self.scale).detach(),
+            None => weight.shallow_clone(),
+        })
+    }
+
+    /// Adapters (A-B pairs) of the model.
+    pub fn adapter_count(&self) -> usize {
+        let names = ["query", "key", "value", "output", "ffn_in", "ffn_out"];
+        self.adapters.iter().map(|a| names.iter().filter(|n| a.on(n).is_some()).count()).sum()
+    }
 }
 
 /// Byte ranges of the words of `text` as [`crate::tokenizer::words`] splits them.
@@ -223,12 +256,16 @@ impl Architecture for Minilm {
     fn frozen_embedding(&self) -> Option<Tensor> {
         Some(self.word_embeddings())
     }
+
+    fn as_minilm(&self) -> Option<&Minilm> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Classifier;
+    use crate::model::{Classifier, ModelError};
     use crate::pretrained::install_for_tests;
     use fl_common::{ModelKind, TensorSet};
     use tch::Device;
@@ -365,6 +402,54 @@ mod tests {
             assert_ne!(b.data, a.data, "{} did not train", b.name);
         }
         assert_eq!(model.predict_proba(&["great happy day", "awful sad night"]).len(), 2);
+    }
+
+    #[test]
+    fn a_merged_model_computes_the_adapted_model_from_its_own_file() {
+        install_for_tests();
+        let texts = ["a first sentence", "and another, somewhat longer, sentence to classify", "x"];
+        let mut model = Classifier::new(spec(3, 4, "query,key,value,output,ffn"), Device::Cpu, 5).unwrap();
+        // Trained adapters have B away from zero; these values move the embedding well past 1e-4.
+        let mut weights = model.to_tensors();
+        for t in weights.tensors.iter_mut().filter(|t| t.name.ends_with(".b")) {
+            t.data.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 5) as f32 - 2.0) * 0.04);
+        }
+        model.load_tensors(&weights).unwrap();
+        let base_only = Classifier::new(spec(3, 0, ""), Device::Cpu, 5).unwrap();
+        assert!(max_abs_diff(&model.pooled(&texts), &base_only.pooled(&texts)) > 1e-2, "the adapters must matter");
+
+        let merged = crate::edge::merge(&model).unwrap();
+        assert!(merged.spec.merged && merged.spec.base_sha256.is_empty() && merged.spec.lora_rank == 0);
+        assert_eq!(merged.adapters, 6 * 6, "query, key, value, output and both ffn projections in 6 layers");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merged.safetensors");
+        std::fs::write(&path, &merged.bytes).unwrap();
+        let standalone = Classifier::load(&path, Device::Cpu).unwrap();
+        assert_eq!(standalone.spec, merged.spec);
+        let logits = |m: &Classifier| {
+            let docs: Vec<Vec<i64>> = texts.iter().map(|t| m.token_ids(t)).collect();
+            let _guard = tch::no_grad_guard();
+            Vec::<Vec<f32>>::try_from(&m.forward(&crate::model::Batch::new(&docs, Device::Cpu))).unwrap()
+        };
+        assert_eq!(standalone.token_ids(texts[1]), model.token_ids(texts[1]), "the tokenizer travels in the file");
+        for (what, diff) in [
+            ("logits", max_abs_diff(&logits(&standalone), &logits(&model))),
+            ("probabilities", max_abs_diff(&standalone.predict_proba(&texts), &model.predict_proba(&texts))),
+            ("pooled", max_abs_diff(&standalone.pooled(&texts), &model.pooled(&texts))),
+        ] {
+            assert!(diff < 1e-4, "merged {what} differ from the adapted model's by {diff}");
+        }
+
+        // It is not rebuilt from its spec (the base is in the file), nor saved as its head alone,
+        // nor merged twice; a fastText model has nothing to merge.
+        let err = Classifier::from_tensors(merged.spec.clone(), &standalone.to_tensors(), Device::Cpu).unwrap_err();
+        assert!(matches!(err, ModelError::MergedWithoutBase), "{err}");
+        assert!(matches!(standalone.save(&dir.path().join("x")), Err(ModelError::MergedWithoutBase)));
+        assert!(matches!(crate::edge::merge(&standalone), Err(crate::edge::MergeError::AlreadyMerged)));
+        let mut ft = ModelSpec::with_defaults(ModelKind::Fasttext, vec!["a".into(), "b".into()]);
+        ft.buckets = 64;
+        let err = crate::edge::merge(&Classifier::new(ft, Device::Cpu, 0).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("this is a fasttext model"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod transformer;
 use std::ops::Range;
 use std::path::Path;
 
-use fl_common::model_file::{decode_model, encode_model};
+use fl_common::model_file::{decode_model_with, encode_model};
 use fl_common::tensors::TensorError;
 use fl_common::{ModelKind, ModelSpec, NamedTensor, TensorSet};
 use tch::{nn, Device, Kind, Tensor};
@@ -53,6 +53,13 @@ pub enum ModelError {
     /// libtorch failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A merged minilm (`fl-client export --merge`) built from its spec alone: its base is in
+    /// its file, which only [`Classifier::load`] reads.
+    #[error(
+        "a merged minilm model (fl-client export --merge) carries its base in its own file: load that file to \
+         predict or evaluate; to train or federate, start from the adapter model it was merged from"
+    )]
+    MergedWithoutBase,
     /// Training diverged: a model with NaN or infinite weights is never written.
     #[error("{path}: not written: the weights are not finite (training diverged; lower --lr)")]
     NonFinite { path: String },
@@ -135,6 +142,10 @@ pub trait Architecture: std::fmt::Debug + Send {
     fn frozen_embedding(&self) -> Option<Tensor> {
         None
     }
+    /// The minilm model, to merge its adapters into its base.
+    fn as_minilm(&self) -> Option<&Minilm> {
+        None
+    }
 }
 
 /// Word ids in text order, cut at `max_len`: what the sequence models read.
@@ -177,6 +188,16 @@ impl Classifier {
     /// A freshly initialised model; the same seed gives the same weights. The spec is
     /// validated first, so that a bad spec from a file or the network is an error, not a panic.
     pub fn new(spec: ModelSpec, device: Device, seed: u64) -> Result<Classifier, ModelError> {
+        Classifier::build(spec, device, seed, None)
+    }
+
+    /// [`Classifier::new`], on `merged` for a merged minilm (whose base is in its file).
+    fn build(
+        spec: ModelSpec,
+        device: Device,
+        seed: u64,
+        merged: Option<crate::pretrained::MinilmBase>,
+    ) -> Result<Classifier, ModelError> {
         spec.validate()?;
         // libtorch's generator is global: hold it from seeding to the last initialised weight, so
         // that models built on other threads meanwhile do not change these weights.
@@ -189,7 +210,11 @@ impl Classifier {
             ModelKind::Bilstm => Box::new(BiLstm::new(&vs.root(), &spec)),
             ModelKind::Transformer => Box::new(Transformer::new(&vs.root(), &spec)),
             ModelKind::Minilm => {
-                let base = crate::pretrained::base(device, &spec.base_sha256)?;
+                let base = match merged {
+                    Some(base) => base,
+                    None if spec.merged => return Err(ModelError::MergedWithoutBase),
+                    None => crate::pretrained::base(device, &spec.base_sha256)?,
+                };
                 Box::new(Minilm::new(&vs.root(), &spec, base).map_err(ModelError::Base)?)
             }
         };
@@ -207,6 +232,11 @@ impl Classifier {
     /// The device the weights are on.
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// The minilm model, when it is one (see [`crate::edge::merge`]).
+    pub fn minilm(&self) -> Option<&Minilm> {
+        self.net.as_minilm()
     }
 
     /// The tokenizer of this model.
@@ -379,6 +409,10 @@ impl Classifier {
 
     /// Writes the model file atomically.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        if self.spec.merged {
+            // Its weights here are the head only; the base is written by `export --merge`.
+            return Err(ModelError::MergedWithoutBase);
+        }
         let weights = self.to_tensors();
         if !weights.tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())) {
             return Err(ModelError::NonFinite { path: path.display().to_string() });
@@ -400,8 +434,34 @@ impl Classifier {
             model.int8 = crate::edge::Int8FastText::from_compact(&compact);
             return Ok(model);
         }
-        let (spec, weights) = decode_model(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let (spec, weights, metadata) = decode_model_with(&bytes).map_err(|e| invalid(e.to_string()))?;
+        if spec.merged {
+            return Classifier::load_merged(path, spec, weights, &metadata, device).map_err(|e| invalid(e.to_string()));
+        }
         Classifier::from_tensors(spec, &weights, device).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// A merged minilm from its file's parts: the base's tensors and metadata, and the head.
+    fn load_merged(
+        path: &Path,
+        spec: ModelSpec,
+        weights: TensorSet,
+        metadata: &std::collections::HashMap<String, String>,
+        device: Device,
+    ) -> Result<Classifier, ModelError> {
+        let (head, base): (Vec<NamedTensor>, Vec<NamedTensor>) =
+            weights.tensors.into_iter().partition(|t| t.name.starts_with("head."));
+        let base = base
+            .into_iter()
+            .map(|t| {
+                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                (t.name, Tensor::from_slice(&t.data).view(shape.as_slice()))
+            })
+            .collect();
+        let base = crate::pretrained::merged_base(path, metadata, base, device)?;
+        let mut model = Classifier::build(spec, device, 0, Some(base))?;
+        model.load_tensors(&TensorSet::new(head))?;
+        Ok(model)
     }
 }
 
