@@ -294,6 +294,7 @@ pub fn plain_serve_config(state_dir: &Path, settings: fl_server::RoundSettings) 
         secagg: Default::default(),
         strategy: Default::default(),
         distill: Default::default(),
+        compression: vec![fl_common::tls::Compression::Gzip, fl_common::tls::Compression::Zstd],
     }
 }
 

@@ -85,3 +85,75 @@ fn an_unknown_update_codec_is_refused_with_the_list() {
     assert!(stderr.contains("--update-codec") && stderr.contains("unknown update codec 'zip-f32'"), "{stderr}");
     assert!(stderr.contains("sparse-int8"), "the error lists the known codecs: {stderr}");
 }
+
+/// The digest of the global model a client's state dir holds (`codec/global-FED.safetensors`).
+fn held_digest(client_dir: &std::path::Path) -> Option<String> {
+    let held = std::fs::read_dir(client_dir.join("codec"))
+        .ok()?
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("global-"))?;
+    let (_, weights) = decode_model(&std::fs::read(held).ok()?).ok()?;
+    Some(tensor_digest(&weights))
+}
+
+/// A client that misses rounds (stopped, then restarted on the same state dir) holds a global
+/// model older than the previous round's: it downloads the full model, not a delta it could not
+/// apply, and ends with the coordinator's weights like the others.
+#[test]
+fn a_lagging_client_gets_the_full_model_and_ends_with_the_coordinators_weights() {
+    let root = tempfile::tempdir().unwrap();
+    let rounds = 8;
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        900,
+        3,
+        "127.0.0.1:0",
+        &["--rounds", "8", "--min-clients", "2", "--round-timeout", "60", "--buckets", "4096"],
+    );
+    let url = coordinator.url();
+    let mut clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
+    coordinator.wait_status(Duration::from_secs(120), "round 1 committed, client 3 holding a model", |s| {
+        s.completed_rounds >= 1 && held_digest(&dirs[2]).is_some()
+    });
+    clients[2].child.kill().unwrap();
+    clients[2].child.wait().unwrap();
+    let stopped_at = coordinator.status().completed_rounds;
+    let held = held_digest(&dirs[2]).unwrap();
+    // Two more rounds: the round it rejoins has a base at least two rounds newer than `held`.
+    coordinator
+        .wait_status(Duration::from_secs(120), "two rounds without client 3", |s| s.completed_rounds >= stopped_at + 2);
+    let restarted_after = coordinator.status().completed_rounds;
+    assert!(restarted_after < rounds, "rounds are left for the lagging client");
+    clients[2] = ClientProcess::start(&url, &dirs[2], &root.path().join("data/shard-3.csv"));
+
+    let status = coordinator.wait(Duration::from_secs(300));
+    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
+    for c in &mut clients {
+        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
+        assert!(status.success(), "client failed:\n{}", c.log_text());
+    }
+    let metrics = coordinator.metrics();
+    assert_eq!(metrics.len(), rounds as usize, "one metrics line per round");
+    let full = std::fs::metadata(coordinator.state_dir.join("model/round-0001.safetensors")).unwrap().len();
+    let down = |m: &serde_json::Value| m["bytes_down"].as_u64().unwrap();
+    let rejoined = metrics
+        .iter()
+        .find(|m| m["round"].as_u64().unwrap() > u64::from(restarted_after) && m["participants"] == 3)
+        .unwrap_or_else(|| panic!("client 3 trained again after round {restarted_after}: {metrics:?}"));
+    assert!(down(rejoined) >= full, "the lagging client downloaded the full model ({full} B): {rejoined}");
+    let last = metrics.last().unwrap();
+    assert_eq!(last["participants"], 3, "{last}");
+    if last["round"] != rejoined["round"] {
+        assert!(down(last) < full, "then deltas again, for all three: {last}");
+    }
+
+    let (_, coord_model) = decode_model(
+        &std::fs::read(coordinator.state_dir.join(format!("model/round-{:04}.safetensors", rounds - 1))).unwrap(),
+    )
+    .unwrap();
+    let want = tensor_digest(&coord_model);
+    assert_ne!(held, want, "client 3 was stopped with an old model");
+    for dir in &dirs {
+        assert_eq!(held_digest(dir).as_deref(), Some(want.as_str()), "{} ends with the coordinator's", dir.display());
+    }
+}

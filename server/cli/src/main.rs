@@ -174,6 +174,11 @@ struct ServeArgs {
     /// accepted from clients that know nothing else. See README "Update codecs".
     #[arg(long = "update-codec", env = "FL_UPDATE_CODEC", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
     update_codec: Vec<fl_common::codec::UpdateCodec>,
+    /// Encodings the coordinator compresses model downloads in, for a client that asks for one
+    /// (`fl-client run --compression`): gzip, zstd, or none (never compress, spare the CPU).
+    /// Compressed uploads are read in either regardless. See BENCHMARKS.md "Transport compression".
+    #[arg(long, env = "FL_COMPRESSION", value_enum, value_delimiter = ',', default_value = "gzip,zstd")]
+    compression: Vec<fl_common::tls::Compression>,
     /// Stop the federation (exit 2, committed rounds kept) after this many attempts in a row in
     /// which every sampled client's local training failed for the same reasons.
     #[arg(long, env = "FL_MAX_FAILED_ATTEMPTS", default_value_t = 3, value_parser = parse::int_in(1u32, 1000))]
@@ -316,6 +321,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         secagg: args.secagg.clone(),
         strategy: args.strategy.clone(),
         distill: args.distill.clone(),
+        compression: args.compression.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
