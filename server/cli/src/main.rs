@@ -175,9 +175,10 @@ struct ServeArgs {
     #[arg(long = "update-codec", env = "FL_UPDATE_CODEC", value_delimiter = ',', value_parser = parse_update_codec, default_value = "topk-int8,safetensors-f32")]
     update_codec: Vec<fl_common::codec::UpdateCodec>,
     /// Encodings the coordinator compresses model downloads in, for a client that asks for one
-    /// (`fl-client run --compression`): gzip, zstd, or none (never compress, spare the CPU).
-    /// Compressed uploads are read in either regardless. See BENCHMARKS.md "Transport compression".
-    #[arg(long, env = "FL_COMPRESSION", value_enum, value_delimiter = ',', default_value = "gzip,zstd")]
+    /// (`fl-client run --compression`): zstd, gzip (about 5 times zstd's CPU), or none (never
+    /// compress). Compressed uploads are read in either regardless. See BENCHMARKS.md
+    /// "Transport compression".
+    #[arg(long, env = "FL_COMPRESSION", value_enum, value_delimiter = ',', default_value = "zstd")]
     compression: Vec<fl_common::tls::Compression>,
     /// Stop the federation (exit 2, committed rounds kept) after this many attempts in a row in
     /// which every sampled client's local training failed for the same reasons.
@@ -248,6 +249,7 @@ enum ClientsCommand {
 }
 
 fn main() -> ExitCode {
+    fl_common::cli::limit_malloc_arenas();
     fl_common::cli::init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
