@@ -5,8 +5,8 @@
 # Usage: bench/federation.sh [CLIENTS] [ROUNDS] [TARGET_ACCURACY]
 # Environment: ROWS (6700), SIGNAL (generator difficulty, 0.2), MODEL (fasttext), BUCKETS (65536),
 #   DIM (64) for fasttext, LR (0.01), EPOCHS (1), BENCH_DIR (target/bench), EXTRA_SERVE_ARGS,
-#   CODEC (an --update-codec name; default: the coordinator's default), COMPRESSION (the clients'
-#   --compression: none, gzip or zstd; default: theirs). Writes DIR/summary.json; bench/codecs.sh
+#   CODEC (an --update-codec name; default: the coordinator's default), COMPRESSION (none, gzip or
+#   zstd: the clients' and the coordinator's --compression; default: theirs). Writes DIR/summary.json; bench/codecs.sh
 #   runs one codec after another and tabulates them. Besides the payload bytes of metrics.jsonl it
 #   reports the bytes the coordinator's TCP connections carried (TLS records: what a link bills),
 #   read with `ss` every 0.1 s.
@@ -36,7 +36,7 @@ fi
 fed_start_coordinator "$DIR/coord" "$DIR/logs/coordinator.log" --rounds "$ROUNDS" \
   --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --model "$MODEL" $MODEL_ARGS \
   --lr "${LR:-0.01}" --batch-size 32 --local-epochs "${EPOCHS:-1}" --optimizer adam \
-  --round-timeout 600 ${CODEC:+--update-codec $CODEC} ${EXTRA_SERVE_ARGS:-}
+  --round-timeout 600 ${CODEC:+--update-codec $CODEC} ${COMPRESSION:+--compression $COMPRESSION} ${EXTRA_SERVE_ARGS:-}
 coord=$FED_COORD
 fed_enroll "$DIR/client" "$CLIENTS"
 # shellcheck disable=SC2086

@@ -25,8 +25,7 @@ use crate::spool::{RemoveOnDrop, Spool};
 
 /// Bytes per chunk of a model download. Each downloading connection holds a few chunks at once
 /// (the copy cut from the model, tonic's encode buffer, the HTTP/2 send buffer), so the chunk
-/// size is per-client memory: 256 KiB keeps 16 clients' downloads within twice the model of what
-/// 2 clients' take (BENCHMARKS.md, "Coordinator memory: 2 against 16 clients").
+/// size is per-client memory (BENCHMARKS.md, "Coordinator memory: 2 against 16 clients").
 pub const MODEL_CHUNK_BYTES: usize = 256 << 10;
 /// Largest chunk of an upload that is accepted.
 pub const MAX_UPLOAD_CHUNK_BYTES: usize = 4 << 20;
