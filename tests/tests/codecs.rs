@@ -36,13 +36,8 @@ fn ten_rounds_of_delta_downloads_keep_every_client_bit_identical() {
         ],
     );
     let url = coordinator.url();
-    let clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
-    let status = coordinator.wait(Duration::from_secs(300));
-    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
-    for mut c in clients {
-        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
-        assert!(status.success(), "client failed:\n{}", c.log_text());
-    }
+    let mut clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
+    finish_federation(&mut coordinator, &mut clients, Duration::from_secs(300));
     let metrics = coordinator.metrics();
     assert_eq!(metrics.len(), rounds, "one metrics line per round");
     // Every client answered every round: none failed its digest check.
@@ -63,14 +58,10 @@ fn ten_rounds_of_delta_downloads_keep_every_client_bit_identical() {
         decode_model(&std::fs::read(coordinator.state_dir.join("model/round-0009.safetensors")).unwrap()).unwrap();
     let want = tensor_digest(&coord_model);
     for dir in &dirs {
-        let held: Vec<_> = std::fs::read_dir(dir.join("codec"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("global-"))
-            .collect();
-        assert_eq!(held.len(), 1, "{held:?}");
-        let (_, weights) = decode_model(&std::fs::read(&held[0]).unwrap()).unwrap();
-        assert_eq!(tensor_digest(&weights), want, "{} holds other weights than the coordinator", dir.display());
+        let held =
+            std::fs::read_dir(dir.join("codec")).unwrap().filter(|e| is_held_global(&e.as_ref().unwrap().path()));
+        assert_eq!(held.count(), 1, "one global model held in {}", dir.display());
+        assert_eq!(held_digest(dir).as_deref(), Some(want.as_str()), "{} holds other weights", dir.display());
     }
 }
 
@@ -86,12 +77,14 @@ fn an_unknown_update_codec_is_refused_with_the_list() {
     assert!(stderr.contains("sparse-int8"), "the error lists the known codecs: {stderr}");
 }
 
+fn is_held_global(path: &std::path::Path) -> bool {
+    path.file_name().unwrap().to_string_lossy().starts_with("global-")
+}
+
 /// The digest of the global model a client's state dir holds (`codec/global-FED.safetensors`).
 fn held_digest(client_dir: &std::path::Path) -> Option<String> {
-    let held = std::fs::read_dir(client_dir.join("codec"))
-        .ok()?
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("global-"))?;
+    let held =
+        std::fs::read_dir(client_dir.join("codec")).ok()?.map(|e| e.unwrap().path()).find(|p| is_held_global(p))?;
     let (_, weights) = decode_model(&std::fs::read(held).ok()?).ok()?;
     Some(tensor_digest(&weights))
 }
@@ -126,12 +119,7 @@ fn a_lagging_client_gets_the_full_model_and_ends_with_the_coordinators_weights()
     assert!(restarted_after < rounds, "rounds are left for the lagging client");
     clients[2] = ClientProcess::start(&url, &dirs[2], &root.path().join("data/shard-3.csv"));
 
-    let status = coordinator.wait(Duration::from_secs(300));
-    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
-    for c in &mut clients {
-        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
-        assert!(status.success(), "client failed:\n{}", c.log_text());
-    }
+    finish_federation(&mut coordinator, &mut clients, Duration::from_secs(300));
     let metrics = coordinator.metrics();
     assert_eq!(metrics.len(), rounds as usize, "one metrics line per round");
     let full = std::fs::metadata(coordinator.state_dir.join("model/round-0001.safetensors")).unwrap().len();
