@@ -89,45 +89,46 @@ fn held_digest(client_dir: &std::path::Path) -> Option<String> {
     Some(tensor_digest(&weights))
 }
 
-/// A client that misses rounds (stopped, then restarted on the same state dir) holds a global
+/// A client that misses rounds (SIGSTOPped while the others go on, then continued) holds a global
 /// model older than the previous round's: it downloads the full model, not a delta it could not
 /// apply, and ends with the coordinator's weights like the others.
 #[test]
 fn a_lagging_client_gets_the_full_model_and_ends_with_the_coordinators_weights() {
     let root = tempfile::tempdir().unwrap();
-    let rounds = 8;
+    let rounds = 6;
+    // While client 3 is stopped, each round waits for it until the deadline and completes with
+    // the other two; once continued, it is sampled again.
     let (mut coordinator, dirs) = enrolled_federation(
         root.path(),
         900,
         3,
         "127.0.0.1:0",
-        &["--rounds", "8", "--min-clients", "2", "--round-timeout", "60", "--buckets", "4096"],
+        &["--rounds", "6", "--min-clients", "2", "--round-timeout", "10", "--buckets", "4096"],
     );
     let url = coordinator.url();
     let mut clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
     coordinator.wait_status(Duration::from_secs(120), "round 1 committed, client 3 holding a model", |s| {
         s.completed_rounds >= 1 && held_digest(&dirs[2]).is_some()
     });
-    clients[2].child.kill().unwrap();
-    clients[2].child.wait().unwrap();
+    signal(&clients[2].child, "STOP");
     let stopped_at = coordinator.status().completed_rounds;
     let held = held_digest(&dirs[2]).unwrap();
-    // Two more rounds: the round it rejoins has a base at least two rounds newer than `held`.
+    // Two more rounds: the round it answers next has a base at least two rounds newer than `held`.
     coordinator
         .wait_status(Duration::from_secs(120), "two rounds without client 3", |s| s.completed_rounds >= stopped_at + 2);
-    let restarted_after = coordinator.status().completed_rounds;
-    assert!(restarted_after < rounds, "rounds are left for the lagging client");
-    clients[2] = ClientProcess::start(&url, &dirs[2], &root.path().join("data/shard-3.csv"));
-
+    let continued_after = coordinator.status().completed_rounds;
+    assert!(continued_after < rounds, "rounds are left for the lagging client");
+    signal(&clients[2].child, "CONT");
     finish_federation(&mut coordinator, &mut clients, Duration::from_secs(300));
+
     let metrics = coordinator.metrics();
     assert_eq!(metrics.len(), rounds as usize, "one metrics line per round");
     let full = std::fs::metadata(coordinator.state_dir.join("model/round-0001.safetensors")).unwrap().len();
     let down = |m: &serde_json::Value| m["bytes_down"].as_u64().unwrap();
     let rejoined = metrics
         .iter()
-        .find(|m| m["round"].as_u64().unwrap() > u64::from(restarted_after) && m["participants"] == 3)
-        .unwrap_or_else(|| panic!("client 3 trained again after round {restarted_after}: {metrics:?}"));
+        .find(|m| m["round"].as_u64().unwrap() > u64::from(continued_after) && m["participants"] == 3)
+        .unwrap_or_else(|| panic!("client 3 trained again after round {continued_after}: {metrics:?}"));
     assert!(down(rejoined) >= full, "the lagging client downloaded the full model ({full} B): {rejoined}");
     let last = metrics.last().unwrap();
     assert_eq!(last["participants"], 3, "{last}");
