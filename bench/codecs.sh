@@ -3,7 +3,7 @@
 # table: bytes up and down per round, their ratio to dense f32, final accuracy, seconds per
 # round, overhead_s / round_s (mean over rounds 2..N), and the round and time to TARGET.
 # Usage: bench/codecs.sh [CLIENTS] [ROUNDS] [TARGET_ACCURACY] [CODEC...]
-# Environment: as bench/federation.sh (ROWS, SIGNAL, BUCKETS, DIM, LR, EPOCHS, BENCH_DIR).
+# Environment: as bench/federation.sh (ROWS, SIGNAL, BUCKETS, DIM, LR, EPOCHS, BENCH_DIR, COMPRESSION).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${1:-4}
@@ -17,10 +17,10 @@ for codec in "${CODECS[@]}"; do
   echo "== $codec" >&2
   CODEC=$codec BENCH_DIR=$BENCH_DIR bench/federation.sh "$CLIENTS" "$ROUNDS" "$TARGET" >&2
 done
-python3 - "$BENCH_DIR" "$CLIENTS" "$ROUNDS" "${CODECS[@]}" <<'PY'
+python3 - "$BENCH_DIR" "$CLIENTS" "$ROUNDS" "${COMPRESSION:+-$COMPRESSION}" "${CODECS[@]}" <<'PY'
 import json, sys
-d, clients, rounds, codecs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-rows = [json.load(open(f"{d}/fasttext-c{clients}-r{rounds}-{c}/summary.json")) for c in codecs]
+d, clients, rounds, suffix, codecs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+rows = [json.load(open(f"{d}/fasttext-c{clients}-r{rounds}-{c}{suffix}/summary.json")) for c in codecs]
 dense = next((r for r in rows if r["codec"] == "safetensors-f32"), rows[0])
 dense_bytes = dense["bytes_up_per_round"] + dense["bytes_down_per_round"]
 print("| codec | up MB/round | down MB/round | (up+down) / dense | final accuracy | s/round | overhead_s/round_s (rounds 2..N) | round (s) to accuracy %.2f |" % rows[0]["target"])

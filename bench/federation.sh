@@ -5,8 +5,11 @@
 # Usage: bench/federation.sh [CLIENTS] [ROUNDS] [TARGET_ACCURACY]
 # Environment: ROWS (6700), SIGNAL (generator difficulty, 0.2), MODEL (fasttext), BUCKETS (65536),
 #   DIM (64) for fasttext, LR (0.01), EPOCHS (1), BENCH_DIR (target/bench), EXTRA_SERVE_ARGS,
-#   CODEC (an --update-codec name; default: the coordinator's default). Writes DIR/summary.json;
-#   bench/codecs.sh runs one codec after another and tabulates them.
+#   CODEC (an --update-codec name; default: the coordinator's default), COMPRESSION (none, gzip or
+#   zstd: the clients' and the coordinator's --compression; default: theirs). Writes DIR/summary.json; bench/codecs.sh
+#   runs one codec after another and tabulates them. Besides the payload bytes of metrics.jsonl it
+#   reports the bytes the coordinator's TCP connections carried (TLS records: what a link bills),
+#   read with `ss` every 0.1 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${1:-4}
@@ -16,7 +19,7 @@ ROWS=${ROWS:-6700}
 SIGNAL=${SIGNAL:-0.2}
 # shellcheck source=scripts/federation-lib.sh
 . scripts/federation-lib.sh
-DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS${CODEC:+-$CODEC}
+DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS${CODEC:+-$CODEC}${COMPRESSION:+-$COMPRESSION}
 rm -rf "$DIR"; mkdir -p "$DIR/logs"
 trap fed_stop EXIT
 
@@ -33,13 +36,22 @@ fi
 fed_start_coordinator "$DIR/coord" "$DIR/logs/coordinator.log" --rounds "$ROUNDS" \
   --min-clients "$CLIENTS" --eval-data "$DIR/data/test.csv" --model "$MODEL" $MODEL_ARGS \
   --lr "${LR:-0.01}" --batch-size 32 --local-epochs "${EPOCHS:-1}" --optimizer adam \
-  --round-timeout 600 ${CODEC:+--update-codec $CODEC} ${EXTRA_SERVE_ARGS:-}
+  --round-timeout 600 ${CODEC:+--update-codec $CODEC} ${COMPRESSION:+--compression $COMPRESSION} ${EXTRA_SERVE_ARGS:-}
 coord=$FED_COORD
 fed_enroll "$DIR/client" "$CLIENTS"
-fed_run_clients "$DIR/client" "$DIR/data/shard" "$DIR/logs" "$CLIENTS" --threads 1
+# shellcheck disable=SC2086
+fed_run_clients "$DIR/client" "$DIR/data/shard" "$DIR/logs" "$CLIENTS" --threads 1 ${COMPRESSION:+--compression $COMPRESSION}
+port=${FED_URL##*:}
+: >"$DIR/wire.txt"
 peak=0
 cpu_ticks=0
 while kill -0 $coord 2>/dev/null; do
+  # Each connection's byte counters on the coordinator's side: PEER SENT RECEIVED.
+  ss -tinH state established "( sport = :$port )" 2>/dev/null | awk '
+    /^[0-9]/ { peer = $4 }
+    /bytes_sent:/ { s = 0; r = 0
+      for (i = 1; i <= NF; i++) { if ($i ~ /^bytes_sent:/) s = substr($i, 12); if ($i ~ /^bytes_received:/) r = substr($i, 16) }
+      print peer, s, r }' >>"$DIR/wire.txt"
   hwm=$(awk '/VmHWM/ {print $2}' /proc/$coord/status 2>/dev/null || echo 0)
   [ -n "$hwm" ] && [ "$hwm" -gt "$peak" ] && peak=$hwm
   # utime + stime of the coordinator (fields 14 and 15), the last reading before it exits.
@@ -50,10 +62,19 @@ done
 end=$(date +%s.%N)
 wait $coord
 
-python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" "${CODEC:-default}" "$cpu_ticks" "$(getconf CLK_TCK)" <<'PY'
+python3 - "$DIR" "$CLIENTS" "$ROUNDS" "$TARGET" "$start" "$end" "$peak" "${CODEC:-default}" "$cpu_ticks" "$(getconf CLK_TCK)" "${COMPRESSION:-default}" <<'PY'
 import json, re, sys, glob
 d, clients, rounds, target, start, end, peak, codec = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 cpu_s = float(sys.argv[9]) / float(sys.argv[10])
+compression = sys.argv[11]
+# The last reading of each connection: its counters only grow.
+wire = {}
+for line in open(f"{d}/wire.txt"):
+    peer, sent, received = line.split()
+    s0, r0 = wire.get(peer, (0, 0))
+    wire[peer] = (max(s0, int(sent)), max(r0, int(received)))
+wire_down = sum(s for s, _ in wire.values())
+wire_up = sum(r for _, r in wire.values())
 m = [json.loads(l) for l in open(f"{d}/coord/metrics.jsonl")]
 train = {}
 for f in glob.glob(f"{d}/logs/client-*.log"):
@@ -78,6 +99,7 @@ print(f"final accuracy: {m[-1]['accuracy']:.4f}")
 print(f"seconds per round (mean round_s): {round_s:.3f}")
 print(f"coordinator overhead per round beyond the slowest client's training: {overhead:.3f} s")
 print(f"bytes up per round: {sum(x['bytes_up'] for x in m)/n/1e6:.2f} MB, bytes down per round: {sum(x['bytes_down'] for x in m)/n/1e6:.2f} MB")
+print(f"wire (TLS) bytes up per round: {wire_up/n/1e6:.2f} MB, down per round: {wire_down/n/1e6:.2f} MB (compression {compression})")
 print(f"wall time, launch to end: {end-start:.1f} s")
 if first:
     # elapsed_s counts from the coordinator's start of serving; launch-to-serve is included in wall time above.
@@ -87,7 +109,10 @@ else:
 print(f"coordinator peak RSS: {peak/1024:.1f} MiB")
 later = m[1:] or m
 summary = {
-    "codec": codec, "clients": clients, "rounds": n,
+    "codec": codec, "compression": compression, "clients": clients, "rounds": n,
+    "wire_up_per_round": wire_up / n,
+    "wire_down_per_round": wire_down / n,
+    "coordinator_cpu_s": cpu_s,
     "bytes_up_per_round": sum(x["bytes_up"] for x in m) / n,
     "bytes_down_per_round": sum(x["bytes_down"] for x in m) / n,
     "final_accuracy": m[-1]["accuracy"],

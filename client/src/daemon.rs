@@ -21,7 +21,7 @@ use fl_common::tls::connect;
 use fl_model::data::LabelledTexts;
 use fl_model::model::{default_device, Classifier};
 use fl_model::personal::{personal_round, Personalization};
-use fl_model::train::{train_with, EncodedDataset, TrainConfig};
+use fl_model::train::{train_in, EncodedDataset, TrainConfig};
 
 use crate::held::HeldState;
 use crate::identity::Identity;
@@ -50,6 +50,8 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// A test tool: send poisoned updates (`--attack`).
     pub attack: Option<crate::attack::Attack>,
+    /// Compression of the model downloads and update uploads on the wire (`--compression`).
+    pub compression: fl_common::tls::Compression,
 }
 
 /// How this client trains a round: threads, personalisation, distillation, and the test-only attack.
@@ -233,6 +235,9 @@ async fn session(
         }
     };
     let mut client = FederationClient::new(channel.clone());
+    if let Some(encoding) = config.compression.encoding() {
+        client = client.send_compressed(encoding).accept_compressed(encoding);
+    }
     let join = pb::JoinRequest { name: config.name.clone(), num_examples: config.data.len() as u64 };
     let mut stream = client.join(join).await.map_err(classify)?.into_inner();
     let mut client_id = String::new();
@@ -479,6 +484,7 @@ async fn do_round(
     // Nor with secure aggregation, whose masked upload is the whole dense delta.
     let mut feedback = (codec.needs_error_feedback() && dp_clip_norm == 0.0 && !secure).then(|| held.feedback.clone());
     let mut reused = held.model.take();
+    let mut trainer = held.trainer.take();
 
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let cancel = shutdown.child_token();
@@ -494,15 +500,19 @@ async fn do_round(
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
             let (stats, mut delta, local_eval) = match &personal {
                 None => {
-                    // The last round's model, with this round's weights copied in: no new allocation.
+                    // The last round's model and trainer, with this round's weights copied in: no
+                    // new allocation.
                     let mut model = match reused.take() {
                         Some(mut model) if model.spec == model_spec => {
                             model.load_tensors(&global)?;
                             model
                         }
-                        _ => Classifier::from_tensors(model_spec.clone(), &global, default_device())?,
+                        _ => {
+                            trainer = None;
+                            Classifier::from_tensors(model_spec.clone(), &global, default_device())?
+                        }
                     };
-                    let stats = train_with(&mut model, &data, &train_config, distillation, &cancel, report);
+                    let stats = train_in(&mut trainer, &mut model, &data, &train_config, distillation, &cancel, report);
                     let delta = model.to_tensors().minus(&global);
                     reused = Some(model);
                     (stats, delta, None)
@@ -535,7 +545,7 @@ async fn do_round(
                     None => codec.encode(&delta)?,
                 })
             };
-            Ok((stats, body, train_s, feedback, reused, local_eval))
+            Ok((stats, body, train_s, feedback, (reused, trainer), local_eval))
         })
     };
     let result = training.await;
@@ -560,7 +570,7 @@ async fn do_round(
         Ok(trained) => trained,
         Err(reason) => return report_failure(client, round, attempt, reason).await,
     };
-    held.model = reused;
+    (held.model, held.trainer) = reused;
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }

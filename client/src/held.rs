@@ -28,6 +28,8 @@ pub struct HeldState {
     pub feedback: ErrorFeedback,
     /// The model of the last round, reused (new weights copied in) to spare its allocation.
     pub model: Option<fl_model::model::Classifier>,
+    /// The trainer of that model, restarted each round to spare its optimizer allocations.
+    pub trainer: Option<fl_model::train::Trainer>,
     /// The training settings of the last round this process trained (for the fine-tuning after
     /// the federation); in memory only.
     pub train_config: Option<fl_model::train::TrainConfig>,
@@ -46,6 +48,7 @@ impl HeldState {
             global: None,
             feedback: ErrorFeedback::default(),
             model: None,
+            trainer: None,
             train_config: None,
             distilled: None,
             global_dirty: false,

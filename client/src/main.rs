@@ -102,6 +102,11 @@ enum Command {
         /// noise added to every coordinate). Never use it in a real federation.
         #[arg(long, value_name = "ATTACK")]
         attack: Option<fl_client::attack::Attack>,
+        /// Compress update uploads on the wire, and ask for model downloads compressed: gzip or
+        /// zstd (the coordinator compresses only in an encoding its --compression lists), or
+        /// none. See BENCHMARKS.md "Transport compression" for when it pays.
+        #[arg(long, env = "FL_COMPRESSION", value_enum, default_value = "none")]
+        compression: fl_common::tls::Compression,
     },
     /// Predict with a model file: texts, or accuracy and confusion matrix on a labelled CSV;
     /// optionally explain each prediction.
@@ -553,6 +558,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             local_test_fraction,
             finetune_epochs,
             attack,
+            compression,
         } => {
             // Held until the process ends: a second `run` on this state dir is refused at once.
             let _lock = fl_common::files::DirLock::acquire(&state_dir, "fl-client run")?;
@@ -616,6 +622,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 personal,
                 state_dir: state_dir.clone(),
                 attack,
+                compression,
             };
             let shutdown = CancellationToken::new();
             let rt = runtime()?;

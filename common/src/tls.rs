@@ -271,6 +271,37 @@ pub fn host_port(url: &str) -> Result<(String, u16), ConnectError> {
     Ok((host, port))
 }
 
+/// gRPC message compression on the wire, tonic's `gzip` or `zstd` (both at their default
+/// levels, 6 and 3), or none. A client compresses its uploads with it and asks for its
+/// downloads in it; the coordinator reads every encoding, and compresses a download in one
+/// only when the client asks for it and `serve --compression` lists it. BENCHMARKS.md
+/// ("Transport compression") says what each saves and costs on which payload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// Messages as they are.
+    #[default]
+    None,
+    /// gzip (deflate, level 6).
+    Gzip,
+    /// Zstandard (level 3).
+    Zstd,
+}
+
+impl Compression {
+    /// tonic's encoding; `None` for none.
+    pub fn encoding(self) -> Option<tonic::codec::CompressionEncoding> {
+        match self {
+            Compression::None => None,
+            Compression::Gzip => Some(tonic::codec::CompressionEncoding::Gzip),
+            Compression::Zstd => Some(tonic::codec::CompressionEncoding::Zstd),
+        }
+    }
+
+    /// Every encoding there is: what the coordinator reads.
+    pub const ENCODINGS: [tonic::codec::CompressionEncoding; 2] =
+        [tonic::codec::CompressionEncoding::Gzip, tonic::codec::CompressionEncoding::Zstd];
+}
+
 /// The longest a connection may take, TLS handshake included.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often both ends of a connection ping the other (HTTP/2 PING) to find a dead peer.

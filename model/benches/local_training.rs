@@ -5,7 +5,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use fl_common::{ModelKind, ModelSpec};
 use fl_model::datagen::{GeneratorConfig, TextGenerator};
 use fl_model::model::Classifier;
-use fl_model::train::{train, EncodedDataset, OptimizerKind, TrainConfig};
+use fl_model::train::{train, train_in, EncodedDataset, OptimizerKind, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
 
 fn local_epoch(c: &mut Criterion) {
@@ -27,6 +27,29 @@ fn local_epoch(c: &mut Criterion) {
             let mut local = Classifier::from_tensors(spec.clone(), &global, tch::Device::Cpu).unwrap();
             train(&mut local, &data, &config, &cancel, |_, _| {})
         })
+    });
+    // The client daemon keeps its model across rounds and copies the new weights in; these two
+    // differ in the trainer only: built anew each round, or kept and restarted.
+    let mut local = Classifier::from_tensors(spec.clone(), &global, tch::Device::Cpu).unwrap();
+    group.bench_function("one local round, model kept, new trainer", |b| {
+        b.iter(|| {
+            local.load_tensors(&global).unwrap();
+            train(&mut local, &data, &config, &cancel, |_, _| {})
+        })
+    });
+    let mut kept = None;
+    group.bench_function("one local round, model and trainer kept", |b| {
+        b.iter(|| {
+            local.load_tensors(&global).unwrap();
+            train_in(&mut kept, &mut local, &data, &config, None, &cancel, |_, _| {})
+        })
+    });
+    group.bench_function("new trainer (dense optimizer, row-wise moments allocated)", |b| {
+        b.iter(|| Trainer::new(&local, &config))
+    });
+    let mut trainer = Trainer::new(&local, &config);
+    group.bench_function("restart a trainer (dense optimizer built again, no row touched)", |b| {
+        b.iter(|| trainer.restart(&local, &config))
     });
     group.bench_function("delta and encode", |b| b.iter(|| model.to_tensors().minus(&global).encode(None).len()));
     group.finish();

@@ -129,6 +129,47 @@ struct SparseRowAdam {
     m: Tensor,
     v: Tensor,
     step: i32,
+    /// Rows whose moments were written since they were last all zero, so that
+    /// [`Trainer::restart`] clears those rows and not the whole table.
+    touched: Vec<i64>,
+    is_touched: Vec<bool>,
+}
+
+impl SparseRowAdam {
+    fn new(embedding: &Tensor) -> SparseRowAdam {
+        SparseRowAdam {
+            m: embedding.zeros_like(),
+            v: embedding.zeros_like(),
+            step: 0,
+            touched: Vec::new(),
+            is_touched: vec![false; embedding.size().first().copied().unwrap_or(0).max(0) as usize],
+        }
+    }
+
+    /// Back to the state of [`SparseRowAdam::new`], in the same allocations.
+    fn clear(&mut self) {
+        if !self.touched.is_empty() {
+            let rows = Tensor::from_slice(&self.touched).to_device(self.m.device());
+            let _ = self.m.index_fill_(0, &rows, 0.0);
+            let _ = self.v.index_fill_(0, &rows, 0.0);
+            for &row in &self.touched {
+                self.is_touched[row as usize] = false;
+            }
+            self.touched.clear();
+        }
+        self.step = 0;
+    }
+
+    fn mark(&mut self, rows: &[i64]) {
+        for &row in rows {
+            if let Some(seen) = self.is_touched.get_mut(row as usize) {
+                if !*seen {
+                    *seen = true;
+                    self.touched.push(row);
+                }
+            }
+        }
+    }
 }
 
 /// Progress within one epoch.
@@ -202,11 +243,8 @@ impl Trainer {
         }
         .expect("optimizer builds");
         let embedding_trains = model.embedding_trains();
-        let row_adam = (embedding_trains && config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam {
-            m: embedding.zeros_like(),
-            v: embedding.zeros_like(),
-            step: 0,
-        });
+        let row_adam =
+            (embedding_trains && config.optimizer == OptimizerKind::Adam).then(|| SparseRowAdam::new(&embedding));
         Trainer {
             config: config.clone(),
             embedding,
@@ -221,10 +259,59 @@ impl Trainer {
         .with_proximal(model, config.proximal_mu, config.proximal_mu > 0.0)
     }
 
+    /// Starts over for a new round of `model`, the model this trainer was built for with new
+    /// weights copied in ([`Classifier::load_tensors`]): the state is that of
+    /// `Trainer::new(model, config)` (moments zero, seeds, proximal start), so a round trains
+    /// bit for bit the same weights, but the row-wise moments (two tables the size of the
+    /// embedding) keep their allocation and only the rows the last round touched are cleared.
+    /// tch cannot clear a libtorch optimizer's state, so the dense layers' optimizer is built
+    /// again; its state is the size of the dense layers. Returns false, changing nothing, when
+    /// `model` is not the model this trainer was built for (build a new one then).
+    pub fn restart(&mut self, model: &Classifier, config: &TrainConfig) -> bool {
+        let embedding = model.embedding();
+        if embedding.data_ptr() != self.embedding.data_ptr() || embedding.size() != self.embedding.size() {
+            return false;
+        }
+        tch::manual_seed(config.seed as i64);
+        self.dense_opt = match config.optimizer {
+            OptimizerKind::Adam => nn::Adam::default().build(&model.vs, config.lr),
+            OptimizerKind::Sgd => nn::Sgd::default().build(&model.vs, config.lr),
+        }
+        .expect("optimizer builds");
+        let wants_row_adam = self.embedding_trains && config.optimizer == OptimizerKind::Adam;
+        match (&mut self.row_adam, wants_row_adam) {
+            (Some(state), true) => state.clear(),
+            (_, true) => self.row_adam = Some(SparseRowAdam::new(&self.embedding)),
+            (_, false) => self.row_adam = None,
+        }
+        self.rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+        self.config = config.clone();
+        self.distillation = None;
+        // The proximal start is this round's weights: copied into the kept tensors.
+        match (self.proximal.as_mut(), config.proximal_mu > 0.0) {
+            (Some(proximal), true) => {
+                proximal.mu = config.proximal_mu;
+                tch::no_grad(|| {
+                    proximal.embedding.copy_(&self.embedding);
+                    for (var, start) in &mut proximal.dense {
+                        start.copy_(var);
+                    }
+                });
+            }
+            (_, on) => self.proximal = self.proximal_start(model, config.proximal_mu, on),
+        }
+        true
+    }
+
     /// Adds FedProx's proximal term with `mu`, towards `model`'s current weights, when `on`.
     /// [`Trainer::new`] turns it on for a positive `proximal_mu`; tests turn it on with μ 0.
     pub fn with_proximal(mut self, model: &Classifier, mu: f64, on: bool) -> Trainer {
-        self.proximal = on.then(|| {
+        self.proximal = self.proximal_start(model, mu, on);
+        self
+    }
+
+    fn proximal_start(&self, model: &Classifier, mu: f64, on: bool) -> Option<Proximal> {
+        on.then(|| {
             let dense = model
                 .vs
                 .variables()
@@ -236,8 +323,7 @@ impl Trainer {
                 })
                 .collect();
             Proximal { mu, embedding: self.embedding.detach().copy(), dense }
-        });
-        self
+        })
     }
 
     /// Trains on a mix of the labels and the teacher's outputs (`EncodedDataset::soft`) from now on.
@@ -314,6 +400,9 @@ impl Trainer {
             if self.embedding_trains {
                 let grad = table.grad();
                 tch::no_grad(|| update_rows(&self.embedding, &row_ids, &grad, lr, self.row_adam.as_mut()));
+                if let Some(state) = self.row_adam.as_mut() {
+                    state.mark(&rows);
+                }
             }
 
             loss_sum += loss.double_value(&[]) * labels.len() as f64;
@@ -348,12 +437,29 @@ pub fn train_with(
     config: &TrainConfig,
     distillation: Option<Distillation>,
     cancel: &CancellationToken,
+    progress: impl FnMut(f32, &TrainStats),
+) -> TrainStats {
+    train_in(&mut None, model, data, config, distillation, cancel, progress)
+}
+
+/// As [`train_with`], in `trainer`: the trainer of an earlier round of this `model` (new weights
+/// copied in) is restarted ([`Trainer::restart`]), keeping its allocations; otherwise a new one
+/// is built and left in `trainer` for the next round. Either way the round trains the same
+/// weights.
+pub fn train_in(
+    trainer: &mut Option<Trainer>,
+    model: &mut Classifier,
+    data: &EncodedDataset,
+    config: &TrainConfig,
+    distillation: Option<Distillation>,
+    cancel: &CancellationToken,
     mut progress: impl FnMut(f32, &TrainStats),
 ) -> TrainStats {
-    let mut trainer = Trainer::new(model, config);
-    if let Some(d) = distillation {
-        trainer = trainer.distill(d);
+    if !trainer.as_mut().is_some_and(|reused| reused.restart(model, config)) {
+        *trainer = Some(Trainer::new(model, config));
     }
+    let trainer = trainer.as_mut().expect("a trainer was restarted or built");
+    trainer.distillation = distillation;
     let batch_size = config.batch_size.max(1) as usize;
     let total_steps = (config.epochs as usize * data.len().div_ceil(batch_size)).max(1);
     let mut stats = TrainStats { examples: data.len(), ..Default::default() };
@@ -516,6 +622,46 @@ mod tests {
         let (_, on_labels, on_teacher) = run(Some(Distillation { temperature: 2.0, alpha: 0.0 }));
         assert!(labels_acc > 0.9, "the labels are learnt: {labels_acc}");
         assert!(on_teacher > 0.9 && on_labels < 0.1, "alpha 0 follows the teacher: {on_teacher} vs labels {on_labels}");
+    }
+
+    #[test]
+    fn a_restarted_trainer_trains_the_same_weights_as_a_new_one_in_its_allocations() {
+        tch::set_num_threads(1);
+        // No dropout: libtorch's generator is global, and tests running beside this one draw from it.
+        let first = start(ModelKind::Fasttext);
+        let mut spec = first.spec.clone();
+        spec.dropout = 0.0;
+        let initial = first.to_tensors();
+        let cancel = CancellationToken::new();
+        let sgd = TrainConfig { optimizer: OptimizerKind::Sgd, ..config(0.0) };
+        // Round 2's settings after round 1's: the same, FedProx on, a new seed, SGD, and back to Adam.
+        let rounds = [
+            (config(0.0), config(0.0)),
+            (config(0.0), config(0.5)),
+            (config(0.5), TrainConfig { seed: 12, ..config(0.5) }),
+            (config(0.0), sgd.clone()),
+            (sgd, config(0.0)),
+        ];
+        for (one, two) in rounds {
+            let mut model = Classifier::from_tensors(spec.clone(), &initial, Device::Cpu).unwrap();
+            let data = data(&model);
+            let mut slot = None;
+            train_in(&mut slot, &mut model, &data, &one, None, &cancel, |_, _| {});
+            // Round 2 starts from other weights, copied into the same model.
+            let global = model.to_tensors().minus(&initial);
+            model.load_tensors(&global).unwrap();
+            let moments = slot.as_ref().unwrap().row_adam.as_ref().map(|s| s.m.data_ptr());
+            train_in(&mut slot, &mut model, &data, &two, None, &cancel, |_, _| {});
+            let reused = model.to_tensors();
+            if two.optimizer == OptimizerKind::Adam && one.optimizer == OptimizerKind::Adam {
+                let after = slot.as_ref().unwrap().row_adam.as_ref().map(|s| s.m.data_ptr());
+                assert_eq!(after, moments, "the row-wise moments keep their allocation");
+            }
+
+            let mut fresh = Classifier::from_tensors(spec.clone(), &global, Device::Cpu).unwrap();
+            train(&mut fresh, &data, &two, &cancel, |_, _| {});
+            assert_eq!(reused, fresh.to_tensors(), "{one:?} then {two:?}: bit-identical to a new trainer");
+        }
     }
 
     fn max_abs_diff(a: &TensorSet, b: &TensorSet) -> f32 {

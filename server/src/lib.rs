@@ -199,6 +199,9 @@ pub struct ServeConfig {
     pub strategy: StrategyArgs,
     /// Federated distillation flags; unset is off (or, on a restart, the stored setting).
     pub distill: distill::DistillArgs,
+    /// The encodings downloads are compressed in for a client that asks for one (`serve
+    /// --compression`); compressed uploads are read in any encoding regardless.
+    pub compression: Vec<fl_common::tls::Compression>,
 }
 
 /// How `serve` ended.
@@ -242,9 +245,9 @@ pub async fn serve(
     let server_stop = CancellationToken::new();
     let spool = config.spool.clone().unwrap_or_else(|| Arc::new(FileSpool));
     let server = tokio::spawn({
-        let (coord, stop) = (coord.clone(), server_stop.clone());
+        let (coord, stop, compression) = (coord.clone(), server_stop.clone(), config.compression.clone());
         async move {
-            let result = run_server(coord, spool, listener, tls, stop).await;
+            let result = run_server(coord, spool, &compression, listener, tls, stop).await;
             if let Err(e) = &result {
                 tracing::error!("the gRPC server stopped: {e:#}");
             }
@@ -536,6 +539,7 @@ fn load_init_model(backend: &dyn ModelBackend, path: &std::path::Path) -> Result
 async fn run_server(
     coord: Arc<Coordinator>,
     spool: Arc<dyn Spool>,
+    compression: &[fl_common::tls::Compression],
     listener: TcpListener,
     tls: rustls::ServerConfig,
     stop: CancellationToken,
@@ -544,9 +548,17 @@ async fn run_server(
     health_reporter
         .set_serving::<fl_proto::pb::federation_server::FederationServer<service::FederationService>>()
         .await;
-    let federation =
+    let mut federation =
         fl_proto::pb::federation_server::FederationServer::new(service::FederationService::new(coord.clone(), spool))
             .max_decoding_message_size(service::MAX_UPLOAD_CHUNK_BYTES + 4096);
+    // Compressed and plain clients alike: every encoding is read; a download is compressed only
+    // in an encoding the client asks for.
+    for encoding in fl_common::tls::Compression::ENCODINGS {
+        federation = federation.accept_compressed(encoding);
+    }
+    for encoding in compression.iter().filter_map(|c| c.encoding()) {
+        federation = federation.send_compressed(encoding);
+    }
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(fl_common::tls::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(fl_common::tls::KEEPALIVE_TIMEOUT))

@@ -23,8 +23,10 @@ use crate::error::ServiceError;
 use crate::registry::{now_unix, AccessError, ClientRecord, ClientStatus};
 use crate::spool::{RemoveOnDrop, Spool};
 
-/// Bytes per chunk of a model download.
-pub const MODEL_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes per chunk of a model download. Each downloading connection holds a few chunks at once
+/// (the copy cut from the model, tonic's encode buffer, the HTTP/2 send buffer), so the chunk
+/// size is per-client memory (BENCHMARKS.md, "Coordinator memory: 2 against 16 clients").
+pub const MODEL_CHUNK_BYTES: usize = 256 << 10;
 /// Largest chunk of an upload that is accepted.
 pub const MAX_UPLOAD_CHUNK_BYTES: usize = 4 << 20;
 

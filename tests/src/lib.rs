@@ -275,6 +275,17 @@ impl Drop for ClientProcess {
     }
 }
 
+/// Waits up to `limit` for the coordinator to finish its federation, then up to 30 s for each
+/// client to exit after it; every one must succeed.
+pub fn finish_federation(coordinator: &mut CoordinatorProcess, clients: &mut [ClientProcess], limit: Duration) {
+    let status = coordinator.wait(limit);
+    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
+    for c in clients {
+        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
+        assert!(status.success(), "client failed:\n{}", c.log_text());
+    }
+}
+
 /// Starts one client per enrolled state dir, each on its own shard (`root/data/shard-N.csv`).
 pub fn start_clients(root: &Path, url: &str, dirs: &[PathBuf]) -> Vec<ClientProcess> {
     dirs.iter()
@@ -300,6 +311,7 @@ pub fn plain_serve_config(state_dir: &Path, settings: fl_server::RoundSettings) 
         secagg: Default::default(),
         strategy: Default::default(),
         distill: Default::default(),
+        compression: vec![fl_common::tls::Compression::Gzip, fl_common::tls::Compression::Zstd],
     }
 }
 

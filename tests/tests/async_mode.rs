@@ -34,12 +34,7 @@ fn processes_federate_in_async_mode_and_the_mode_cannot_change_on_restart() {
     ];
     let (mut coordinator, dirs) = enrolled_federation(root.path(), 900, 3, "127.0.0.1:0", &args);
     let mut clients = start_clients(root.path(), &coordinator.url(), &dirs);
-    let status = coordinator.wait(Duration::from_secs(300));
-    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
-    for c in &mut clients {
-        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
-        assert!(status.success(), "client failed:\n{}", c.log_text());
-    }
+    finish_federation(&mut coordinator, &mut clients, Duration::from_secs(300));
     let metrics = coordinator.metrics();
     assert_eq!(metrics.len(), 5, "one metrics line per step");
     for (i, m) in metrics.iter().enumerate() {

@@ -36,13 +36,8 @@ fn ten_rounds_of_delta_downloads_keep_every_client_bit_identical() {
         ],
     );
     let url = coordinator.url();
-    let clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
-    let status = coordinator.wait(Duration::from_secs(300));
-    assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
-    for mut c in clients {
-        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
-        assert!(status.success(), "client failed:\n{}", c.log_text());
-    }
+    let mut clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
+    finish_federation(&mut coordinator, &mut clients, Duration::from_secs(300));
     let metrics = coordinator.metrics();
     assert_eq!(metrics.len(), rounds, "one metrics line per round");
     // Every client answered every round: none failed its digest check.
@@ -63,14 +58,10 @@ fn ten_rounds_of_delta_downloads_keep_every_client_bit_identical() {
         decode_model(&std::fs::read(coordinator.state_dir.join("model/round-0009.safetensors")).unwrap()).unwrap();
     let want = tensor_digest(&coord_model);
     for dir in &dirs {
-        let held: Vec<_> = std::fs::read_dir(dir.join("codec"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("global-"))
-            .collect();
-        assert_eq!(held.len(), 1, "{held:?}");
-        let (_, weights) = decode_model(&std::fs::read(&held[0]).unwrap()).unwrap();
-        assert_eq!(tensor_digest(&weights), want, "{} holds other weights than the coordinator", dir.display());
+        let held =
+            std::fs::read_dir(dir.join("codec")).unwrap().filter(|e| is_held_global(&e.as_ref().unwrap().path()));
+        assert_eq!(held.count(), 1, "one global model held in {}", dir.display());
+        assert_eq!(held_digest(dir).as_deref(), Some(want.as_str()), "{} holds other weights", dir.display());
     }
 }
 
@@ -84,4 +75,74 @@ fn an_unknown_update_codec_is_refused_with_the_list() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--update-codec") && stderr.contains("unknown update codec 'zip-f32'"), "{stderr}");
     assert!(stderr.contains("sparse-int8"), "the error lists the known codecs: {stderr}");
+}
+
+fn is_held_global(path: &std::path::Path) -> bool {
+    path.file_name().unwrap().to_string_lossy().starts_with("global-")
+}
+
+/// The digest of the global model a client's state dir holds (`codec/global-FED.safetensors`).
+fn held_digest(client_dir: &std::path::Path) -> Option<String> {
+    let held =
+        std::fs::read_dir(client_dir.join("codec")).ok()?.map(|e| e.unwrap().path()).find(|p| is_held_global(p))?;
+    let (_, weights) = decode_model(&std::fs::read(held).ok()?).ok()?;
+    Some(tensor_digest(&weights))
+}
+
+/// A client that misses rounds (SIGSTOPped while the others go on, then continued) holds a global
+/// model older than the previous round's: it downloads the full model, not a delta it could not
+/// apply, and ends with the coordinator's weights like the others.
+#[test]
+fn a_lagging_client_gets_the_full_model_and_ends_with_the_coordinators_weights() {
+    let root = tempfile::tempdir().unwrap();
+    let rounds = 6;
+    // While client 3 is stopped, each round waits for it until the deadline and completes with
+    // the other two; once continued, it is sampled again.
+    let (mut coordinator, dirs) = enrolled_federation(
+        root.path(),
+        900,
+        3,
+        "127.0.0.1:0",
+        &["--rounds", "6", "--min-clients", "2", "--round-timeout", "10", "--buckets", "4096"],
+    );
+    let url = coordinator.url();
+    let mut clients: Vec<ClientProcess> = start_clients(root.path(), &url, &dirs);
+    coordinator.wait_status(Duration::from_secs(120), "round 1 committed, client 3 holding a model", |s| {
+        s.completed_rounds >= 1 && held_digest(&dirs[2]).is_some()
+    });
+    signal(&clients[2].child, "STOP");
+    let stopped_at = coordinator.status().completed_rounds;
+    let held = held_digest(&dirs[2]).unwrap();
+    // Two more rounds: the round it answers next has a base at least two rounds newer than `held`.
+    coordinator
+        .wait_status(Duration::from_secs(120), "two rounds without client 3", |s| s.completed_rounds >= stopped_at + 2);
+    let continued_after = coordinator.status().completed_rounds;
+    assert!(continued_after < rounds, "rounds are left for the lagging client");
+    signal(&clients[2].child, "CONT");
+    finish_federation(&mut coordinator, &mut clients, Duration::from_secs(300));
+
+    let metrics = coordinator.metrics();
+    assert_eq!(metrics.len(), rounds as usize, "one metrics line per round");
+    let full = std::fs::metadata(coordinator.state_dir.join("model/round-0001.safetensors")).unwrap().len();
+    let down = |m: &serde_json::Value| m["bytes_down"].as_u64().unwrap();
+    let rejoined = metrics
+        .iter()
+        .find(|m| m["round"].as_u64().unwrap() > u64::from(continued_after) && m["participants"] == 3)
+        .unwrap_or_else(|| panic!("client 3 trained again after round {continued_after}: {metrics:?}"));
+    assert!(down(rejoined) >= full, "the lagging client downloaded the full model ({full} B): {rejoined}");
+    let last = metrics.last().unwrap();
+    assert_eq!(last["participants"], 3, "{last}");
+    if last["round"] != rejoined["round"] {
+        assert!(down(last) < full, "then deltas again, for all three: {last}");
+    }
+
+    let (_, coord_model) = decode_model(
+        &std::fs::read(coordinator.state_dir.join(format!("model/round-{:04}.safetensors", rounds - 1))).unwrap(),
+    )
+    .unwrap();
+    let want = tensor_digest(&coord_model);
+    assert_ne!(held, want, "client 3 was stopped with an old model");
+    for dir in &dirs {
+        assert_eq!(held_digest(dir).as_deref(), Some(want.as_str()), "{} ends with the coordinator's", dir.display());
+    }
 }

@@ -718,3 +718,52 @@ async fn async_mode_weights_stale_updates_and_refuses_those_staler_than_s() {
     assert_eq!(staleness, vec![(0.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 1.0)]);
     assert!(served.status().refused.get("stale").is_some_and(|n| *n >= 1), "{:?}", served.status().refused);
 }
+
+/// Clients that compress on the wire (gzip, zstd) and one that does not share a round: the
+/// coordinator reads all three uploads, compresses each download in the encoding its client asks
+/// for, and `bytes_up`/`bytes_down` count the same payload bytes as for plain clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_and_plain_clients_share_a_round_and_bytes_count_the_payload() {
+    use fl_common::tls::Compression;
+    let mut served = Served::start(settings(1, 3), None).await;
+    let mut clients = Vec::new();
+    for (name, compression) in [("plain", Compression::None), ("gzip", Compression::Gzip), ("zstd", Compression::Zstd)]
+    {
+        let identity = served.enroll(name).await;
+        let mut client = served.join(&identity).await;
+        if let Some(encoding) = compression.encoding() {
+            client.client = client.client.clone().send_compressed(encoding).accept_compressed(encoding);
+        }
+        clients.push((client, compression));
+    }
+    let initial = served.initial();
+    let (mut payload_up, mut payload_down) = (0, 0);
+    for (i, (client, compression)) in clients.iter_mut().enumerate() {
+        let task = client.next_task().await;
+        let response = client
+            .client
+            .fetch_model(pb::FetchModelRequest { round: task.round, attempt: task.attempt, ..Default::default() })
+            .await
+            .unwrap();
+        let encoding = response.metadata().get("grpc-encoding").map(|v| v.to_str().unwrap().to_string());
+        let asked = compression.encoding().map(|e| e.to_string());
+        assert_eq!(encoding, asked, "the download is compressed as the client asked");
+        let mut stream = response.into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        assert_eq!(bytes.len() as u64, task.model_bytes);
+        payload_down += task.model_bytes;
+        assert_eq!(decode_model(&bytes).unwrap().1, initial, "{compression:?}: the same model");
+        let delta = filled(&initial, 0.1 * (i + 1) as f32);
+        payload_up += delta.encode(None).len() as u64;
+        assert!(client.submit(upload(&task, &delta, 10)).await.unwrap().accepted, "{compression:?}: accepted");
+    }
+    assert_eq!(served.outcome().await, ServeOutcome::Finished);
+    assert_moved_by(&initial, &served.model("model/round-0001.safetensors"), 0.2);
+    let metrics = read_metrics(&served.state_dir);
+    assert_eq!(metrics[0]["participants"].as_u64(), Some(3));
+    assert_eq!(metrics[0]["bytes_up"].as_u64(), Some(payload_up), "uploads count their payload, compressed or not");
+    assert_eq!(metrics[0]["bytes_down"].as_u64(), Some(payload_down), "downloads count the model, compressed or not");
+}

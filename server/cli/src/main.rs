@@ -144,6 +144,12 @@ struct ServeArgs {
     /// Seed of the initial model and of the rounds.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Encodings the coordinator compresses model downloads in, for a client that asks for one
+    /// (`fl-client run --compression`): zstd, gzip (about 5 times zstd's CPU), or none (never
+    /// compress). Compressed uploads are read in either regardless. See BENCHMARKS.md
+    /// "Transport compression".
+    #[arg(long, env = "FL_COMPRESSION", value_enum, value_delimiter = ',', default_value = "zstd")]
+    compression: Vec<fl_common::tls::Compression>,
     /// Stop the federation (exit 2, committed rounds kept) after this many attempts in a row in
     /// which every sampled client's local training failed for the same reasons.
     #[arg(long, env = "FL_MAX_FAILED_ATTEMPTS", default_value_t = 3, value_parser = parse::int_in(1u32, 1000))]
@@ -213,6 +219,7 @@ enum ClientsCommand {
 }
 
 fn main() -> ExitCode {
+    fl_common::cli::limit_malloc_arenas();
     fl_common::cli::init();
     match real_main(Cli::parse()) {
         Ok(code) => code,
@@ -280,6 +287,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         secagg: args.secagg.clone(),
         strategy: args.strategy.clone(),
         distill: args.distill.clone(),
+        compression: args.compression.clone(),
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

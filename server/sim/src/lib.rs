@@ -221,6 +221,7 @@ impl SimArgs {
             secagg: Default::default(),
             strategy: self.strategy.clone(),
             distill: Default::default(),
+            compression: Vec::new(),
         }
     }
 }

@@ -6,24 +6,12 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    fl_common::cli::limit_malloc_arenas();
     fl_common::cli::init();
     let args = fl_sim::SimArgs::parse();
     match real_main(&args) {
         Ok(code) => code,
         Err(e) => fl_common::cli::report_error(&e, is_permanent),
-    }
-}
-
-/// Two malloc arenas instead of glibc's 8 per core: the training workers allocate and free large
-/// tensors on threads that come and go, and per-thread arenas kept that memory (the 1,000-client
-/// benchmark peaked at 0.78 GiB with the default, 0.49 GiB with two). `MALLOC_ARENA_MAX` overrides.
-fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: sets an allocator tunable before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
     }
 }
 
