@@ -97,6 +97,12 @@ enum Command {
         /// size and optimizer); it becomes the personal model [default: 1].
         #[arg(long, env = "FL_FINETUNE_EPOCHS", value_parser = parse::int_in(1u32, 1000))]
         finetune_epochs: Option<u32>,
+        /// With --personalize finetune: before that fine-tuning, shift the final model's logits
+        /// from a uniform class prior to this client's own (its training labels' frequencies,
+        /// each count plus one), by Bayes' rule; `false` fine-tunes the final model as it is
+        /// [default: true].
+        #[arg(long, action = clap::ArgAction::Set, env = "FL_LOCAL_PRIOR")]
+        local_prior: Option<bool>,
         /// TEST TOOL: send a poisoned update every round, to test the coordinator's robust
         /// strategies: sign-flip:SCALE (−SCALE × the delta), scale:FACTOR, or noise:STD (Gaussian
         /// noise added to every coordinate). Never use it in a real federation.
@@ -484,6 +490,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             ditto_lambda,
             local_test_fraction,
             finetune_epochs,
+            local_prior,
             attack,
         } => {
             // Held until the process ends: a second `run` on this state dir is refused at once.
@@ -500,6 +507,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let personal = match personalize {
                 None => {
                     refuse(finetune_epochs.is_none(), "--finetune-epochs needs --personalize finetune".into())?;
+                    refuse(local_prior.is_none(), "--local-prior needs --personalize finetune".into())?;
                     None
                 }
                 Some(how) => {
@@ -526,10 +534,20 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         finetune_epochs.is_none() || method == Personalization::Finetune,
                         format!("--finetune-epochs applies to --personalize finetune only (not {method})"),
                     )?;
+                    refuse(
+                        local_prior.is_none() || method == Personalization::Finetune,
+                        format!("--local-prior applies to --personalize finetune only (not {method})"),
+                    )?;
                     tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
                     let dir = state_dir.join("personal");
                     let final_epochs = finetune_epochs.unwrap_or(1);
-                    Some(PersonalConfig { method, test: Arc::new(test), dir, final_epochs })
+                    Some(PersonalConfig {
+                        method,
+                        test: Arc::new(test),
+                        dir,
+                        final_epochs,
+                        local_prior: local_prior.unwrap_or(true),
+                    })
                 }
             };
             let identity = ClientState::new(&state_dir).load()?;

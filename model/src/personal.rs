@@ -10,6 +10,12 @@
 //!   The term is applied as its exact proximal step after every optimizer step,
 //!   v ← (v + ηλ·w) / (1 + ηλ) with η the learning rate: λ = 0 is local-only training, and as λ
 //!   grows v becomes w.
+//!
+//! With label skew a client's class prior differs from the federation's, and the global model's
+//! logits carry the federation's: by Bayes' rule, p_local(y|x) ∝ p_global(y|x) · p_local(y) /
+//! p_global(y). [`LocalPrior`] makes that correction in the head's bias (logit adjustment,
+//! Menon et al. 2021), from the client's own training labels. It is where `finetune`'s
+//! fine-tuning after the federation starts, and Ditto's anchor.
 
 use std::collections::HashMap;
 
@@ -42,6 +48,51 @@ impl std::fmt::Display for Personalization {
             Personalization::Fedper => f.write_str("fedper"),
             Personalization::Ditto { lambda } => write!(f, "ditto (lambda {lambda})"),
         }
+    }
+}
+
+/// The shift of a client's logits from the federation's label prior to its own: for each class,
+/// log p_local(y) − log p_ref(y). p_local is the client's training labels' frequency, each count
+/// plus one (Laplace smoothing: a class never seen locally keeps some mass, and a client with few
+/// rows gets a small shift). p_ref is uniform: the federation's own prior is not known to a
+/// client, and the global model of a federation whose data is balanced overall has learnt a
+/// uniform one. With balanced local labels the shift is zero.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalPrior {
+    /// Per class, the amount added to the head's bias.
+    pub shift: Vec<f32>,
+}
+
+impl LocalPrior {
+    /// The shift of `labels` (label indices; [`crate::train::UNLABELLED`] and other negative
+    /// entries are not counted) over `classes` classes.
+    pub fn from_labels(labels: &[i64], classes: usize) -> LocalPrior {
+        let mut counts = vec![1.0f64; classes];
+        for &l in labels {
+            if let Some(c) = usize::try_from(l).ok().and_then(|l| counts.get_mut(l)) {
+                *c += 1.0;
+            }
+        }
+        let total: f64 = counts.iter().sum();
+        LocalPrior { shift: counts.iter().map(|c| (c / total * classes as f64).ln() as f32).collect() }
+    }
+
+    /// Adds the shift to the bias of `model`'s classifier head.
+    pub fn apply(&self, model: &mut Classifier) -> Result<(), ModelError> {
+        let name = model.head_names().iter().find(|n| n.ends_with(".bias")).expect("every head has a bias");
+        let bias = model.vs.variables().remove(*name).expect("the head's bias is a weight");
+        if bias.size() != [self.shift.len() as i64] {
+            return Err(ModelError::Weights(fl_common::tensors::TensorError::Shape {
+                name: name.to_string(),
+                expected: vec![self.shift.len()],
+                got: bias.size().iter().map(|&d| d as usize).collect(),
+            }));
+        }
+        let shift = Tensor::from_slice(&self.shift).to_device(bias.device());
+        tch::no_grad(|| {
+            let _ = bias.shallow_clone().g_add_(&shift);
+        });
+        Ok(())
     }
 }
 
@@ -181,6 +232,53 @@ mod tests {
     ) -> PersonalRound {
         let cancel = CancellationToken::new();
         personal_round(spec, global, previous, data, config, method, Device::Cpu, &cancel, |_, _| {}).unwrap()
+    }
+
+    #[test]
+    fn local_prior_is_the_log_ratio_of_the_smoothed_local_frequencies_to_uniform() {
+        // 3 classes, labels 0,0,0,1 (and an unlabelled row): counts plus one are 4, 2, 1 of 7.
+        let prior = LocalPrior::from_labels(&[0, 0, 0, 1, crate::train::UNLABELLED], 3);
+        let expected = [(12.0f64 / 7.0).ln(), (6.0f64 / 7.0).ln(), (3.0f64 / 7.0).ln()];
+        for (got, want) in prior.shift.iter().zip(expected) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{:?} against {expected:?}", prior.shift);
+        }
+        // Balanced labels: no shift.
+        assert!(LocalPrior::from_labels(&[0, 1, 2, 2, 1, 0], 3).shift.iter().all(|s| s.abs() < 1e-6));
+    }
+
+    #[test]
+    fn local_prior_multiplies_the_global_posterior_by_the_prior_ratio() {
+        let (spec, global, data, _) = setup();
+        let labels: Vec<i64> = (0..40).map(|i| if i < 30 { 0 } else { 1 + i % 3 }).collect();
+        let prior = LocalPrior::from_labels(&labels, spec.num_classes());
+        let mut model = Classifier::from_tensors(spec.clone(), &global, Device::Cpu).unwrap();
+        prior.apply(&mut model).unwrap();
+        let before = Classifier::from_tensors(spec.clone(), &global, Device::Cpu).unwrap();
+        let docs = &data.docs[..5];
+        let probs = |m: &Classifier| {
+            let p = m.forward(&crate::model::Batch::new(docs, Device::Cpu)).softmax(-1, tch::Kind::Float);
+            Vec::<Vec<f32>>::try_from(&p).unwrap()
+        };
+        // Bayes' rule: p_local(y|x) ∝ p(y|x)·p_local(y)/p_uniform(y) = p(y|x)·exp(shift_y).
+        for (p, q) in probs(&before).iter().zip(probs(&model)) {
+            let unnormalised: Vec<f64> =
+                p.iter().zip(&prior.shift).map(|(&p, &s)| f64::from(p) * f64::from(s).exp()).collect();
+            let z: f64 = unnormalised.iter().sum();
+            for (u, q) in unnormalised.iter().zip(q) {
+                assert!((u / z - f64::from(q)).abs() < 1e-5, "{p:?} shifted gives {q:?}");
+            }
+        }
+        // Only the head's bias moved.
+        let changed: Vec<String> = model
+            .to_tensors()
+            .minus(&global)
+            .tensors
+            .into_iter()
+            .filter(|t| t.data.iter().any(|&x| x != 0.0))
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(changed, ["linear.bias"]);
+        assert!(prior.shift[0] > 0.0 && prior.shift[1..].iter().all(|&s| s < 0.0), "{:?}", prior.shift);
     }
 
     #[test]
