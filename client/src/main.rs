@@ -88,13 +88,18 @@ enum Command {
         /// Ditto's λ: the pull of the personal model towards the global one (0: local only).
         #[arg(long, default_value_t = 10.0, env = "FL_DITTO_LAMBDA", value_parser = parse::float_in(0.0, 1e6))]
         ditto_lambda: f64,
+        /// Ditto's personal step: at least this many optimizer steps a round (whole epochs over
+        /// the local data), so that a client whose data is one batch still trains its personal
+        /// model.
+        #[arg(long, default_value_t = 20, env = "FL_DITTO_MIN_STEPS", value_parser = parse::int_in(1u32, 1_000_000))]
+        ditto_min_steps: u32,
         /// With --personalize: fraction of the local data held out (never trained on) to compare
         /// the personal and the global model.
         #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION", value_parser = parse::positive(0.99))]
         local_test_fraction: f64,
         /// With --personalize finetune: once the federation has finished, fine-tune the final
         /// model on the local data for this many epochs (the last round's learning rate, batch
-        /// size and optimizer); it becomes the personal model [default: 1].
+        /// size and optimizer); it becomes the personal model [default: 2].
         #[arg(long, env = "FL_FINETUNE_EPOCHS", value_parser = parse::int_in(1u32, 1000))]
         finetune_epochs: Option<u32>,
         /// With --personalize finetune: before that fine-tuning, shift the final model's logits
@@ -488,6 +493,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             max_backoff,
             personalize,
             ditto_lambda,
+            ditto_min_steps,
             local_test_fraction,
             finetune_epochs,
             local_prior,
@@ -528,7 +534,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     let method = match how {
                         PersonalizeArg::Finetune => Personalization::Finetune,
                         PersonalizeArg::Fedper => Personalization::Fedper,
-                        PersonalizeArg::Ditto => Personalization::Ditto { lambda: ditto_lambda },
+                        PersonalizeArg::Ditto => {
+                            Personalization::Ditto { lambda: ditto_lambda, min_steps: ditto_min_steps }
+                        }
                     };
                     refuse(
                         finetune_epochs.is_none() || method == Personalization::Finetune,
@@ -540,7 +548,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     )?;
                     tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
                     let dir = state_dir.join("personal");
-                    let final_epochs = finetune_epochs.unwrap_or(1);
+                    let final_epochs = finetune_epochs.unwrap_or(2);
                     Some(PersonalConfig {
                         method,
                         test: Arc::new(test),

@@ -9,7 +9,11 @@
 //!   local data with the extra term λ/2·‖v − w‖² pulling it towards the round's global model `w`.
 //!   The term is applied as its exact proximal step after every optimizer step,
 //!   v ← (v + ηλ·w) / (1 + ηλ) with η the learning rate: λ = 0 is local-only training, and as λ
-//!   grows v becomes w.
+//!   grows v becomes w. As in Ditto's paper, the personal step is a number of optimizer steps a
+//!   round, not only of epochs: at least `min_steps` (in whole epochs), so that a client whose
+//!   shard is one batch still trains its personal model (one step a round would leave it near
+//!   the random model it was created from). `v` is created, the first time, from the global
+//!   model the client received.
 //!
 //! With label skew a client's class prior differs from the federation's, and the global model's
 //! logits carry the federation's: by Bayes' rule, p_local(y|x) ∝ p_global(y|x) · p_local(y) /
@@ -38,6 +42,8 @@ pub enum Personalization {
     Ditto {
         /// λ of λ/2·‖v − w‖².
         lambda: f64,
+        /// The least number of optimizer steps of the personal model a round (whole epochs).
+        min_steps: u32,
     },
 }
 
@@ -46,7 +52,9 @@ impl std::fmt::Display for Personalization {
         match self {
             Personalization::Finetune => f.write_str("finetune"),
             Personalization::Fedper => f.write_str("fedper"),
-            Personalization::Ditto { lambda } => write!(f, "ditto (lambda {lambda})"),
+            Personalization::Ditto { lambda, min_steps } => {
+                write!(f, "ditto (lambda {lambda}, at least {min_steps} steps a round)")
+            }
         }
     }
 }
@@ -107,14 +115,16 @@ pub struct PersonalRound {
     pub stats: TrainStats,
 }
 
-/// Trains `personal` for `config.epochs` on `data`, pulled towards `global` with strength
-/// `lambda` (Ditto's personal step).
+/// Trains `personal` on `data` for `config.epochs`, or for more whole epochs until it has taken
+/// at least `min_steps` optimizer steps, pulled towards `global` with strength `lambda` (Ditto's
+/// personal step).
 pub fn train_ditto_personal(
     personal: &mut Classifier,
     global: &TensorSet,
     data: &EncodedDataset,
     config: &TrainConfig,
     lambda: f64,
+    min_steps: u32,
     cancel: &CancellationToken,
 ) -> Result<(), ModelError> {
     let device = personal.device();
@@ -130,7 +140,8 @@ pub fn train_ditto_personal(
         personal.vs.variables().into_iter().map(|(name, v)| (v, anchor[&name].shallow_clone())).collect();
     let pull = config.lr * lambda;
     let mut trainer = Trainer::new(personal, config);
-    for _ in 0..config.epochs {
+    let (mut epochs, mut steps) = (0u32, 0usize);
+    while epochs < config.epochs || steps < min_steps as usize {
         let epoch = trainer.epoch(personal, data, cancel, |_| {
             if pull > 0.0 {
                 tch::no_grad(|| {
@@ -141,7 +152,9 @@ pub fn train_ditto_personal(
                 });
             }
         });
-        if epoch.cancelled {
+        epochs += 1;
+        steps += epoch.steps;
+        if epoch.cancelled || epoch.steps == 0 {
             break;
         }
     }
@@ -190,9 +203,9 @@ pub fn personal_round(
             }
             trained
         }
-        Personalization::Ditto { lambda } => {
+        Personalization::Ditto { lambda, min_steps } => {
             let mut personal = Classifier::from_tensors(spec.clone(), previous.unwrap_or(global), device)?;
-            train_ditto_personal(&mut personal, global, data, config, lambda, cancel)?;
+            train_ditto_personal(&mut personal, global, data, config, lambda, min_steps, cancel)?;
             personal.to_tensors()
         }
     };
@@ -285,7 +298,7 @@ mod tests {
     fn ditto_with_a_huge_lambda_is_the_global_model() {
         let set = setup();
         let global = &set.1;
-        let round = |lambda| round_of(&set, global, None, Personalization::Ditto { lambda });
+        let round = |lambda| round_of(&set, global, None, Personalization::Ditto { lambda, min_steps: 1 });
         let pulled = round(1e12);
         assert!(
             max_abs_diff(&pulled.personal, global) < 1e-6,
@@ -303,7 +316,7 @@ mod tests {
         // Two rounds with different global models in between: the personal model ignores them.
         let mut other_global = global.clone();
         other_global.tensors.iter_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= 0.5));
-        let method = Personalization::Ditto { lambda: 0.0 };
+        let method = Personalization::Ditto { lambda: 0.0, min_steps: 1 };
         let first = round_of(&set, global, None, method);
         let second = round_of(&set, &other_global, Some(&first.personal), method);
         // Local-only: the same start trained twice on the local data, nothing from the federation.
@@ -313,6 +326,28 @@ mod tests {
         }
         assert!(max_abs_diff(&second.personal, &local.to_tensors()) < 1e-6);
         assert!(max_abs_diff(&second.personal, &other_global) > 1e-3);
+    }
+
+    #[test]
+    fn ditto_takes_at_least_min_steps_a_round_in_whole_epochs() {
+        let (spec, global, data, config) = setup();
+        let cancel = CancellationToken::new();
+        let ditto = |data: &EncodedDataset, config: &TrainConfig, min_steps| {
+            let mut personal = Classifier::from_tensors(spec.clone(), &global, Device::Cpu).unwrap();
+            train_ditto_personal(&mut personal, &global, data, config, 1.0, min_steps, &cancel).unwrap();
+            personal.to_tensors()
+        };
+        // A shard of one batch: 6 rows, one step an epoch. At least 5 steps is 5 epochs.
+        let tiny = EncodedDataset { docs: data.docs[..6].to_vec(), labels: data.labels[..6].to_vec(), soft: None };
+        let five_epochs = TrainConfig { epochs: 5, ..config.clone() };
+        let at_least_five = ditto(&tiny, &config, 5);
+        assert!(max_abs_diff(&at_least_five, &ditto(&tiny, &five_epochs, 1)) < 1e-6);
+        assert!(max_abs_diff(&at_least_five, &ditto(&tiny, &config, 1)) > 1e-4, "more steps, another model");
+        // A shard with more steps an epoch than the minimum: one epoch, as before.
+        let per_epoch = data.len().div_ceil(config.batch_size as usize) as u32;
+        assert!(per_epoch > 2, "{per_epoch} steps an epoch");
+        assert!(max_abs_diff(&ditto(&data, &config, per_epoch - 1), &ditto(&data, &config, 0)) < 1e-6);
+        assert!(max_abs_diff(&ditto(&data, &config, per_epoch + 1), &ditto(&data, &config, 0)) > 1e-4);
     }
 
     #[test]
