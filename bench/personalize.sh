@@ -8,8 +8,9 @@
 # federation; the coordinator has finished by then, so those figures come from the clients'
 # STATE/personal/accuracy.json.
 # Usage: bench/personalize.sh METHOD ALPHA [CLIENTS] [ROUNDS]
-# Environment: ROWS (7000), LAMBDA (ditto's, 10), DITTO_MIN_STEPS (the client's default, 20), LR (0.01), EPOCHS (local epochs, 1),
-# STRATEGY (fedavg; e.g. reptile), SERVER_LR (the strategy's default), FINETUNE_EPOCHS (1),
+# Environment: ROWS (7000), LAMBDA (ditto's, 10), DITTO_MIN_STEPS (the client's default, 20),
+# LR (0.01), EPOCHS (local epochs, 1), STRATEGY (fedavg; e.g. reptile), SERVER_LR (the strategy's
+# default), FINETUNE_EPOCHS (the client's default, 1),
 # LOCAL_PRIOR (finetune's --local-prior: the client's default, true; false to skip the shift),
 # SEED (gen-data's, 11), BENCH_DIR (target/bench).
 set -euo pipefail
@@ -43,7 +44,7 @@ for i in $(seq 1 "$CLIENTS"); do
   $BIN/fl-client enroll --coordinator "$URL" --token "$TOKEN" --state-dir "$DIR/client-$i" --name "c$i" >/dev/null
   $BIN/fl-client run --coordinator "$URL" --state-dir "$DIR/client-$i" --data "$DIR/data/shard-$i.csv" \
     --threads 1 --personalize "$METHOD" --ditto-lambda "${LAMBDA:-10}" ${DITTO_MIN_STEPS:+--ditto-min-steps "$DITTO_MIN_STEPS"} --local-test-fraction 0.2 \
-    $([ "$METHOD" = finetune ] && echo --finetune-epochs "${FINETUNE_EPOCHS:-1}" ${LOCAL_PRIOR:+--local-prior "$LOCAL_PRIOR"}) \
+    $([ "$METHOD" = finetune ] && echo ${FINETUNE_EPOCHS:+--finetune-epochs "$FINETUNE_EPOCHS"} ${LOCAL_PRIOR:+--local-prior "$LOCAL_PRIOR"}) \
     >"$DIR/logs/client-$i.log" 2>&1 &
   pids+=("$!")
 done

@@ -99,7 +99,7 @@ enum Command {
         local_test_fraction: f64,
         /// With --personalize finetune: once the federation has finished, fine-tune the final
         /// model on the local data for this many epochs (the last round's learning rate, batch
-        /// size and optimizer); it becomes the personal model [default: 2].
+        /// size and optimizer); it becomes the personal model [default: 1].
         #[arg(long, env = "FL_FINETUNE_EPOCHS", value_parser = parse::int_in(1u32, 1000))]
         finetune_epochs: Option<u32>,
         /// With --personalize finetune: before that fine-tuning, shift the final model's logits
@@ -548,7 +548,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     )?;
                     tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
                     let dir = state_dir.join("personal");
-                    let final_epochs = finetune_epochs.unwrap_or(2);
+                    let final_epochs = finetune_epochs.unwrap_or(1);
                     Some(PersonalConfig {
                         method,
                         test: Arc::new(test),

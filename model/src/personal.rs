@@ -19,7 +19,7 @@
 //! logits carry the federation's: by Bayes' rule, p_local(y|x) ∝ p_global(y|x) · p_local(y) /
 //! p_global(y). [`LocalPrior`] makes that correction in the head's bias (logit adjustment,
 //! Menon et al. 2021), from the client's own training labels. It is where `finetune`'s
-//! fine-tuning after the federation starts, and Ditto's anchor.
+//! fine-tuning after the federation starts.
 
 use std::collections::HashMap;
 
