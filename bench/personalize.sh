@@ -8,8 +8,10 @@
 # federation; the coordinator has finished by then, so those figures come from the clients'
 # STATE/personal/accuracy.json.
 # Usage: bench/personalize.sh METHOD ALPHA [CLIENTS] [ROUNDS]
-# Environment: ROWS (7000), LAMBDA (ditto's, 10), LR (0.01), EPOCHS (local epochs, 1),
-# STRATEGY (fedavg; e.g. reptile), SERVER_LR (the strategy's default), FINETUNE_EPOCHS (1),
+# Environment: ROWS (7000), LAMBDA (ditto's, 10), DITTO_MIN_STEPS (the client's default, 20),
+# LR (0.01), EPOCHS (local epochs, 1), STRATEGY (fedavg; e.g. reptile), SERVER_LR (the strategy's
+# default), FINETUNE_EPOCHS (the client's default, 1),
+# LOCAL_PRIOR (finetune's --local-prior: the client's default, true; false to skip the shift),
 # SEED (gen-data's, 11), BENCH_DIR (target/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ ROUNDS=${4:-10}
 BIN=target/release
 STRATEGY=${STRATEGY:-fedavg}
 SEED=${SEED:-11}
-DIR=${BENCH_DIR:-target/bench}/personalize-$METHOD-$STRATEGY${SERVER_LR:+-$SERVER_LR}-a$ALPHA-c$CLIENTS-r$ROUNDS-s$SEED
+DIR=${BENCH_DIR:-target/bench}/personalize-$METHOD-$STRATEGY${SERVER_LR:+-$SERVER_LR}${LOCAL_PRIOR:+-prior-$LOCAL_PRIOR}-a$ALPHA-c$CLIENTS-r$ROUNDS-s$SEED
 [ -x $BIN/fl-coordinator ] || { echo "run make build first" >&2; exit 1; }
 rm -rf "$DIR"; mkdir -p "$DIR/logs"
 pids=()
@@ -41,8 +43,8 @@ TOKEN=$(cat "$DIR/coord/join-token")
 for i in $(seq 1 "$CLIENTS"); do
   $BIN/fl-client enroll --coordinator "$URL" --token "$TOKEN" --state-dir "$DIR/client-$i" --name "c$i" >/dev/null
   $BIN/fl-client run --coordinator "$URL" --state-dir "$DIR/client-$i" --data "$DIR/data/shard-$i.csv" \
-    --threads 1 --personalize "$METHOD" --ditto-lambda "${LAMBDA:-10}" --local-test-fraction 0.2 \
-    $([ "$METHOD" = finetune ] && echo --finetune-epochs "${FINETUNE_EPOCHS:-1}") \
+    --threads 1 --personalize "$METHOD" --ditto-lambda "${LAMBDA:-10}" ${DITTO_MIN_STEPS:+--ditto-min-steps "$DITTO_MIN_STEPS"} --local-test-fraction 0.2 \
+    $([ "$METHOD" = finetune ] && echo ${FINETUNE_EPOCHS:+--finetune-epochs "$FINETUNE_EPOCHS"} ${LOCAL_PRIOR:+--local-prior "$LOCAL_PRIOR"}) \
     >"$DIR/logs/client-$i.log" 2>&1 &
   pids+=("$!")
 done

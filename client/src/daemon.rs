@@ -74,6 +74,9 @@ pub struct PersonalConfig {
     pub dir: PathBuf,
     /// `finetune`: epochs of fine-tuning of the final model after the federation.
     pub final_epochs: u32,
+    /// `finetune`: shift the final model's head to the local label prior before fine-tuning it
+    /// ([`fl_model::personal::LocalPrior`]).
+    pub local_prior: bool,
 }
 
 impl PersonalConfig {

@@ -88,6 +88,11 @@ enum Command {
         /// Ditto's λ: the pull of the personal model towards the global one (0: local only).
         #[arg(long, default_value_t = 10.0, env = "FL_DITTO_LAMBDA", value_parser = parse::float_in(0.0, 1e6))]
         ditto_lambda: f64,
+        /// Ditto's personal step: at least this many optimizer steps a round (whole epochs over
+        /// the local data), so that a client whose data is one batch still trains its personal
+        /// model.
+        #[arg(long, default_value_t = 20, env = "FL_DITTO_MIN_STEPS", value_parser = parse::int_in(1u32, 1_000_000))]
+        ditto_min_steps: u32,
         /// With --personalize: fraction of the local data held out (never trained on) to compare
         /// the personal and the global model.
         #[arg(long, default_value_t = 0.2, env = "FL_LOCAL_TEST_FRACTION", value_parser = parse::positive(0.99))]
@@ -97,6 +102,12 @@ enum Command {
         /// size and optimizer); it becomes the personal model [default: 1].
         #[arg(long, env = "FL_FINETUNE_EPOCHS", value_parser = parse::int_in(1u32, 1000))]
         finetune_epochs: Option<u32>,
+        /// With --personalize finetune: before that fine-tuning, shift the final model's logits
+        /// from a uniform class prior to this client's own (its training labels' frequencies,
+        /// each count plus one), by Bayes' rule; `false` fine-tunes the final model as it is
+        /// [default: true].
+        #[arg(long, action = clap::ArgAction::Set, env = "FL_LOCAL_PRIOR")]
+        local_prior: Option<bool>,
         /// TEST TOOL: send a poisoned update every round, to test the coordinator's robust
         /// strategies: sign-flip:SCALE (−SCALE × the delta), scale:FACTOR, or noise:STD (Gaussian
         /// noise added to every coordinate). Never use it in a real federation.
@@ -555,8 +566,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             max_backoff,
             personalize,
             ditto_lambda,
+            ditto_min_steps,
             local_test_fraction,
             finetune_epochs,
+            local_prior,
             attack,
             compression,
         } => {
@@ -574,6 +587,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let personal = match personalize {
                 None => {
                     refuse(finetune_epochs.is_none(), "--finetune-epochs needs --personalize finetune".into())?;
+                    refuse(local_prior.is_none(), "--local-prior needs --personalize finetune".into())?;
                     None
                 }
                 Some(how) => {
@@ -594,16 +608,28 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     let method = match how {
                         PersonalizeArg::Finetune => Personalization::Finetune,
                         PersonalizeArg::Fedper => Personalization::Fedper,
-                        PersonalizeArg::Ditto => Personalization::Ditto { lambda: ditto_lambda },
+                        PersonalizeArg::Ditto => {
+                            Personalization::Ditto { lambda: ditto_lambda, min_steps: ditto_min_steps }
+                        }
                     };
                     refuse(
                         finetune_epochs.is_none() || method == Personalization::Finetune,
                         format!("--finetune-epochs applies to --personalize finetune only (not {method})"),
                     )?;
+                    refuse(
+                        local_prior.is_none() || method == Personalization::Finetune,
+                        format!("--local-prior applies to --personalize finetune only (not {method})"),
+                    )?;
                     tracing::info!(%method, train_rows = rows.len(), test_rows = test.len(), "personalising");
                     let dir = state_dir.join("personal");
                     let final_epochs = finetune_epochs.unwrap_or(1);
-                    Some(PersonalConfig { method, test: Arc::new(test), dir, final_epochs })
+                    Some(PersonalConfig {
+                        method,
+                        test: Arc::new(test),
+                        dir,
+                        final_epochs,
+                        local_prior: local_prior.unwrap_or(true),
+                    })
                 }
             };
             let identity = ClientState::new(&state_dir).load()?;

@@ -6,7 +6,8 @@
 //! After the federation: the client fetches the final model (`FetchModel` of round
 //! `rounds_completed + 1`) while its work stream is still open, closes the stream, and fine-tunes
 //! the final model on its training split for `--finetune-epochs` epochs with the training settings
-//! of its last round (without a proximal term). The result becomes its personal model;
+//! of its last round (without a proximal term), after shifting its logits to the client's own
+//! label prior (`--local-prior`, [`LocalPrior`]). The result becomes its personal model;
 //! `accuracy.json` then says `"after_federation": true`.
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use fl_model::model::{default_device, Classifier};
+use fl_model::personal::LocalPrior;
 use fl_model::train::{train, EncodedDataset, TrainConfig};
 
 use crate::daemon::{PersonalAccuracy, PersonalConfig};
@@ -86,7 +88,8 @@ impl From<&PersonalAccuracy> for pb::LocalEvaluation {
 
 /// Fine-tunes the final model `global` of a federation of `rounds` rounds on `data` for
 /// `personal.final_epochs` epochs with `last_round` (the settings of this client's last round),
-/// and records it as the personal model. Trains on a blocking thread with `threads` threads.
+/// starting from its logits shifted to the local label prior when `personal.local_prior`, and
+/// records it as the personal model. Trains on a blocking thread with `threads` threads.
 pub(crate) async fn finetune_final(
     personal: &PersonalConfig,
     spec: &ModelSpec,
@@ -101,6 +104,9 @@ pub(crate) async fn finetune_final(
     tokio::task::spawn_blocking(move || -> Result<PersonalAccuracy> {
         tch::set_num_threads(threads);
         let mut model = Classifier::from_tensors(spec.clone(), &global, default_device())?;
+        if personal.local_prior {
+            LocalPrior::from_labels(&data.labels, spec.num_classes()).apply(&mut model)?;
+        }
         let stats = train(&mut model, &data, &config, &CancellationToken::new(), |_, _| {});
         if !stats.loss.is_finite() {
             return Err(anyhow!("fine-tuning the final model diverged: the loss is not finite"));

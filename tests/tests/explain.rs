@@ -115,16 +115,27 @@ fn predict_personal_refuses_a_client_without_a_personal_model() {
 }
 
 #[test]
-fn finetune_epochs_without_finetune_is_refused_as_permanent() {
+fn finetune_flags_without_finetune_are_refused_as_permanent() {
     let root = tempfile::tempdir().unwrap();
     gen_data(&root.path().join("data"), 100, 1);
-    for (personalize, why) in [
-        (Some("ditto"), "--finetune-epochs applies to --personalize finetune only (not ditto"),
-        (None, "--finetune-epochs needs --personalize finetune"),
+    for (flag, personalize, why) in [
+        (
+            ["--finetune-epochs", "2"],
+            Some("ditto"),
+            "--finetune-epochs applies to --personalize finetune only (not ditto",
+        ),
+        (["--finetune-epochs", "2"], None, "--finetune-epochs needs --personalize finetune"),
+        (
+            ["--local-prior", "false"],
+            Some("fedper"),
+            "--local-prior applies to --personalize finetune only (not fedper",
+        ),
+        (["--local-prior", "true"], None, "--local-prior needs --personalize finetune"),
     ] {
         let mut cmd = command("fl-client");
-        cmd.args(["run", "--coordinator", "https://localhost:9", "--finetune-epochs", "2", "--state-dir"])
+        cmd.args(["run", "--coordinator", "https://localhost:9", "--state-dir"])
             .arg(root.path().join("client"))
+            .args(flag)
             .arg("--data")
             .arg(root.path().join("data/shard-1.csv"));
         if let Some(method) = personalize {
