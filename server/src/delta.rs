@@ -6,14 +6,54 @@
 //! ([`fl_common::codec::apply_delta`]), the very arithmetic a client does on the payload it
 //! downloads, so every client that applies the delta holds bit-identical weights; the task's
 //! `model_sha256` ([`fl_common::codec::tensor_digest`]) lets it check.
+//!
+//! A top-k download codec leaves part of each aggregate out; the coordinator keeps it (its
+//! [`ErrorFeedback`]) and persists it with each round, as the server optimiser's state:
+//! `STATE/download-feedback/round-NNNN.safetensors` is written before round NNNN commits, the
+//! file of the round before is removed after, and a restart loads the one of the last
+//! committed round ([`load_feedback`]), so the next aggregates are those of a run without the
+//! restart.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use anyhow::Context;
 use fl_common::codec::{apply_delta, ErrorFeedback, Sparsity, UpdateCodec};
 use fl_common::{ModelSpec, TensorSet};
 use tracing::warn;
 
 use crate::coordinator::GlobalModel;
+use crate::state::StateDir;
+
+/// Where the download residual as of committed round `round` is kept.
+pub fn feedback_path(state: &StateDir, round: u32) -> PathBuf {
+    state.path(&format!("download-feedback/round-{round:04}.safetensors"))
+}
+
+/// Writes the download residual of `round` before the round commits (a crash in between leaves a
+/// file that the rerun of the round overwrites); an empty residual writes nothing. Blocking.
+pub fn save_feedback(state: &StateDir, round: u32, feedback: &ErrorFeedback) -> anyhow::Result<()> {
+    let path = feedback_path(state, round);
+    feedback.save(&path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Removes the residual of the round before `round` once `round` is committed. Blocking.
+pub fn feedback_committed(state: &StateDir, round: u32) {
+    if round > 1 {
+        let old = feedback_path(state, round - 1);
+        if let Err(e) = std::fs::remove_file(&old) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("could not remove {}: {e}", old.display());
+            }
+        }
+    }
+}
+
+/// The download residual as of committed round `completed` (empty when there is none). Blocking.
+pub fn load_feedback(state: &StateDir, completed: u32) -> anyhow::Result<ErrorFeedback> {
+    let path = feedback_path(state, completed);
+    ErrorFeedback::load(&path).with_context(|| format!("reading {}", path.display()))
+}
 
 /// A round's aggregate as it is downloaded by the clients that hold the model before it.
 #[derive(Debug)]
