@@ -1993,24 +1993,29 @@ mod tests {
         }
     }
 
-    /// Plays `round` with one update of `delta` from client "a" (top-k int8, the accepted
-    /// codec), through the engine's steps, and waits for its commit.
-    async fn play_round(coord: &Arc<Coordinator>, round: u32, delta: &TensorSet, spool: &std::path::Path) {
-        let codec = coord.settings.accepted_codecs()[0];
-        coord.open_round(round, 0, vec!["a".into()], 1, None);
-        let payload = codec.encode(delta).unwrap();
-        let header = UpdateHeader {
+    /// The header of an update of attempt 0 of `round` from a client with 3 examples.
+    fn header(round: u32, codec: &str, total_bytes: u64) -> UpdateHeader {
+        UpdateHeader {
             round,
             attempt: 0,
-            codec: codec.name().into(),
-            total_bytes: payload.len() as u64,
+            codec: codec.into(),
+            total_bytes,
             num_examples: 3,
             train_loss: 1.0,
             train_accuracy: 0.5,
             train_s: 0.1,
             local_eval: None,
             distilled: false,
-        };
+        }
+    }
+
+    /// Plays `round` with one update of `delta` from client "a" (top-k int8, the accepted
+    /// codec), through the engine's steps, and waits for its commit.
+    async fn play_round(coord: &Arc<Coordinator>, round: u32, delta: &TensorSet, spool: &std::path::Path) {
+        let codec = coord.settings.accepted_codecs()[0];
+        coord.open_round(round, 0, vec!["a".into()], 1, None);
+        let payload = codec.encode(delta).unwrap();
+        let header = header(round, codec.name(), payload.len() as u64);
         let path = spool.join(format!("a-{round}.part"));
         std::fs::write(&path, &payload).unwrap();
         let ticket = coord.begin_upload("a", &header).unwrap();
@@ -2058,7 +2063,10 @@ mod tests {
         assert!(residual.residual.as_ref().is_some_and(|r| r.l2_norm() > 0.0), "top-k left part of the aggregates out");
         let state = StateDir::new(dir.path());
         assert!(crate::delta::feedback_path(&state, 2).exists());
-        assert!(!crate::delta::feedback_path(&state, 1).exists(), "the residual of round 1 is removed once round 2 commits");
+        assert!(
+            !crate::delta::feedback_path(&state, 1).exists(),
+            "the residual of round 1 is removed once round 2 commits"
+        );
 
         // Restart after round 2, from the files, as serve does.
         let (_, global) = fl_common::decode_model(&std::fs::read(state.round_model_path(2)).unwrap()).unwrap();
@@ -2090,18 +2098,7 @@ mod tests {
         coord.new_strategy = || Box::new(PanickingFold);
         let task = coord.open_round(1, 0, vec!["a".into(), "b".into()], 2, None);
 
-        let header = UpdateHeader {
-            round: 1,
-            attempt: 0,
-            codec: CODEC_SAFETENSORS_F32.into(),
-            total_bytes: 0,
-            num_examples: 3,
-            train_loss: 1.0,
-            train_accuracy: 0.5,
-            train_s: 0.1,
-            local_eval: None,
-            distilled: false,
-        };
+        let header = header(1, CODEC_SAFETENSORS_F32, 0);
         let path = dir.path().join("a.part");
         std::fs::write(&path, weights.encode(None)).unwrap();
         let ticket = coord.begin_upload("a", &header).unwrap();

@@ -139,7 +139,8 @@ fn coordinator_killed_while_the_next_round_collects_and_the_commit_is_pending() 
     assert_eq!(seen.completed_rounds, 2, "round 4 collects before round 3 is committed: {seen:?}");
     coordinator.child.kill().unwrap();
     coordinator.child.wait().unwrap();
-    let rounds = |state: &Path| -> Vec<u64> { read_metrics(state).iter().map(|m| m["round"].as_u64().unwrap()).collect() };
+    let rounds =
+        |state: &Path| -> Vec<u64> { read_metrics(state).iter().map(|m| m["round"].as_u64().unwrap()).collect() };
     assert_eq!(committed_rounds(&state), 2);
     assert_eq!(rounds(&state), vec![1, 2], "round 3's metrics line waits for its commit");
     assert!(!state.join("model/round-0003.safetensors").exists(), "round 3's model file was not written");

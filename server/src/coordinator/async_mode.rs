@@ -371,7 +371,8 @@ pub(super) async fn run_steps(rounds: &mut RoundLoop) -> Result<()> {
                 )
             };
             let step_counts = |sum: &mut Accumulator, book: &RoundBook| {
-                sum.buffered.get_or_insert_default().dropped_stale = std::mem::take(&mut lock(&engine.book).dropped_stale);
+                sum.buffered.get_or_insert_default().dropped_stale =
+                    std::mem::take(&mut lock(&engine.book).dropped_stale);
                 book.bytes_down.store(engine.bytes_down.swap(0, Ordering::SeqCst), Ordering::SeqCst);
             };
             match rounds.conclude(book, close, 1, too_few, step_counts).await? {
