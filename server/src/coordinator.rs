@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -100,28 +100,71 @@ impl RoundSettings {
     }
 }
 
-/// The global model: the encoded model file (what clients download) and its tensors.
+/// The global model: its tensors, their digest, and the model file clients without the previous
+/// model download (safetensors with the spec). The file of a round's model is built when first
+/// needed (the round's commit, a full download), not on the round's critical path.
 #[derive(Debug)]
 pub struct GlobalModel {
-    /// Model file bytes (safetensors with the spec).
-    pub bytes: Arc<Vec<u8>>,
     /// Weights.
     pub tensors: Arc<TensorSet>,
     /// [`tensor_digest`] of the weights.
     pub digest: String,
     /// The aggregate that made this model from the previous one, for delta downloads.
     pub delta: Option<Arc<crate::delta::ModelDelta>>,
+    spec: ModelSpec,
+    file: OnceLock<Arc<Vec<u8>>>,
+    file_len: usize,
 }
 
 impl GlobalModel {
     /// Encodes `tensors` as a model file of `spec`. Blocking: it copies the whole model.
     pub fn encode(spec: &ModelSpec, tensors: TensorSet) -> GlobalModel {
+        let bytes = encode_model(spec, &tensors);
         GlobalModel {
-            bytes: Arc::new(encode_model(spec, &tensors)),
+            file_len: bytes.len(),
+            file: OnceLock::from(Arc::new(bytes)),
             digest: tensor_digest(&tensors),
             tensors: Arc::new(tensors),
+            spec: spec.clone(),
             delta: None,
         }
+    }
+
+    /// The model after `base`, with the same spec, names and shapes (so a model file of the
+    /// same length), and the aggregate that made it; its file is built when first needed.
+    /// Blocking: it hashes the whole model.
+    pub fn after(base: &GlobalModel, tensors: TensorSet, delta: Option<Arc<crate::delta::ModelDelta>>) -> GlobalModel {
+        debug_assert!(tensors.check_matches(&base.tensors).is_ok(), "the next model has the same tensors");
+        GlobalModel {
+            digest: tensor_digest(&tensors),
+            tensors: Arc::new(tensors),
+            delta,
+            spec: base.spec.clone(),
+            file: OnceLock::new(),
+            file_len: base.file_len,
+        }
+    }
+
+    /// The model file's length in bytes.
+    pub fn file_len(&self) -> usize {
+        self.file_len
+    }
+
+    /// The model file. Blocking: the first caller builds it (a copy of the whole model), and
+    /// one that comes meanwhile waits for it.
+    pub fn file(&self) -> Arc<Vec<u8>> {
+        let bytes = self.file.get_or_init(|| Arc::new(encode_model(&self.spec, &self.tensors)));
+        debug_assert_eq!(bytes.len(), self.file_len);
+        bytes.clone()
+    }
+
+    /// [`GlobalModel::file`] on a blocking thread, unless it is built already.
+    pub async fn file_async(self: &Arc<Self>) -> Result<Arc<Vec<u8>>, tokio::task::JoinError> {
+        if let Some(bytes) = self.file.get() {
+            return Ok(bytes.clone());
+        }
+        let model = self.clone();
+        tokio::task::spawn_blocking(move || model.file()).await
     }
 }
 
@@ -621,7 +664,7 @@ pub struct Coordinator {
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
     /// What top-k delta downloads have not sent of the aggregates yet (see [`crate::delta`]).
-    download_feedback: Mutex<fl_common::codec::ErrorFeedback>,
+    download_feedback: Mutex<Arc<fl_common::codec::ErrorFeedback>>,
     secagg: Option<(SecAggConfig, fl_common::secagg::QuantizationPlan)>,
     best: Mutex<BestRound>,
     early_stopped: AtomicBool,
@@ -851,7 +894,7 @@ impl Coordinator {
     /// [`crate::delta`]). Blocking.
     pub fn resume_download_feedback(self) -> Result<Coordinator> {
         let feedback = crate::delta::load_feedback(&self.state, self.completed_rounds())?;
-        *lock(&self.download_feedback) = feedback;
+        *lock(&self.download_feedback) = Arc::new(feedback);
         Ok(self)
     }
 
@@ -1209,7 +1252,7 @@ impl Coordinator {
             optimizer: settings.optimizer.clone(),
             seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 131 + u64::from(attempt)),
             deadline_unix_ms,
-            model_bytes: model.bytes.len() as u64,
+            model_bytes: model.file_len() as u64,
             model_codec: CODEC_SAFETENSORS_F32.to_string(),
             update_codecs: settings.accepted_codecs().iter().map(|c| c.name().to_string()).collect(),
             dp_clip_norm,
@@ -1725,20 +1768,18 @@ async fn complete_round(
 ) -> Result<()> {
     let (round, attempt) = (book.task.round, book.task.attempt);
     let global = book.model.clone();
-    let spec = coord.spec.clone();
     let download = coord.settings.download_codec();
-    let mut feedback = std::mem::take(&mut *lock(&coord.download_feedback));
+    let mut feedback = lock(&coord.download_feedback).clone();
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
     let (next, dp_round, feedback, server_state) = tokio::task::spawn_blocking(move || -> Result<_> {
         let next = strategy.try_finish(&global.tensors)?.context("no update was folded")?;
         // With delta downloads the model is what clients rebuild from the aggregate's payload.
-        let next = crate::delta::next_global(&spec, &global, next, download, &mut feedback);
+        let next = crate::delta::next_global(&global, next, download, &mut feedback);
         Ok((next, strategy.dp_round().cloned(), feedback, strategy.server_state().cloned()))
     })
     .await??;
     // The commit writes the residual as of this round (a top-k codec's; none otherwise).
-    let feedback_of_round = fl_common::codec::ErrorFeedback { residual: feedback.residual.clone() };
-    *lock(&coord.download_feedback) = feedback;
+    *lock(&coord.download_feedback) = feedback.clone();
     if let (Some(runtime), Some(state)) = (&coord.strategy, &server_state) {
         runtime.advance(state.clone());
     }
@@ -1810,7 +1851,7 @@ async fn complete_round(
         eval,
         line,
         server_state,
-        feedback: feedback_of_round,
+        feedback,
         joined: sum.folded.iter().cloned().collect(),
     };
     drop(sum);
@@ -1832,7 +1873,7 @@ struct Commit {
     /// The server optimiser's state after the round.
     server_state: Option<crate::aggregation::server_opt::ServerOptState>,
     /// The download residual after the round.
-    feedback: fl_common::codec::ErrorFeedback,
+    feedback: Arc<fl_common::codec::ErrorFeedback>,
     /// The clients whose update is in the round.
     joined: HashSet<String>,
 }
@@ -1866,7 +1907,7 @@ async fn commit(coord: Arc<Coordinator>, job: Commit) -> Result<()> {
             runtime.save_state(round, server_state)?;
         }
         crate::delta::save_feedback(&state, round, &feedback)?;
-        state.commit_round(round, &written.bytes, &json, line.elapsed_s)?;
+        state.commit_round(round, &written.file(), &json, line.elapsed_s)?;
         if let (Some(runtime), Some(_)) = (&runtime, &server_state) {
             runtime.committed(round);
         }
@@ -1874,7 +1915,7 @@ async fn commit(coord: Arc<Coordinator>, job: Commit) -> Result<()> {
         if improved {
             // After the commit: a crash before this write is mended on restart (lib.rs copies the
             // best round's model file again).
-            fl_common::files::write_atomic(&state.best_model_path(), &written.bytes, 0o644)?;
+            fl_common::files::write_atomic(&state.best_model_path(), &written.file(), 0o644)?;
         }
         Ok((line, best))
     })
@@ -1928,8 +1969,7 @@ pub async fn finish(coord: &Arc<Coordinator>) -> Result<()> {
     settle_commits(coord).await?;
     let global = coord.global();
     let path = coord.state.final_model_path();
-    let bytes = global.bytes.clone();
-    tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &bytes, 0o644)).await??;
+    tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &global.file(), 0o644)).await??;
     coord.finished.store(true, Ordering::SeqCst);
     let last = coord.completed_rounds();
     let attempt = match &*lock(&coord.phase) {

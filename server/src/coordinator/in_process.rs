@@ -132,7 +132,7 @@ impl InProcessFederation {
     /// spooled and folded by the engine. A refused update counts as the client's rejection.
     pub async fn submit(&self, client: &str, header: UpdateHeader, payload: &[u8]) -> Result<(), UpdateRefusal> {
         let ticket = self.coord.begin_upload(client, &header)?;
-        header.check(ticket.model.bytes.len(), &self.coord.settings.accepted_codecs())?;
+        header.check(ticket.model.file_len(), &self.coord.settings.accepted_codecs())?;
         let dir = self.coord.state.spool_dir();
         let path = dir.join(format!("{client}-r{}-a{}.part", header.round, header.attempt));
         let _cleanup = crate::spool::RemoveOnDrop(path.clone());
