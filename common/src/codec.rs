@@ -499,7 +499,7 @@ pub fn tensor_digest(set: &TensorSet) -> String {
 pub fn apply_delta_in_place(base: &TensorSet, mut delta: TensorSet) -> TensorSet {
     for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
         for (y, x) in d.data.iter_mut().zip(&b.data) {
-            *y = x + *y;
+            *y += x;
         }
     }
     delta
