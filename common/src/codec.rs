@@ -407,15 +407,40 @@ impl UpdateCodec {
     /// Encodes `delta` plus the residual that earlier rounds left out, and keeps as the new
     /// residual what this payload leaves out: `sent + residual` equals `delta + old residual`.
     pub fn encode_with_feedback(&self, delta: &TensorSet, feedback: &mut ErrorFeedback) -> Result<Vec<u8>, CodecError> {
-        let mut corrected = delta.clone();
-        if let Some(residual) = feedback.residual.as_ref().filter(|r| r.check_matches(delta).is_ok()) {
-            corrected.add_scaled(residual, 1.0);
-        }
-        let payload = self.encode(&corrected)?;
-        let sent = self.decode(&payload, &corrected)?;
-        feedback.residual = Some(corrected.minus(&sent));
-        Ok(payload)
+        let sent = self.encode_owned_with_feedback(delta.clone(), feedback.residual.as_ref())?;
+        feedback.residual = Some(sent.residual);
+        Ok(sent.payload)
     }
+
+    /// [`UpdateCodec::encode_with_feedback`] of a delta the caller gives up: the delta is
+    /// corrected by `residual` in place and becomes the new residual, and what the payload
+    /// carries comes back decoded, so a caller that applies it need not decode it again (the
+    /// coordinator's [`apply_delta_in_place`]). Same bits as `encode_with_feedback`.
+    pub fn encode_owned_with_feedback(
+        &self,
+        mut delta: TensorSet,
+        residual: Option<&TensorSet>,
+    ) -> Result<FeedbackPayload, CodecError> {
+        if let Some(residual) = residual.filter(|r| r.check_matches(&delta).is_ok()) {
+            delta.add_scaled(residual, 1.0);
+        }
+        let payload = self.encode(&delta)?;
+        let sent = self.decode(&payload, &delta)?;
+        // x + (-1 · y) is x - y, bit for bit.
+        delta.add_scaled(&sent, -1.0);
+        Ok(FeedbackPayload { payload, sent, residual: delta })
+    }
+}
+
+/// What [`UpdateCodec::encode_owned_with_feedback`] makes of a delta.
+#[derive(Debug)]
+pub struct FeedbackPayload {
+    /// The encoded payload.
+    pub payload: Vec<u8>,
+    /// The payload decoded: what a receiver applies.
+    pub sent: TensorSet,
+    /// What the payload leaves out, for the next delta.
+    pub residual: TensorSet,
 }
 
 /// What a lossy codec has not sent yet, added to the next delta. A client keeps it in its state
@@ -467,6 +492,17 @@ pub fn tensor_digest(set: &TensorSet) -> String {
         h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
     }
     hex::encode(h.finalize())
+}
+
+/// [`apply_delta`] into the delta's own buffers (`delta + base` is `base + delta`, bit for bit):
+/// the coordinator's copy of the arithmetic, which has no use for the delta after.
+pub fn apply_delta_in_place(base: &TensorSet, mut delta: TensorSet) -> TensorSet {
+    for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
+        for (y, x) in d.data.iter_mut().zip(&b.data) {
+            *y += x;
+        }
+    }
+    delta
 }
 
 /// `base + delta`, element-wise, the one way both sides of a delta download apply it.

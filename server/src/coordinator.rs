@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -100,28 +100,71 @@ impl RoundSettings {
     }
 }
 
-/// The global model: the encoded model file (what clients download) and its tensors.
+/// The global model: its tensors, their digest, and the model file clients without the previous
+/// model download (safetensors with the spec). The file of a round's model is built when first
+/// needed (the round's commit, a full download), not on the round's critical path.
 #[derive(Debug)]
 pub struct GlobalModel {
-    /// Model file bytes (safetensors with the spec).
-    pub bytes: Arc<Vec<u8>>,
     /// Weights.
     pub tensors: Arc<TensorSet>,
     /// [`tensor_digest`] of the weights.
     pub digest: String,
     /// The aggregate that made this model from the previous one, for delta downloads.
     pub delta: Option<Arc<crate::delta::ModelDelta>>,
+    spec: ModelSpec,
+    file: OnceLock<Arc<Vec<u8>>>,
+    file_len: usize,
 }
 
 impl GlobalModel {
     /// Encodes `tensors` as a model file of `spec`. Blocking: it copies the whole model.
     pub fn encode(spec: &ModelSpec, tensors: TensorSet) -> GlobalModel {
+        let bytes = encode_model(spec, &tensors);
         GlobalModel {
-            bytes: Arc::new(encode_model(spec, &tensors)),
+            file_len: bytes.len(),
+            file: OnceLock::from(Arc::new(bytes)),
             digest: tensor_digest(&tensors),
             tensors: Arc::new(tensors),
+            spec: spec.clone(),
             delta: None,
         }
+    }
+
+    /// The model after `base`, with the same spec, names and shapes (so a model file of the
+    /// same length), and the aggregate that made it; its file is built when first needed.
+    /// Blocking: it hashes the whole model.
+    pub fn after(base: &GlobalModel, tensors: TensorSet, delta: Option<Arc<crate::delta::ModelDelta>>) -> GlobalModel {
+        debug_assert!(tensors.check_matches(&base.tensors).is_ok(), "the next model has the same tensors");
+        GlobalModel {
+            digest: tensor_digest(&tensors),
+            tensors: Arc::new(tensors),
+            delta,
+            spec: base.spec.clone(),
+            file: OnceLock::new(),
+            file_len: base.file_len,
+        }
+    }
+
+    /// The model file's length in bytes.
+    pub fn file_len(&self) -> usize {
+        self.file_len
+    }
+
+    /// The model file. Blocking: the first caller builds it (a copy of the whole model), and
+    /// one that comes meanwhile waits for it.
+    pub fn file(&self) -> Arc<Vec<u8>> {
+        let bytes = self.file.get_or_init(|| Arc::new(encode_model(&self.spec, &self.tensors)));
+        debug_assert_eq!(bytes.len(), self.file_len);
+        bytes.clone()
+    }
+
+    /// [`GlobalModel::file`] on a blocking thread, unless it is built already.
+    pub async fn file_async(self: &Arc<Self>) -> Result<Arc<Vec<u8>>, tokio::task::JoinError> {
+        if let Some(bytes) = self.file.get() {
+            return Ok(bytes.clone());
+        }
+        let model = self.clone();
+        tokio::task::spawn_blocking(move || model.file()).await
     }
 }
 
@@ -607,14 +650,21 @@ pub struct Coordinator {
     failed_attempts: AtomicU32,
     failed_handshakes: AtomicU64,
     next_connection: AtomicU64,
+    /// Rounds committed (model, metrics line and progress on disk).
     completed: AtomicU32,
+    /// Rounds aggregated: their global model is known and the next round may open; at most one
+    /// more than `completed` while that round's commit runs in the background.
+    aggregated: AtomicU32,
+    /// The background commit of the last aggregated round, if it may still run (see
+    /// [`complete_round`]).
+    pending_commit: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
     finished: AtomicBool,
     new_strategy: fn() -> Box<dyn AggregationStrategy>,
     strategy: Option<Arc<StrategyRuntime>>,
     dp: Option<DpState>,
     budget_exhausted: AtomicBool,
     /// What top-k delta downloads have not sent of the aggregates yet (see [`crate::delta`]).
-    download_feedback: Mutex<fl_common::codec::ErrorFeedback>,
+    download_feedback: Mutex<Arc<fl_common::codec::ErrorFeedback>>,
     secagg: Option<(SecAggConfig, fl_common::secagg::QuantizationPlan)>,
     best: Mutex<BestRound>,
     early_stopped: AtomicBool,
@@ -664,6 +714,8 @@ impl Coordinator {
             failed_handshakes: AtomicU64::new(0),
             next_connection: AtomicU64::new(1),
             completed: AtomicU32::new(completed),
+            aggregated: AtomicU32::new(completed),
+            pending_commit: tokio::sync::Mutex::new(None),
             finished: AtomicBool::new(false),
             new_strategy: fed_avg,
             strategy: None,
@@ -828,9 +880,22 @@ impl Coordinator {
         self.global.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Rounds completed so far.
+    /// Rounds committed so far.
     pub fn completed_rounds(&self) -> u32 {
         self.completed.load(Ordering::SeqCst)
+    }
+
+    /// Rounds aggregated so far: the committed ones and the one whose commit may still run.
+    fn aggregated_rounds(&self) -> u32 {
+        self.aggregated.load(Ordering::SeqCst)
+    }
+
+    /// Continues the top-k download residual of the last committed round from its file (see
+    /// [`crate::delta`]). Blocking.
+    pub fn resume_download_feedback(self) -> Result<Coordinator> {
+        let feedback = crate::delta::load_feedback(&self.state, self.completed_rounds())?;
+        *lock(&self.download_feedback) = Arc::new(feedback);
+        Ok(self)
     }
 
     /// True once all rounds are done.
@@ -1187,7 +1252,7 @@ impl Coordinator {
             optimizer: settings.optimizer.clone(),
             seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 131 + u64::from(attempt)),
             deadline_unix_ms,
-            model_bytes: model.bytes.len() as u64,
+            model_bytes: model.file_len() as u64,
             model_codec: CODEC_SAFETENSORS_F32.to_string(),
             update_codecs: settings.accepted_codecs().iter().map(|c| c.name().to_string()).collect(),
             dp_clip_norm,
@@ -1358,22 +1423,94 @@ pub async fn write_status(coord: Arc<Coordinator>, stop: CancellationToken) {
     }
 }
 
-/// Runs the remaining rounds; returns when all are done or `shutdown` fires.
+/// Runs the remaining rounds; returns when all are done or `shutdown` fires, after the commit
+/// of the last aggregated round (which runs in the background, see [`complete_round`]).
 pub async fn run_rounds(
     coord: Arc<Coordinator>,
     eval: Option<Arc<dyn Evaluator>>,
     shutdown: CancellationToken,
     elapsed_before: f64,
 ) -> Result<()> {
-    if coord.async_engine.is_some() {
-        return async_mode::run_steps(coord, eval, shutdown, elapsed_before).await;
+    let mut rounds = RoundLoop {
+        coord: coord.clone(),
+        eval,
+        shutdown,
+        elapsed_before,
+        serving_since: Instant::now(),
+        repeated: policy::RepeatedFailure::default(),
+    };
+    let ran = if coord.async_engine.is_some() {
+        async_mode::run_steps(&mut rounds).await
+    } else {
+        run_sync_rounds(&mut rounds).await
+    };
+    // Even on shutdown or an error: the round aggregated last is a good one.
+    let settled = settle_commits(&coord).await;
+    ran.and(settled)
+}
+
+/// What the round loops of both modes share: the coordinator, the evaluator, the shutdown, the
+/// clock of `elapsed_s`, and the count of attempts that failed alike.
+struct RoundLoop {
+    coord: Arc<Coordinator>,
+    eval: Option<Arc<dyn Evaluator>>,
+    shutdown: CancellationToken,
+    elapsed_before: f64,
+    serving_since: Instant,
+    repeated: policy::RepeatedFailure,
+}
+
+/// What became of a closed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Concluded {
+    /// The round is aggregated (its commit may still run): the next one may open.
+    Completed,
+    /// The attempt failed: retry the round.
+    Retry,
+    /// `shutdown` fired while waiting to retry.
+    Stopped,
+}
+
+impl RoundLoop {
+    /// Ends a closed attempt, in both modes: once the fold in flight is done, the attempt fails
+    /// when the sum is damaged or fewer than `needed` updates were folded (`too_few` says so),
+    /// and [`fail_attempt`] waits before the retry; otherwise `prepare` completes the sum and
+    /// [`complete_round`] aggregates the round.
+    async fn conclude(
+        &mut self,
+        book: Box<RoundBook>,
+        close: Close,
+        needed: usize,
+        too_few: impl FnOnce(&Accumulator, &RoundBook) -> String,
+        prepare: impl FnOnce(&mut Accumulator, &RoundBook),
+    ) -> Result<Concluded> {
+        // A fold in flight finishes before the sum is taken.
+        let mut sum = book.sum.clone().lock_owned().await;
+        let failure = match close {
+            _ if sum.folding => Some("an update could not be folded".to_string()),
+            Close::Complete(_) if sum.folded.len() >= needed => None,
+            _ => Some(too_few(&sum, &book)),
+        };
+        if let Some(reason) = failure {
+            let retry = fail_attempt(&self.coord, &book, reason, &mut self.repeated, &self.shutdown).await?;
+            return Ok(if retry { Concluded::Retry } else { Concluded::Stopped });
+        }
+        self.repeated = policy::RepeatedFailure::default();
+        prepare(&mut sum, &book);
+        let elapsed = self.elapsed_before + self.serving_since.elapsed().as_secs_f64();
+        complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed).await?;
+        Ok(Concluded::Completed)
     }
-    let serving_since = Instant::now();
+}
+
+/// The synchronous rounds of [`run_rounds`].
+async fn run_sync_rounds(rounds: &mut RoundLoop) -> Result<()> {
+    let coord = rounds.coord.clone();
+    let shutdown = rounds.shutdown.clone();
     let settings = coord.settings.clone();
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    let mut repeated = policy::RepeatedFailure::default();
-    while coord.completed_rounds() < settings.rounds && !coord.early_stopped() {
-        let round = coord.completed_rounds() + 1;
+    while coord.aggregated_rounds() < settings.rounds && !coord.early_stopped() {
+        let round = coord.aggregated_rounds() + 1;
         let mut attempt = 0;
         loop {
             coord.set_phase(Phase::Waiting { round, attempt });
@@ -1469,30 +1606,20 @@ pub async fn run_rounds(
             {
                 log_stragglers(&book, &settings);
             }
-            // A fold in flight finishes before the sum is taken.
-            let sum = book.sum.clone().lock_owned().await;
-            let failure = match close {
-                _ if sum.folding => Some("an update could not be folded".to_string()),
-                Close::Complete(_) if sum.folded.len() >= settings.min_clients.max(1) => None,
-                _ => Some(format!(
-                    "too few good updates: {} accepted, {} needed ({} sampled, {} refused or lost)",
+            let needed = settings.min_clients.max(1);
+            let too_few = |sum: &Accumulator, book: &RoundBook| {
+                format!(
+                    "too few good updates: {} accepted, {needed} needed ({} sampled, {} refused or lost)",
                     sum.folded.len(),
-                    settings.min_clients.max(1),
                     book.sampled.len(),
                     book.rejected.len()
-                )),
+                )
             };
-            if let Some(reason) = failure {
-                if !fail_attempt(&coord, &book, reason, &mut repeated, &shutdown).await? {
-                    return Ok(());
-                }
-                attempt += 1;
-                continue;
+            match rounds.conclude(book, close, needed, too_few, |_, _| {}).await? {
+                Concluded::Completed => break,
+                Concluded::Retry => attempt += 1,
+                Concluded::Stopped => return Ok(()),
             }
-            repeated = policy::RepeatedFailure::default();
-            let elapsed = elapsed_before + serving_since.elapsed().as_secs_f64();
-            complete_round(&coord, eval.clone(), *book, sum, elapsed).await?;
-            break;
         }
     }
     Ok(())
@@ -1622,6 +1749,16 @@ struct DpMetrics {
     dp_unclipped: Option<usize>,
 }
 
+/// Completes a round whose updates are folded. On the round's critical path: the strategy's
+/// finish, the next global model ([`crate::delta::next_global`]), the server optimiser's and the
+/// download residual's new state, and the DP charge with its ledger on disk (the budget check of
+/// the next round sees it; a crash later overstates ε, never understates it). The next global
+/// model is then published, so the next round may open, while the round's evaluation, metrics
+/// line, checkpoint ([`StateDir::commit_round`]), best model and early-stop decision run in the
+/// background ([`commit`]). Commits stay in round order: this waits for the previous round's
+/// commit before its own (at most one runs; `round_s` includes the wait, if any), and a failed
+/// one fails here. Until its commit, the round is not done on disk: a crash restarts from the
+/// last committed round, which redoes it.
 async fn complete_round(
     coord: &Arc<Coordinator>,
     eval: Option<Arc<dyn Evaluator>>,
@@ -1631,28 +1768,21 @@ async fn complete_round(
 ) -> Result<()> {
     let (round, attempt) = (book.task.round, book.task.attempt);
     let global = book.model.clone();
-    let spec = coord.spec.clone();
     let download = coord.settings.download_codec();
-    let mut feedback = std::mem::take(&mut *lock(&coord.download_feedback));
+    let mut feedback = lock(&coord.download_feedback).clone();
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
-    let runtime = coord.strategy.clone();
-    let (next, evaluation, dp_round, feedback, server_state) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (next, dp_round, feedback, server_state) = tokio::task::spawn_blocking(move || -> Result<_> {
         let next = strategy.try_finish(&global.tensors)?.context("no update was folded")?;
         // With delta downloads the model is what clients rebuild from the aggregate's payload.
-        let next = crate::delta::next_global(&spec, &global, next, download, &mut feedback);
-        let evaluation = match eval {
-            Some(e) => Some(e.evaluate(&next.tensors)?),
-            None => None,
-        };
-        // The server optimiser's moments go to disk before the round commits; see StrategyRuntime.
-        let server_state = strategy.server_state().cloned();
-        if let (Some(runtime), Some(state)) = (&runtime, &server_state) {
-            runtime.save_state(round, state)?;
-        }
-        Ok((next, evaluation, strategy.dp_round().cloned(), feedback, server_state))
+        let next = crate::delta::next_global(&global, next, download, &mut feedback);
+        Ok((next, strategy.dp_round().cloned(), feedback, strategy.server_state().cloned()))
     })
     .await??;
-    *lock(&coord.download_feedback) = feedback;
+    // The commit writes the residual as of this round (a top-k codec's; none otherwise).
+    *lock(&coord.download_feedback) = feedback.clone();
+    if let (Some(runtime), Some(state)) = (&coord.strategy, &server_state) {
+        runtime.advance(state.clone());
+    }
     // The round is charged, and the ledger written, before the model is committed: a crash in
     // between overstates ε, never understates it.
     let dp = match (&coord.dp, dp_round) {
@@ -1677,16 +1807,20 @@ async fn complete_round(
         }
         _ => None,
     };
+    // Commits stay in round order: the previous round's (usually done by now) comes first.
+    let mut pending = coord.pending_commit.lock().await;
+    if let Some(previous) = pending.take() {
+        previous.await.context("the commit of the previous round panicked")??;
+    }
     let participants = sum.folded.len();
     let examples = sum.examples.max(1) as f64;
+    // The round's critical path ends here: the next round may open.
     let round_s = book.started.elapsed().as_secs_f64();
-    let mut best = *lock(&coord.best);
-    let improved = evaluation.is_some_and(|e| best.observe(round, e.loss));
     let line = MetricsLine {
         round,
         attempt,
-        accuracy: evaluation.map(|e| e.accuracy),
-        loss: evaluation.map(|e| e.loss),
+        accuracy: None,
+        loss: None,
         client_accuracy: sum.weighted_accuracy / examples,
         client_loss: sum.weighted_loss / examples,
         participants,
@@ -1700,7 +1834,7 @@ async fn complete_round(
         overhead_s: (round_s - sum.train_s).max(0.0),
         elapsed_s,
         learning_rate: book.task.learning_rate,
-        best_round: best.round(),
+        best_round: None,
         dp,
         secagg: sum.secagg.map(|(masked, dropped, recovered)| SecAggMetrics {
             secagg_masked: masked,
@@ -1711,33 +1845,88 @@ async fn complete_round(
         distill: coord.distill.as_ref().map(|t| t.metrics(sum.distilled)),
         buffered: sum.buffered.as_ref().map(|b| b.metrics()),
     };
+    let next = Arc::new(next);
+    let job = Commit {
+        model: next.clone(),
+        eval,
+        line,
+        server_state,
+        feedback,
+        joined: sum.folded.iter().cloned().collect(),
+    };
+    drop(sum);
+    *coord.global.write().unwrap_or_else(PoisonError::into_inner) = next;
+    coord.aggregated.store(round, Ordering::SeqCst);
+    *pending = Some(tokio::spawn(commit(coord.clone(), job)));
+    drop(pending);
+    coord.changed();
+    Ok(())
+}
+
+/// What the background commit of an aggregated round needs.
+struct Commit {
+    /// The round's new global model.
+    model: Arc<GlobalModel>,
+    eval: Option<Arc<dyn Evaluator>>,
+    /// The metrics line, but for the evaluation and the best round.
+    line: MetricsLine,
+    /// The server optimiser's state after the round.
+    server_state: Option<crate::aggregation::server_opt::ServerOptState>,
+    /// The download residual after the round.
+    feedback: Arc<fl_common::codec::ErrorFeedback>,
+    /// The clients whose update is in the round.
+    joined: HashSet<String>,
+}
+
+/// The off-critical-path half of [`complete_round`]: evaluates the round's model, then writes the
+/// server optimiser's state and the download residual of the round, commits it (model file,
+/// metrics line, progress) and writes the best model; then early stopping decides, and the
+/// registry counts the round for its clients.
+async fn commit(coord: Arc<Coordinator>, job: Commit) -> Result<()> {
+    let Commit { model, eval, mut line, server_state, feedback, joined } = job;
+    let round = line.round;
     let state = coord.state.clone();
-    let json = serde_json::to_string(&line)?;
-    let to_write = next.bytes.clone();
     let runtime = coord.strategy.clone();
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        state.commit_round(round, &to_write, &json, elapsed_s)?;
-        if let (Some(runtime), Some(server_state)) = (runtime, server_state) {
-            runtime.committed(round, server_state);
+    let mut best = *lock(&coord.best);
+    let written = model.clone();
+    let (line, best) = tokio::task::spawn_blocking(move || -> Result<(MetricsLine, BestRound)> {
+        state::fault_sleep("before-commit", round);
+        state::crash_point("before-commit", round);
+        let evaluation = match eval {
+            Some(e) => Some(e.evaluate(&written.tensors)?),
+            None => None,
+        };
+        let improved = evaluation.is_some_and(|e| best.observe(round, e.loss));
+        line.accuracy = evaluation.map(|e| e.accuracy);
+        line.loss = evaluation.map(|e| e.loss);
+        line.best_round = best.round();
+        let json = serde_json::to_string(&line)?;
+        // The server optimiser's moments and the download residual go to disk before the round
+        // commits; see StrategyRuntime and crate::delta.
+        if let (Some(runtime), Some(server_state)) = (&runtime, &server_state) {
+            runtime.save_state(round, server_state)?;
         }
-        Ok(())
+        crate::delta::save_feedback(&state, round, &feedback)?;
+        state.commit_round(round, &written.file(), &json, line.elapsed_s)?;
+        if let (Some(runtime), Some(_)) = (&runtime, &server_state) {
+            runtime.committed(round);
+        }
+        crate::delta::feedback_committed(&state, round);
+        if improved {
+            // After the commit: a crash before this write is mended on restart (lib.rs copies the
+            // best round's model file again).
+            fl_common::files::write_atomic(&state.best_model_path(), &written.file(), 0o644)?;
+        }
+        Ok((line, best))
     })
     .await??;
-    if improved {
-        // After the commit: a crash before this write is mended on restart (lib.rs copies the
-        // best round's model file again).
-        let (path, bytes) = (coord.state.best_model_path(), next.bytes.clone());
-        tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &bytes, 0o644)).await??;
-    }
     *lock(&coord.best) = best;
     if best.should_stop(coord.settings.long_run.early_stop_patience) {
         info!(round, best_round = best.round(), "no lower evaluation loss for --early-stop-patience rounds: stopping");
         coord.early_stopped.store(true, Ordering::SeqCst);
     }
-    *coord.global.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
     coord.completed.store(round, Ordering::SeqCst);
     coord.changed();
-    let joined: HashSet<String> = sum.folded.iter().cloned().collect();
     let now = now_unix();
     let registry = coord.registry.clone();
     let updated = tokio::task::spawn_blocking(move || {
@@ -1756,7 +1945,7 @@ async fn complete_round(
     }
     info!(
         round,
-        participants,
+        participants = line.participants,
         accuracy = line.accuracy.map(|a| format!("{a:.4}")).unwrap_or_else(|| "n/a".into()),
         client_accuracy = format!("{:.4}", line.client_accuracy),
         seconds = format!("{:.2}", line.round_s),
@@ -1765,12 +1954,22 @@ async fn complete_round(
     Ok(())
 }
 
+/// Waits for the background commit of the last aggregated round, if one may still run; its
+/// error, if it failed.
+async fn settle_commits(coord: &Coordinator) -> Result<()> {
+    let pending = coord.pending_commit.lock().await.take();
+    match pending {
+        Some(handle) => handle.await.context("the commit of the last round panicked")?,
+        None => Ok(()),
+    }
+}
+
 /// Ends the federation: writes the final model and tells every connected client.
 pub async fn finish(coord: &Arc<Coordinator>) -> Result<()> {
+    settle_commits(coord).await?;
     let global = coord.global();
     let path = coord.state.final_model_path();
-    let bytes = global.bytes.clone();
-    tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &bytes, 0o644)).await??;
+    tokio::task::spawn_blocking(move || fl_common::files::write_atomic(&path, &global.file(), 0o644)).await??;
     coord.finished.store(true, Ordering::SeqCst);
     let last = coord.completed_rounds();
     let attempt = match &*lock(&coord.phase) {
@@ -1834,6 +2033,91 @@ mod tests {
         }
     }
 
+    /// The header of an update of attempt 0 of `round` from a client with 3 examples.
+    fn header(round: u32, codec: &str, total_bytes: u64) -> UpdateHeader {
+        UpdateHeader {
+            round,
+            attempt: 0,
+            codec: codec.into(),
+            total_bytes,
+            num_examples: 3,
+            train_loss: 1.0,
+            train_accuracy: 0.5,
+            train_s: 0.1,
+            local_eval: None,
+            distilled: false,
+        }
+    }
+
+    /// Plays `round` with one update of `delta` from client "a" (top-k int8, the accepted
+    /// codec), through the engine's steps, and waits for its commit.
+    async fn play_round(coord: &Arc<Coordinator>, round: u32, delta: &TensorSet, spool: &std::path::Path) {
+        let codec = coord.settings.accepted_codecs()[0];
+        coord.open_round(round, 0, vec!["a".into()], 1, None);
+        let payload = codec.encode(delta).unwrap();
+        let header = header(round, codec.name(), payload.len() as u64);
+        let path = spool.join(format!("a-{round}.part"));
+        std::fs::write(&path, &payload).unwrap();
+        let ticket = coord.begin_upload("a", &header).unwrap();
+        let upload = SpooledUpload { header, path, bytes: payload.len() as u64 };
+        coord.fold_upload("a", ticket, upload).await.unwrap();
+        let book = coord.close_round().unwrap();
+        let sum = book.sum.clone().lock_owned().await;
+        complete_round(coord, None, *book, sum, 0.0).await.unwrap();
+        settle_commits(coord).await.unwrap();
+        assert_eq!(coord.completed_rounds(), round);
+    }
+
+    /// The coordinator's top-k download residual is persisted with each round: a coordinator
+    /// restarted after round 2 holds the same residual, and its round 3 gives the same model as
+    /// a run without the restart.
+    #[tokio::test]
+    async fn the_download_residual_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = tempfile::tempdir().unwrap();
+        let spec = SpecOverrides::default().spec(ModelKind::Fasttext, vec!["a".into(), "b".into()]).unwrap();
+        let weights = |scale: f32| {
+            let data = (0..4096).map(|i| scale * ((i * 7919 % 4096) as f32 / 4096.0 - 0.5)).collect();
+            TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![1024, 4], data }])
+        };
+        let mut settings = settings();
+        (settings.rounds, settings.update_codecs) = (3, vec!["topk-int8".parse().unwrap()]);
+        let ca = fl_common::tls::CertificateAuthority::generate("test CA").unwrap();
+        let registry = Arc::new(RegistryStore::create(dir.path()).unwrap());
+        let start = |completed: u32, global: TensorSet| {
+            let coord = Coordinator::new(
+                StateDir::new(dir.path()),
+                registry.clone(),
+                spec.clone(),
+                settings.clone(),
+                ca.clone(),
+                GlobalModel::encode(&spec, global),
+                completed,
+            );
+            Arc::new(coord.resume_download_feedback().unwrap())
+        };
+        let first = start(0, weights(0.0));
+        play_round(&first, 1, &weights(0.01), spool.path()).await;
+        play_round(&first, 2, &weights(-0.02), spool.path()).await;
+        let residual = lock(&first.download_feedback).clone();
+        assert!(residual.residual.as_ref().is_some_and(|r| r.l2_norm() > 0.0), "top-k left part of the aggregates out");
+        let state = StateDir::new(dir.path());
+        assert!(crate::delta::feedback_path(&state, 2).exists());
+        assert!(
+            !crate::delta::feedback_path(&state, 1).exists(),
+            "the residual of round 1 is removed once round 2 commits"
+        );
+
+        // Restart after round 2, from the files, as serve does.
+        let (_, global) = fl_common::decode_model(&std::fs::read(state.round_model_path(2)).unwrap()).unwrap();
+        let restarted = start(2, global);
+        assert_eq!(*lock(&restarted.download_feedback), residual);
+        play_round(&first, 3, &weights(0.03), spool.path()).await;
+        let without_restart = first.global().digest.clone();
+        play_round(&restarted, 3, &weights(0.03), spool.path()).await;
+        assert_eq!(restarted.global().digest, without_restart);
+    }
+
     #[tokio::test]
     async fn a_panicking_fold_fails_the_update_and_poisons_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -1854,18 +2138,7 @@ mod tests {
         coord.new_strategy = || Box::new(PanickingFold);
         let task = coord.open_round(1, 0, vec!["a".into(), "b".into()], 2, None);
 
-        let header = UpdateHeader {
-            round: 1,
-            attempt: 0,
-            codec: CODEC_SAFETENSORS_F32.into(),
-            total_bytes: 0,
-            num_examples: 3,
-            train_loss: 1.0,
-            train_accuracy: 0.5,
-            train_s: 0.1,
-            local_eval: None,
-            distilled: false,
-        };
+        let header = header(1, CODEC_SAFETENSORS_F32, 0);
         let path = dir.path().join("a.part");
         std::fs::write(&path, weights.encode(None)).unwrap();
         let ticket = coord.begin_upload("a", &header).unwrap();

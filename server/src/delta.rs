@@ -6,14 +6,54 @@
 //! ([`fl_common::codec::apply_delta`]), the very arithmetic a client does on the payload it
 //! downloads, so every client that applies the delta holds bit-identical weights; the task's
 //! `model_sha256` ([`fl_common::codec::tensor_digest`]) lets it check.
+//!
+//! A top-k download codec leaves part of each aggregate out; the coordinator keeps it (its
+//! [`ErrorFeedback`]) and persists it with each round, as the server optimiser's state:
+//! `STATE/download-feedback/round-NNNN.safetensors` is written before round NNNN commits, the
+//! file of the round before is removed after, and a restart loads the one of the last
+//! committed round ([`load_feedback`]), so the next aggregates are those of a run without the
+//! restart.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use fl_common::codec::{apply_delta, ErrorFeedback, Sparsity, UpdateCodec};
-use fl_common::{ModelSpec, TensorSet};
+use anyhow::Context;
+use fl_common::codec::{apply_delta_in_place, ErrorFeedback, Sparsity, UpdateCodec};
+use fl_common::TensorSet;
 use tracing::warn;
 
 use crate::coordinator::GlobalModel;
+use crate::state::StateDir;
+
+/// Where the download residual as of committed round `round` is kept.
+pub fn feedback_path(state: &StateDir, round: u32) -> PathBuf {
+    state.path(&format!("download-feedback/round-{round:04}.safetensors"))
+}
+
+/// Writes the download residual of `round` before the round commits (a crash in between leaves a
+/// file that the rerun of the round overwrites); an empty residual writes nothing. Blocking.
+pub fn save_feedback(state: &StateDir, round: u32, feedback: &ErrorFeedback) -> anyhow::Result<()> {
+    let path = feedback_path(state, round);
+    feedback.save(&path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Removes the residual of the round before `round` once `round` is committed. Blocking.
+pub fn feedback_committed(state: &StateDir, round: u32) {
+    if round > 1 {
+        let old = feedback_path(state, round - 1);
+        if let Err(e) = std::fs::remove_file(&old) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("could not remove {}: {e}", old.display());
+            }
+        }
+    }
+}
+
+/// The download residual as of committed round `completed` (empty when there is none). Blocking.
+pub fn load_feedback(state: &StateDir, completed: u32) -> anyhow::Result<ErrorFeedback> {
+    let path = feedback_path(state, completed);
+    ErrorFeedback::load(&path).with_context(|| format!("reading {}", path.display()))
+}
 
 /// A round's aggregate as it is downloaded by the clients that hold the model before it.
 #[derive(Debug)]
@@ -28,45 +68,52 @@ pub struct ModelDelta {
 
 /// The next global model after `global`, given the strategy's `next`: with `codec`, the
 /// aggregate as clients will apply it, and the delta they download. Blocking: it encodes the
-/// whole model. An aggregate the codec cannot carry (beyond f16's range) means full downloads.
+/// aggregate and hashes the model, one pass each over the model (the aggregate is decoded once,
+/// and applied in its own buffers); the model file is built later, when first needed
+/// ([`GlobalModel::file`]). An aggregate the codec cannot carry (beyond f16's range) means full
+/// downloads.
 ///
-/// A top-k codec leaves most of the aggregate out: `feedback` keeps it, and the next round's
-/// aggregate carries it. Other codecs send the whole aggregate, rounded.
+/// A top-k codec leaves most of the aggregate out: `feedback` keeps it (replaced, not changed
+/// in place: the round's commit writes the one it holds), and the next round's aggregate
+/// carries it. Other codecs send the whole aggregate, rounded.
 pub fn next_global(
-    spec: &ModelSpec,
     global: &GlobalModel,
     next: TensorSet,
     codec: Option<UpdateCodec>,
-    feedback: &mut ErrorFeedback,
+    feedback: &mut Arc<ErrorFeedback>,
 ) -> GlobalModel {
-    let Some(codec) = codec else { return GlobalModel::encode(spec, next) };
+    let Some(codec) = codec else { return GlobalModel::after(global, next, None) };
     let aggregate = next.minus(&global.tensors);
     let encoded = if codec.sparsity == Sparsity::TopK {
-        codec.encode_with_feedback(&aggregate, feedback)
+        codec.encode_owned_with_feedback(aggregate, feedback.residual.as_ref()).map(|sent| {
+            *feedback = Arc::new(ErrorFeedback { residual: Some(sent.residual) });
+            (sent.sent, sent.payload)
+        })
     } else {
-        codec.encode(&aggregate)
+        codec.encode(&aggregate).and_then(|bytes| Ok((codec.decode(&bytes, &global.tensors)?, bytes)))
     };
-    let encoded = encoded.and_then(|bytes| Ok((codec.decode(&bytes, &global.tensors)?, bytes)));
     match encoded {
-        Ok((applied, bytes)) => {
-            let mut model = GlobalModel::encode(spec, apply_delta(&global.tensors, &applied));
-            model.delta =
-                Some(Arc::new(ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) }));
-            model
+        Ok((sent, bytes)) => {
+            let delta = ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) };
+            GlobalModel::after(global, apply_delta_in_place(&global.tensors, sent), Some(Arc::new(delta)))
         }
         Err(e) => {
             warn!("the round's aggregate cannot be sent as {codec}: {e}; clients download the full model");
-            GlobalModel::encode(spec, next)
+            GlobalModel::after(global, next, None)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use fl_common::codec::tensor_digest;
-    use fl_common::{ModelKind, NamedTensor};
+    use fl_common::codec::{apply_delta, tensor_digest};
+    use fl_common::{ModelKind, ModelSpec, NamedTensor};
 
     use super::*;
+
+    fn delta_bytes(model: &GlobalModel) -> Arc<Vec<u8>> {
+        model.delta.as_ref().expect("a delta is offered").bytes.clone()
+    }
 
     #[test]
     fn a_client_applying_the_delta_holds_the_same_bits() {
@@ -76,7 +123,15 @@ mod tests {
         let next = weights(vec![0.1, 0.2, 0.31, 0.39, 0.5, 0.6, 0.7001, 0.8]);
         for name in ["sparse-f32", "sparse-f16", "sparse-int8", "dense-int8", "topk-int8"] {
             let codec: UpdateCodec = name.parse().unwrap();
-            let model = next_global(&spec, &global, next.clone(), Some(codec), &mut ErrorFeedback::default());
+            let mut feedback = Arc::default();
+            let model = next_global(&global, next.clone(), Some(codec), &mut feedback);
+            if name == "topk-int8" {
+                // The same bits as the clients' encoder with its error feedback, which decodes twice.
+                let mut theirs = ErrorFeedback::default();
+                let payload = codec.encode_with_feedback(&next.minus(&global.tensors), &mut theirs).unwrap();
+                assert_eq!(*delta_bytes(&model), payload);
+                assert_eq!(*feedback, theirs);
+            }
             let delta = model.delta.as_ref().expect("a delta is offered");
             assert_eq!(delta.base_digest, global.digest);
             // What a client does with the previous model and the downloaded bytes.
@@ -84,16 +139,13 @@ mod tests {
             assert_eq!(tensor_digest(&applied), model.digest, "{name}");
             let err = model.tensors.tensors[0].data.iter().zip(&next.tensors[0].data).map(|(a, b)| (a - b).abs());
             assert!(err.fold(0.0f32, f32::max) < 1e-3, "{name}: close to the strategy's model");
+            // The model file, built when first asked for, is that of the weights.
+            assert_eq!(model.file_len(), global.file_len());
+            assert_eq!(*model.file(), fl_common::encode_model(&spec, &model.tensors), "{name}");
         }
-        assert!(next_global(&spec, &global, next.clone(), None, &mut ErrorFeedback::default()).delta.is_none());
+        assert!(next_global(&global, next.clone(), None, &mut Arc::default()).delta.is_none());
         let huge = weights(vec![1e6; 8]);
-        let model = next_global(
-            &spec,
-            &global,
-            huge.clone(),
-            Some("sparse-f16".parse().unwrap()),
-            &mut ErrorFeedback::default(),
-        );
+        let model = next_global(&global, huge.clone(), Some("sparse-f16".parse().unwrap()), &mut Arc::default());
         assert!(model.delta.is_none() && *model.tensors == huge, "beyond f16: the exact model, in full");
     }
 

@@ -481,7 +481,8 @@ fn prepare(config: &ServeConfig, backend: &dyn ModelBackend) -> Result<Prepared>
     let mut coord =
         Coordinator::new(state, registry, spec, config.settings.clone(), ca, global, progress.completed_round)
             .with_strategy(strategy)
-            .with_best(best);
+            .with_best(best)
+            .resume_download_feedback()?;
     if let Some(ledger) = ledger {
         let strategy = DpFedAvg::new(&ledger.config, ledger.clip_norm, expected_clients_per_round(&config.settings))?;
         info!(

@@ -177,7 +177,11 @@ impl FederationService {
         Ok(Box::pin(tokio_stream::once(Ok(welcome)).chain(work)))
     }
 
-    fn fetch_model(&self, client: &ClientRecord, req: pb::FetchModelRequest) -> Result<ModelStream, ServiceError> {
+    async fn fetch_model(
+        &self,
+        client: &ClientRecord,
+        req: pb::FetchModelRequest,
+    ) -> Result<ModelStream, ServiceError> {
         if req.teacher {
             let (teacher, counter) = self.coord.teacher_for(&client.id, req.round, req.attempt)?;
             return Ok(Box::pin(tokio_stream::iter(crate::distill::teacher_chunks(teacher, counter).map(Ok))));
@@ -191,7 +195,11 @@ impl FederationService {
             Some(d) if !req.have_sha256.is_empty() && d.base_digest == req.have_sha256 => {
                 (d.bytes.clone(), d.codec.name().to_string(), true)
             }
-            _ => (model.bytes.clone(), CODEC_SAFETENSORS_F32.to_string(), false),
+            // A round's model file is built when first needed: here, or by the round's commit.
+            _ => {
+                let file = model.file_async().await.map_err(|e| ServiceError::Internal(format!("model file: {e}")))?;
+                (file, CODEC_SAFETENSORS_F32.to_string(), false)
+            }
         };
         let total = bytes.len();
         // Chunks are cut from the shared model as the stream is polled: one chunk per client in flight.
@@ -251,7 +259,7 @@ impl FederationService {
             self.coord.count_refusal(e);
         })?;
         header
-            .check(ticket.model.bytes.len(), &self.coord.settings.accepted_codecs())
+            .check(ticket.model.file_len(), &self.coord.settings.accepted_codecs())
             .map_err(|why| self.refuse(id, &header, why))?;
 
         // Spool the upload, checking order, size and digest as it arrives.
@@ -348,7 +356,7 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         let client = self.authenticate(&request)?;
-        Ok(Response::new(FederationService::fetch_model(self, &client, request.into_inner())?))
+        Ok(Response::new(FederationService::fetch_model(self, &client, request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all)]

@@ -14,11 +14,15 @@
 //! spool/               uploads being received; aggregate-*/: a robust strategy's updates of the round
 //! strategy.json        the aggregation strategy and its parameters (fixed for the federation)
 //! server-opt/round-NNNN.safetensors  the server optimiser's moments as of committed round NNNN
+//! download-feedback/round-NNNN.safetensors  what top-k delta downloads left out, as of round NNNN
 //! ```
 //!
 //! A round is committed in this order: model file, metrics line, progress. On start, metrics
 //! lines past the recorded progress are dropped and that round is run again, so a crash at any
-//! point neither counts a round twice nor loses or duplicates a metrics line.
+//! point neither counts a round twice nor loses or duplicates a metrics line. The commit of a
+//! round (with its evaluation) runs in the background while the next round collects on the new
+//! model; commits stay in round order, and a crash before one restarts from the last committed
+//! round, which redoes the rounds after it (see `coordinator::complete_round`).
 //!
 //! `status.json` is [`CoordinatorStatus`], written atomically (off the async runtime) whenever it
 //! changes, so that operators and tests ask the coordinator what it is doing instead of reading
@@ -31,8 +35,10 @@
 //! ```
 //!
 //! `phase` is `waiting` (for enough clients to start `round`), `collecting` (updates of
-//! `round`/`attempt` from the `sampled` clients), `aggregating` (folding, evaluating and
-//! committing `round`) or `finished` (all rounds done, the final model written). `sampled`,
+//! `round`/`attempt` from the `sampled` clients), `aggregating` (the next global model of
+//! `round`; its evaluation and commit follow in the background) or `finished` (all rounds done,
+//! the final model written). `completed_rounds` counts the committed rounds: while round r+1
+//! collects, it may still be r-1. `sampled`,
 //! `accepted` and `rejected` are those of the current or last attempt; `connected` are the
 //! clients with an open work stream; ids are sorted. `failed_attempts` counts the attempts of
 //! this serve run that were retried, `last_failure` says why the last one failed, or names the
@@ -86,7 +92,7 @@ pub struct Progress {
 /// What the coordinator is doing: the content of `STATE/status.json` (see the module doc).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CoordinatorStatus {
-    /// Rounds completed, counting from 1.
+    /// Rounds committed, counting from 1.
     pub completed_rounds: u32,
     /// Rounds of the federation.
     pub rounds_total: u32,
@@ -124,7 +130,7 @@ pub enum Phase {
     Waiting,
     /// Collecting the updates of a round attempt.
     Collecting,
-    /// Aggregating, evaluating and committing a round.
+    /// Aggregating a round (its evaluation and commit follow in the background).
     Aggregating,
     /// All rounds are done.
     Finished,
@@ -322,12 +328,26 @@ impl StateDir {
 }
 
 /// Fault injection for the crash tests: `FL_FAULT_CRASH=after-model:3` aborts the process at that
-/// point of round 3's commit, as a power cut would. Unset in normal use.
-fn crash_point(point: &str, round: u32) {
+/// point of round 3's commit, as a power cut would (points: `before-commit`, at the start of the
+/// background commit; `after-model`; `after-metrics`). Unset in normal use.
+pub(crate) fn crash_point(point: &str, round: u32) {
     if let Ok(spec) = std::env::var("FL_FAULT_CRASH") {
         if spec == format!("{point}:{round}") {
             eprintln!("FL_FAULT_CRASH: aborting at {spec}");
             std::process::abort();
         }
+    }
+}
+
+/// Fault injection for the crash tests: `FL_FAULT_SLEEP=before-commit:3:20` stalls round 3's
+/// background commit for 20 seconds at that point (blocking), as a slow disk or evaluation
+/// would, so that a test can strike while the next round collects and the commit is pending.
+/// Unset in normal use.
+pub(crate) fn fault_sleep(point: &str, round: u32) {
+    let Ok(spec) = std::env::var("FL_FAULT_SLEEP") else { return };
+    let prefix = format!("{point}:{round}:");
+    if let Some(seconds) = spec.strip_prefix(&prefix).and_then(|s| s.parse::<f64>().ok()) {
+        eprintln!("FL_FAULT_SLEEP: stalling {point} of round {round} for {seconds} s");
+        std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
     }
 }

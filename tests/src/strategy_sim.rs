@@ -125,8 +125,9 @@ pub fn run(population: &Population, run: &SimRun<'_>, state_dir: &Path) -> Resul
         }
         global = strategy.try_finish(&global)?.context("a round without updates")?;
         if let Some(state) = strategy.server_state() {
+            runtime.advance(state.clone());
             runtime.save_state(round, state)?;
-            runtime.committed(round, state.clone());
+            runtime.committed(round);
         }
         accuracy.push(population.evaluate(&global)?.0);
     }

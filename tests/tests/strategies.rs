@@ -181,8 +181,8 @@ fn processes_federate_with_the_median_against_a_sign_flipping_client() {
 /// The final model of a one-client FedAdam federation of 3 rounds; with `crash`, the coordinator
 /// aborts at that commit point of round 2 (`FL_FAULT_CRASH`) and is restarted.
 fn fedadam_final_model(root: &std::path::Path, crash: Option<&str>) -> Vec<u8> {
-    // Dense updates: the coordinator keeps the top-k codecs' download residual in memory only, so
-    // a restart under them changes the trajectory (see README "Update codecs").
+    // Dense updates: under a top-k codec the client's upload residual has already taken in the
+    // round that the crash makes it train again, so a restart changes the trajectory.
     let args = serve_args(&[
         "--rounds",
         "3",

@@ -488,12 +488,12 @@ impl StrategyConfig {
 }
 
 /// What the engine needs of the strategy: each attempt's strategy object, and the server
-/// optimiser's state as of the last committed round.
+/// optimiser's state as of the last aggregated round.
 #[derive(Debug)]
 pub struct StrategyRuntime {
     config: StrategyConfig,
     state_dir: PathBuf,
-    committed: Mutex<ServerOptState>,
+    current: Mutex<ServerOptState>,
 }
 
 impl StrategyRuntime {
@@ -502,14 +502,14 @@ impl StrategyRuntime {
     /// crash. Blocking.
     pub fn open(config: StrategyConfig, state_dir: &Path, completed: u32) -> anyhow::Result<StrategyRuntime> {
         let runtime =
-            StrategyRuntime { config, state_dir: state_dir.to_path_buf(), committed: Mutex::new(Default::default()) };
+            StrategyRuntime { config, state_dir: state_dir.to_path_buf(), current: Mutex::new(Default::default()) };
         if runtime.config.server_optimizer().is_some() && completed > 0 {
             let path = runtime.state_path(completed);
             let bytes = std::fs::read(&path).map_err(|e| {
                 anyhow::anyhow!("{}: {e}; the server optimiser's state of round {completed} is missing", path.display())
             })?;
             let state = ServerOptState::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            *runtime.committed.lock().unwrap_or_else(PoisonError::into_inner) = state;
+            *runtime.current.lock().unwrap_or_else(PoisonError::into_inner) = state;
         }
         if let Ok(entries) = std::fs::read_dir(runtime.spool_root()) {
             for entry in entries.flatten() {
@@ -536,7 +536,7 @@ impl StrategyRuntime {
     }
 
     /// The strategy of a round attempt: `dp` (DP-FedAvg) or FedAvg as the mean, or a robust rule,
-    /// with the server optimiser on top, from the committed state.
+    /// with the server optimiser on top, from the state of the last aggregated round.
     pub fn attempt_strategy(&self, dp: Option<Box<dyn AggregationStrategy>>) -> Box<dyn AggregationStrategy> {
         if self.config.strategy == StrategyKind::Reptile {
             return Box::new(Reptile::new(self.config.server_lr.unwrap_or(1.0)));
@@ -551,7 +551,7 @@ impl StrategyRuntime {
         };
         match self.config.server_optimizer() {
             Some(optimizer) => {
-                let state = self.committed.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                let state = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
                 Box::new(ServerOptimized::new(inner, optimizer, state))
             }
             None => inner,
@@ -569,10 +569,17 @@ impl StrategyRuntime {
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     }
 
-    /// Makes `state` the committed one once `round` is committed, and removes older state files
-    /// (the model files of old rounds stay; the moments of old rounds are not needed). Blocking.
-    pub fn committed(&self, round: u32, state: ServerOptState) {
-        *self.committed.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    /// Makes `state` (of the round just aggregated) the one the next round's attempts start
+    /// from. The engine calls it before that round's commit, which runs in the background while
+    /// the next round collects; a crash before the commit restarts from the state file of the
+    /// last committed round instead.
+    pub fn advance(&self, state: ServerOptState) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    /// Removes the state files older than `round` once `round` is committed (the model files of
+    /// old rounds stay; the moments of old rounds are not needed). Blocking.
+    pub fn committed(&self, round: u32) {
         if round > 1 {
             let old = self.state_path(round - 1);
             if let Err(e) = std::fs::remove_file(&old) {

@@ -12,7 +12,8 @@
 //!   for staleness s; one staler than `--max-staleness` is refused and counted (`dropped_stale`),
 //!   and the tasks that became too stale when a step opens are dropped (the client's heartbeat
 //!   then tells it to stop, and it gets a new task);
-//! - the step is taken after K updates ([`buffered::should_step`]).
+//! - the step is taken after K updates ([`buffered::should_step`]); as a round, it is committed in
+//!   the background while the next step collects.
 
 use super::*;
 use crate::aggregation::buffered::{self, Admit, BufferedMode, StepView};
@@ -242,7 +243,7 @@ impl AsyncEngine {
                     return coord.fold_outcome(client, round, attempt, folded);
                 }
             }
-            if coord.is_finished() || coord.early_stopped() || coord.completed_rounds() >= coord.settings.rounds {
+            if coord.is_finished() || coord.early_stopped() || coord.aggregated_rounds() >= coord.settings.rounds {
                 return Err(Self::refusal(round, attempt));
             }
             tokio::select! {
@@ -320,18 +321,13 @@ fn scale(delta: &mut TensorSet, weight: f32) {
 }
 
 /// Runs the remaining steps of `--mode async`; returns when all are done or `shutdown` fires.
-pub(super) async fn run_steps(
-    coord: Arc<Coordinator>,
-    eval: Option<Arc<dyn Evaluator>>,
-    shutdown: CancellationToken,
-    elapsed_before: f64,
-) -> Result<()> {
+pub(super) async fn run_steps(rounds: &mut RoundLoop) -> Result<()> {
+    let coord = rounds.coord.clone();
+    let shutdown = rounds.shutdown.clone();
     let engine = coord.async_engine.as_ref().expect("async mode");
     let settings = coord.settings.clone();
-    let serving_since = Instant::now();
-    let mut repeated = policy::RepeatedFailure::default();
-    while coord.completed_rounds() < settings.rounds && !coord.early_stopped() {
-        let step = coord.completed_rounds() + 1;
+    while coord.aggregated_rounds() < settings.rounds && !coord.early_stopped() {
+        let step = coord.aggregated_rounds() + 1;
         let mut attempt = 0;
         loop {
             coord.set_phase(Phase::Waiting { round: step, attempt });
@@ -366,31 +362,24 @@ pub(super) async fn run_steps(
                 return Ok(());
             };
             let Some(book) = coord.close_round() else { return Ok(()) };
-            // A fold in flight finishes before the sum is taken.
-            let mut sum = book.sum.clone().lock_owned().await;
-            let failure = match close {
-                _ if sum.folding => Some("an update could not be folded".to_string()),
-                Close::Complete(_) if !sum.folded.is_empty() => None,
-                _ => Some(format!(
+            let too_few = |sum: &Accumulator, book: &RoundBook| {
+                format!(
                     "too few good updates for step {step}: {} folded of --buffer-size {} ({} refused or lost)",
                     sum.folded.len(),
                     engine.mode.buffer_size,
                     book.rejected.len()
-                )),
+                )
             };
-            if let Some(reason) = failure {
-                if !fail_attempt(&coord, &book, reason, &mut repeated, &shutdown).await? {
-                    return Ok(());
-                }
-                attempt += 1;
-                continue;
+            let step_counts = |sum: &mut Accumulator, book: &RoundBook| {
+                sum.buffered.get_or_insert_default().dropped_stale =
+                    std::mem::take(&mut lock(&engine.book).dropped_stale);
+                book.bytes_down.store(engine.bytes_down.swap(0, Ordering::SeqCst), Ordering::SeqCst);
+            };
+            match rounds.conclude(book, close, 1, too_few, step_counts).await? {
+                Concluded::Completed => break,
+                Concluded::Retry => attempt += 1,
+                Concluded::Stopped => return Ok(()),
             }
-            repeated = policy::RepeatedFailure::default();
-            sum.buffered.get_or_insert_default().dropped_stale = std::mem::take(&mut lock(&engine.book).dropped_stale);
-            book.bytes_down.store(engine.bytes_down.swap(0, Ordering::SeqCst), Ordering::SeqCst);
-            let elapsed = elapsed_before + serving_since.elapsed().as_secs_f64();
-            complete_round(&coord, eval.clone(), *book, sum, elapsed).await?;
-            break;
         }
     }
     Ok(())

@@ -4,7 +4,8 @@
 //! update is checked ([`UpdateHeader::check`]), spooled and folded by
 //! [`Coordinator::fold_upload`] (codec decode, shape and norm checks, the strategy's fold); the
 //! round is committed by the engine's `complete_round` (server step, DP charge and ledger,
-//! evaluation, checkpoint, `metrics.jsonl`, best model, early stop). Only the transport and the
+//! evaluation, checkpoint, `metrics.jsonl`, best model, early stop), whose background commit
+//! the simulator awaits before the next round. Only the transport and the
 //! waiting are left out: the simulator is the clock, so a round closes when every sampled
 //! client has answered.
 
@@ -131,7 +132,7 @@ impl InProcessFederation {
     /// spooled and folded by the engine. A refused update counts as the client's rejection.
     pub async fn submit(&self, client: &str, header: UpdateHeader, payload: &[u8]) -> Result<(), UpdateRefusal> {
         let ticket = self.coord.begin_upload(client, &header)?;
-        header.check(ticket.model.bytes.len(), &self.coord.settings.accepted_codecs())?;
+        header.check(ticket.model.file_len(), &self.coord.settings.accepted_codecs())?;
         let dir = self.coord.state.spool_dir();
         let path = dir.join(format!("{client}-r{}-a{}.part", header.round, header.attempt));
         let _cleanup = crate::spool::RemoveOnDrop(path.clone());
@@ -178,7 +179,10 @@ impl InProcessFederation {
             )));
         }
         let elapsed = self.elapsed_before + self.started.elapsed().as_secs_f64();
-        super::complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed).await
+        super::complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed).await?;
+        // The simulator waits for the round's commit (which `serve` lets run while the next
+        // round collects): its early stop then acts at once, and its runs stay deterministic.
+        super::settle_commits(&self.coord).await
     }
 
     /// Writes the final model, as `serve` does at the end.
