@@ -17,6 +17,8 @@ ROUNDS=${2:-20}
 TARGET=${3:-0.42}
 ROWS=${ROWS:-6700}
 SIGNAL=${SIGNAL:-0.2}
+# `ss` (Debian's iproute2) reads the bytes on the wire of each connection.
+scripts/apt-tool.sh /usr/bin/ss iproute2 bench/federation.sh
 # shellcheck source=scripts/federation-lib.sh
 . scripts/federation-lib.sh
 DIR=${BENCH_DIR:-target/bench}/${MODEL:-fasttext}-c$CLIENTS-r$ROUNDS${CODEC:+-$CODEC}${COMPRESSION:+-$COMPRESSION}

@@ -27,14 +27,8 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 case "${1:-scale}" in
 scale)
-  if [ ! -x /usr/bin/time ]; then
-    # GNU time measures the peak RSS; Debian's package `time` (not the shell keyword).
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "installing GNU time with apt-get (once)" >&2
-      apt-get install -y --no-install-recommends time >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends time >/dev/null 2>&1; }
-    fi
-    [ -x /usr/bin/time ] || { echo "bench/sim.sh scale needs GNU time: run apt-get install time" >&2; exit 2; }
-  fi
+  # GNU time measures the peak RSS; Debian's package `time` (not the shell keyword).
+  scripts/apt-tool.sh /usr/bin/time time "bench/sim.sh scale"
   ROWS=${ROWS:-100000}
   "$BIN/fl-client" gen-data --out "$DIR/scale-data" --rows "$ROWS" --shards 1 --seed 11 >/dev/null
   rm -rf "$DIR/scale"
