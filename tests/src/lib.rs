@@ -294,6 +294,28 @@ pub fn start_clients(root: &Path, url: &str, dirs: &[PathBuf]) -> Vec<ClientProc
         .collect()
 }
 
+/// Round settings for the in-process tests: `rounds` rounds of every connected client, at least
+/// `min_clients`, a 60 s deadline, one local epoch of Adam (batch 32, lr 0.01), seed 7, the exact
+/// codec only; each test changes what it is about.
+pub fn plain_round_settings(rounds: u32, min_clients: usize) -> fl_server::RoundSettings {
+    fl_server::RoundSettings {
+        rounds,
+        min_clients,
+        clients_per_round: 0,
+        over_sample: 1.0,
+        round_timeout: Duration::from_secs(60),
+        local_epochs: 1,
+        batch_size: 32,
+        lr: 0.01,
+        optimizer: "adam".into(),
+        seed: 7,
+        long_run: Default::default(),
+        max_update_norm: 1.0e4,
+        update_codecs: Vec::new(),
+        max_failed_attempts: 3,
+    }
+}
+
 /// A `serve` configuration for the in-process tests: labels a and b, TLS names localhost and
 /// 127.0.0.1, seed 1, and nothing else turned on; each test sets what it is about.
 pub fn plain_serve_config(state_dir: &Path, settings: fl_server::RoundSettings) -> fl_server::ServeConfig {

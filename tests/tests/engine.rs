@@ -23,25 +23,6 @@ use fl_tests::*;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-fn settings(rounds: u32, min_clients: usize) -> RoundSettings {
-    RoundSettings {
-        rounds,
-        min_clients,
-        clients_per_round: 0,
-        over_sample: 1.0,
-        round_timeout: Duration::from_secs(60),
-        local_epochs: 1,
-        batch_size: 32,
-        lr: 0.01,
-        optimizer: "adam".into(),
-        seed: 7,
-        long_run: Default::default(),
-        max_update_norm: 1.0e4,
-        update_codecs: Vec::new(),
-        max_failed_attempts: 3,
-    }
-}
-
 /// A coordinator served in this process.
 struct Served {
     root: tempfile::TempDir,
@@ -142,7 +123,7 @@ fn ids(clients: &[&RawClient]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_completes_with_the_fedavg_of_the_uploaded_deltas() {
-    let mut served = Served::start(settings(1, 2), None).await;
+    let mut served = Served::start(plain_round_settings(1, 2), None).await;
     let status = served.status();
     assert_eq!((status.phase, status.round, status.rounds_total), (Phase::Waiting, 1, 1), "{status:?}");
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
@@ -183,7 +164,7 @@ async fn a_round_completes_with_the_fedavg_of_the_uploaded_deltas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sampled_client_that_reconnects_mid_round_gets_the_task_again() {
-    let mut served = Served::start(settings(1, 2), None).await;
+    let mut served = Served::start(plain_round_settings(1, 2), None).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let mut a = served.join(&ia).await;
     let b = served.join(&ib).await;
@@ -208,7 +189,7 @@ async fn a_sampled_client_that_reconnects_mid_round_gets_the_task_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_late_and_unsampled_updates_are_refused() {
-    let mut served = Served::start(settings(2, 2), None).await;
+    let mut served = Served::start(plain_round_settings(2, 2), None).await;
     let (ia, ib, ic) = (served.enroll("a").await, served.enroll("b").await, served.enroll("c").await);
     let mut a = served.join(&ia).await;
     let mut b = served.join(&ib).await;
@@ -248,7 +229,7 @@ async fn duplicate_late_and_unsampled_updates_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_is_refused_at_once() {
-    let served = Served::start(settings(100, 1), None).await;
+    let served = Served::start(plain_round_settings(100, 1), None).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let _a = served.join(&ia).await;
     let mut b = served.join(&ib).await;
@@ -280,7 +261,7 @@ async fn a_revoked_client_is_refused_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_sampling_closes_the_round_at_the_target() {
-    let mut settings = settings(3, 2);
+    let mut settings = plain_round_settings(3, 2);
     (settings.clients_per_round, settings.over_sample) = (2, 2.0);
     let mut served = Served::start(settings, None).await;
     let mut clients = Vec::new();
@@ -327,7 +308,7 @@ async fn over_sampling_closes_the_round_at_the_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_completes_a_round_with_enough_updates_and_retries_one_without() {
-    let mut settings = settings(1, 2);
+    let mut settings = plain_round_settings(1, 2);
     settings.round_timeout = Duration::from_secs(3);
     let mut served = Served::start(settings, None).await;
     let mut clients = Vec::new();
@@ -404,7 +385,7 @@ async fn a_full_disk_fails_the_attempt_visibly_and_the_federation_recovers() {
     let disk = FullDisk::default();
     let full = disk.full.clone();
     full.store(true, Ordering::SeqCst);
-    let mut served = Served::start(settings(2, 2), Some(Arc::new(disk))).await;
+    let mut served = Served::start(plain_round_settings(2, 2), Some(Arc::new(disk))).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let mut clients = [served.join(&ia).await, served.join(&ib).await];
     let initial = served.initial();
@@ -463,7 +444,7 @@ async fn play_dp_rounds(served: &Served, a: &mut RawClient, b: &mut RawClient, r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dp_federation_clips_noises_and_accounts_each_round() {
-    let mut served = Served::start_with_dp(settings(3, 2), None, dp_args(None)).await;
+    let mut served = Served::start_with_dp(plain_round_settings(3, 2), None, dp_args(None)).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
     let initial = served.initial();
@@ -511,7 +492,7 @@ async fn the_privacy_budget_ends_the_federation_cleanly_before_it_is_exceeded() 
     let one = accountant.epsilon(delta);
     accountant.compose(1.0, 1.0, 1);
     let two = accountant.epsilon(delta);
-    let mut served = Served::start_with_dp(settings(5, 2), None, dp_args(Some((one + two) / 2.0))).await;
+    let mut served = Served::start_with_dp(plain_round_settings(5, 2), None, dp_args(Some((one + two) / 2.0))).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
     play_dp_rounds(&served, &mut a, &mut b, 1).await;
@@ -524,14 +505,17 @@ async fn the_privacy_budget_ends_the_federation_cleanly_before_it_is_exceeded() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_other_dp_flags_is_refused() {
-    let served = Served::start_with_dp(settings(1, 2), None, dp_args(Some(4.0))).await;
+    let served = Served::start_with_dp(plain_round_settings(1, 2), None, dp_args(Some(4.0))).await;
     served.shutdown.cancel();
     let restart = |dp: DpArgs| {
         let state_dir = served.state_dir.clone();
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let config =
-                ServeConfig { model: ModelArgs::default(), dp, ..plain_serve_config(&state_dir, settings(1, 2)) };
+            let config = ServeConfig {
+                model: ModelArgs::default(),
+                dp,
+                ..plain_serve_config(&state_dir, plain_round_settings(1, 2))
+            };
             fl_server::serve(config, Arc::new(PlainBackend), listener, CancellationToken::new()).await
         }
     };
@@ -547,7 +531,7 @@ async fn a_restart_with_other_dp_flags_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_clipping_on_the_client_the_task_carries_c_and_the_coordinator_still_clips() {
     let dp = DpArgs { clip_on: Some(fl_server::dp::ClipSite::Client), ..dp_args(None) };
-    let mut served = Served::start_with_dp(settings(1, 2), None, dp).await;
+    let mut served = Served::start_with_dp(plain_round_settings(1, 2), None, dp).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
     let task = a.next_task().await;
@@ -567,7 +551,7 @@ async fn with_clipping_on_the_client_the_task_carries_c_and_the_coordinator_stil
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_evaluations_are_summarised_per_attempt_and_the_final_model_is_served_after_the_end() {
-    let mut served = Served::start(settings(1, 2), None).await;
+    let mut served = Served::start(plain_round_settings(1, 2), None).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let mut a = served.join(&ia).await;
     let mut b = served.join(&ib).await;
@@ -659,9 +643,9 @@ async fn play_equal_speeds(served: &mut Served, rounds: u32) -> Vec<TensorSet> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_mode_with_equal_speeds_and_k_equal_to_the_clients_is_synchronous_fedavg() {
-    let mut sync = Served::start(settings(3, 3), None).await;
+    let mut sync = Served::start(plain_round_settings(3, 3), None).await;
     let sync_models = play_equal_speeds(&mut sync, 3).await;
-    let mut buffered = Served::start_with_strategy(settings(3, 3), async_mode(3, 0)).await;
+    let mut buffered = Served::start_with_strategy(plain_round_settings(3, 3), async_mode(3, 0)).await;
     let async_models = play_equal_speeds(&mut buffered, 3).await;
     assert_ne!(sync_models[0], sync.initial(), "the rounds moved the model");
     for (round, (s, a)) in sync_models.iter().zip(&async_models).enumerate() {
@@ -678,7 +662,7 @@ async fn async_mode_with_equal_speeds_and_k_equal_to_the_clients_is_synchronous_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_mode_weights_stale_updates_and_refuses_those_staler_than_s() {
     // K = 1: a step after every update. S = 1.
-    let mut served = Served::start_with_strategy(settings(4, 2), async_mode(1, 1)).await;
+    let mut served = Served::start_with_strategy(plain_round_settings(4, 2), async_mode(1, 1)).await;
     let (ia, ib) = (served.enroll("a").await, served.enroll("b").await);
     let (mut a, mut b) = (served.join(&ia).await, served.join(&ib).await);
     let initial = served.initial();
@@ -725,7 +709,7 @@ async fn async_mode_weights_stale_updates_and_refuses_those_staler_than_s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_and_plain_clients_share_a_round_and_bytes_count_the_payload() {
     use fl_common::tls::Compression;
-    let mut served = Served::start(settings(1, 3), None).await;
+    let mut served = Served::start(plain_round_settings(1, 3), None).await;
     let mut clients = Vec::new();
     for (name, compression) in [("plain", Compression::None), ("gzip", Compression::Gzip), ("zstd", Compression::Zstd)]
     {

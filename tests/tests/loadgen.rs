@@ -21,22 +21,10 @@ async fn twenty_clients_serve_two_rounds_with_drop_outs() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let settings = RoundSettings {
-        rounds: 2,
-        // Every client must answer: a drop-out has to come back, get its task again and upload.
-        min_clients: 20,
-        clients_per_round: 0,
-        over_sample: 1.0,
-        round_timeout: Duration::from_secs(60),
-        local_epochs: 1,
-        batch_size: 32,
-        lr: 0.01,
-        optimizer: "adam".into(),
-        seed: 7,
-        max_update_norm: 1.0e4,
         // The coordinator's default: top-k int8 updates, and delta downloads from round 2 on.
         update_codecs: vec!["topk-int8".parse().unwrap(), UpdateCodec::EXACT],
-        max_failed_attempts: 3,
-        long_run: Default::default(),
+        // Every client must answer: a drop-out has to come back, get its task again and upload.
+        ..fl_tests::plain_round_settings(2, 20)
     };
     let config = plain_serve_config(&state_dir, settings);
     let shutdown = CancellationToken::new();

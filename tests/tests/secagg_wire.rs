@@ -28,22 +28,7 @@ fn secure_config(
     round_timeout: Duration,
     clients: usize,
 ) -> ServeConfig {
-    let settings = RoundSettings {
-        rounds: 1,
-        min_clients: clients,
-        clients_per_round: 0,
-        over_sample: 1.0,
-        round_timeout,
-        local_epochs: 1,
-        batch_size: 32,
-        lr: 0.01,
-        optimizer: "adam".into(),
-        seed: 7,
-        max_update_norm: 1.0e4,
-        update_codecs: Vec::new(),
-        max_failed_attempts: 3,
-        long_run: Default::default(),
-    };
+    let settings = RoundSettings { round_timeout, ..fl_tests::plain_round_settings(1, clients) };
     ServeConfig {
         dp,
         secagg: SecAggArgs { enabled: true, ..SecAggArgs::default() },
