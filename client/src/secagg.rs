@@ -14,18 +14,7 @@ use tonic::transport::Channel;
 
 use crate::daemon::CHUNK_BYTES;
 
-/// Training stats reported with the masked input.
-#[derive(Debug, Clone, Copy)]
-pub struct Reported {
-    /// Examples trained on.
-    pub examples: u64,
-    /// Mean training loss.
-    pub loss: f64,
-    /// Training accuracy.
-    pub accuracy: f64,
-    /// Seconds of local training.
-    pub train_s: f64,
-}
+pub use fl_common::secagg::Reported;
 
 fn key(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
     bytes.try_into().map_err(|_| anyhow!("coordinator sent a {what} of {} bytes, expected 32", bytes.len()))

@@ -186,18 +186,7 @@ pub enum SecAggRefusal {
     Aborted(String),
 }
 
-/// What a participant reported with its masked input.
-#[derive(Debug, Clone, Copy)]
-pub struct Reported {
-    /// Examples trained on.
-    pub examples: u64,
-    /// Mean training loss.
-    pub loss: f64,
-    /// Training accuracy.
-    pub accuracy: f64,
-    /// Seconds of local training.
-    pub train_s: f64,
-}
+pub use fl_common::secagg::Reported;
 
 /// Counts for `metrics.jsonl` and the client stats of the survivors.
 #[derive(Debug, Default, Clone)]

@@ -41,6 +41,20 @@ pub use client::SecAggClient;
 pub use quant::QuantizationPlan;
 pub use server::{SecAggOutcome, SecAggServer};
 
+/// The training stats a participant sends beside its masked input (the masked words carry only
+/// the update): what the coordinator records for the round, as for a plain upload.
+#[derive(Debug, Clone, Copy)]
+pub struct Reported {
+    /// Examples trained on.
+    pub examples: u64,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Training accuracy.
+    pub accuracy: f64,
+    /// Seconds of local training.
+    pub train_s: f64,
+}
+
 /// A participant's number within one attempt, `0..n`.
 pub type ParticipantId = u32;
 
