@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use fl_common::codec::{apply_delta, tensor_digest, UpdateCodec};
+use fl_common::codec::{tensor_digest, ErrorFeedback, UpdateCodec};
 use fl_common::tensors::sha256_hex;
 use fl_common::{ModelSpec, TensorSet};
 use fl_proto::pb::{self, federation_client::FederationClient};
@@ -131,8 +131,11 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<Da
         let session = session(&config, &mut encoded, &mut held, &mut backoff, &shutdown);
         let outcome = tokio::select! {
             outcome = session => outcome,
-            _ = shutdown.cancelled() => return Ok(DaemonExit::Shutdown),
+            _ = shutdown.cancelled() => Ok(Some(DaemonExit::Shutdown)),
         };
+        if let Err(e) = held.settle().await {
+            warn!("could not keep the global model and residual for the next round: {e:#}");
+        }
         match outcome {
             Ok(Some(exit)) => return Ok(exit),
             Ok(None) => warn!("coordinator closed the work stream; reconnecting"),
@@ -385,17 +388,26 @@ async fn global_model(
     if let Some(global) = held.global_if(&task.model_sha256) {
         return Ok(global);
     }
-    let base = held.global_if(&task.delta_base_sha256);
-    let have = base.as_ref().map(|_| task.delta_base_sha256.clone()).unwrap_or_default();
+    let have = match held.global_if(&task.delta_base_sha256) {
+        Some(_) => task.delta_base_sha256.clone(),
+        None => String::new(),
+    };
     let request = pb::FetchModelRequest { round, attempt, have_sha256: have, ..Default::default() };
     let download = fetch_model(client, request).await?;
+    // The aggregate is applied to the held model in place: it is given up here (a model that
+    // fails its digest check below would be forgotten anyway).
+    let base = if download.delta { held.take_global_if(&task.delta_base_sha256) } else { None };
     let (spec, want) = (spec.clone(), task.model_sha256.clone());
     let decoded = tokio::task::spawn_blocking(move || -> Result<(String, TensorSet)> {
         let global = match (download.delta, base) {
             (true, Some(base)) => {
                 let codec: UpdateCodec = download.codec.parse().map_err(|e| anyhow!("bad model delta: {e}"))?;
-                let aggregate = codec.decode(&download.bytes, &base).map_err(|e| anyhow!("bad model delta: {e}"))?;
-                apply_delta(&base, &aggregate)
+                let aggregate =
+                    codec.decode_sparse(&download.bytes, &base).map_err(|e| anyhow!("bad model delta: {e}"))?;
+                // The only reference once the last save is settled; otherwise a copy.
+                let mut global = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
+                aggregate.add_to(&mut global, 1.0);
+                global
             }
             (true, None) => bail!("the coordinator sent a delta that was not asked for"),
             (false, _) => {
@@ -473,6 +485,11 @@ async fn do_round(
         .await
         .context("reading the held model panicked")?;
     }
+    // The last round's files are written by now (usually long since); the held model is then
+    // this process's only copy, which the aggregate changes in place.
+    if let Err(e) = held.settle().await {
+        warn!(round, "could not keep the global model and residual for the next round: {e:#}");
+    }
     let global = global_model(client, spec, &task, held).await?;
     held.train_config = Some(train_config.clone());
     let setting = (spec, data, threads, personal.is_some());
@@ -485,7 +502,9 @@ async fn do_round(
     // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
     // whose bound holds for the clipped delta only.
     // Nor with secure aggregation, whose masked upload is the whole dense delta.
-    let mut feedback = (codec.needs_error_feedback() && dp_clip_norm == 0.0 && !secure).then(|| held.feedback.clone());
+    // The residual so far is only read: the new one is made in the delta's buffers, and replaces
+    // it when the coordinator accepts the update.
+    let residual = (codec.needs_error_feedback() && dp_clip_norm == 0.0 && !secure).then(|| held.feedback.clone());
     let mut reused = held.model.take();
     let mut trainer = held.trainer.take();
 
@@ -516,7 +535,7 @@ async fn do_round(
                         }
                     };
                     let stats = train_in(&mut trainer, &mut model, &data, &train_config, distillation, &cancel, report);
-                    let delta = model.to_tensors().minus(&global);
+                    let delta = model.delta_from(&global);
                     reused = Some(model);
                     (stats, delta, None)
                 }
@@ -540,13 +559,17 @@ async fn do_round(
             }
             let train_s = started.elapsed().as_secs_f64();
             // Secure aggregation sends the flat values, masked; otherwise the encoded delta.
-            let body = if secure {
-                Body::Flat(fl_common::secagg::flatten(&delta))
+            let (body, feedback) = if secure {
+                (Body::Flat(fl_common::secagg::flatten(&delta)), None)
             } else {
-                Body::Encoded(match feedback.as_mut() {
-                    Some(feedback) => codec.encode_with_feedback(&delta, feedback)?,
-                    None => codec.encode(&delta)?,
-                })
+                match residual {
+                    Some(residual) => {
+                        let sent = codec.encode_owned_with_feedback(delta, residual.residual.as_ref())?;
+                        let feedback = Arc::new(ErrorFeedback { residual: Some(sent.residual) });
+                        (Body::Encoded(sent.payload), Some(feedback))
+                    }
+                    None => (Body::Encoded(codec.encode(&delta)?), None),
+                }
             };
             Ok((stats, body, train_s, feedback, (reused, trainer), local_eval))
         })
@@ -637,10 +660,9 @@ async fn do_round(
     if let (RoundOutcome::Accepted, Some(feedback)) = (&outcome, feedback) {
         held.set_feedback(feedback);
     }
-    // After the upload: the coordinator is aggregating while this is written.
-    if let Err(e) = held.save(spec).await {
-        warn!(round, "could not keep the global model and residual for the next round: {e:#}");
-    }
+    // After the upload, and off the critical path: the next round waits for it only before it
+    // changes the held model.
+    held.save_in_background(spec);
     Ok(outcome)
 }
 

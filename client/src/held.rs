@@ -24,8 +24,8 @@ pub struct HeldState {
     loaded_for: Option<String>,
     /// Digest and weights of the global model held.
     global: Option<(String, Arc<TensorSet>)>,
-    /// The residual of the codec's error feedback.
-    pub feedback: ErrorFeedback,
+    /// The residual of the codec's error feedback (shared with a save or a round in progress).
+    pub feedback: Arc<ErrorFeedback>,
     /// The model of the last round, reused (new weights copied in) to spare its allocation.
     pub model: Option<fl_model::model::Classifier>,
     /// The trainer of that model, restarted each round to spare its optimizer allocations.
@@ -37,6 +37,8 @@ pub struct HeldState {
     pub distilled: Option<crate::distill::Distilled>,
     global_dirty: bool,
     feedback_dirty: bool,
+    /// The save in progress ([`HeldState::save_in_background`]).
+    saving: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl HeldState {
@@ -46,13 +48,14 @@ impl HeldState {
             dir: state_dir.join("codec"),
             loaded_for: None,
             global: None,
-            feedback: ErrorFeedback::default(),
+            feedback: Arc::default(),
             model: None,
             trainer: None,
             train_config: None,
             distilled: None,
             global_dirty: false,
             feedback_dirty: false,
+            saving: None,
         }
     }
 
@@ -70,7 +73,7 @@ impl HeldState {
         }
         self.loaded_for = Some(spec.federation.clone());
         self.global = None;
-        self.feedback = ErrorFeedback::default();
+        self.feedback = Arc::default();
         let path = self.path("global", spec);
         match std::fs::read(&path) {
             Ok(bytes) => match decode_model(&bytes) {
@@ -85,7 +88,7 @@ impl HeldState {
         }
         let path = self.path("residual", spec);
         match ErrorFeedback::load(&path) {
-            Ok(feedback) => self.feedback = feedback,
+            Ok(feedback) => self.feedback = Arc::new(feedback),
             Err(e) => warn!("{}: {e}; starting with an empty residual", path.display()),
         }
     }
@@ -108,6 +111,14 @@ impl HeldState {
         }
     }
 
+    /// Gives up the global model held, if its digest is `digest`, so that the caller may change
+    /// it in place (it holds the only reference once the last save is settled).
+    pub fn take_global_if(&mut self, digest: &str) -> Option<Arc<TensorSet>> {
+        let held = self.global_if(digest)?;
+        self.global = None;
+        Some(held)
+    }
+
     /// Forgets the global model held (it did not produce the round's model).
     pub fn forget_global(&mut self) {
         self.global = None;
@@ -115,36 +126,68 @@ impl HeldState {
     }
 
     /// Replaces the residual after an accepted update.
-    pub fn set_feedback(&mut self, feedback: ErrorFeedback) {
+    pub fn set_feedback(&mut self, feedback: Arc<ErrorFeedback>) {
         self.feedback = feedback;
         self.feedback_dirty = true;
     }
 
-    /// Writes what changed since the last save, on a blocking thread.
-    pub async fn save(&mut self, spec: &ModelSpec) -> Result<()> {
+    /// Starts writing what changed since the last save, on a blocking thread, and returns: the
+    /// round's critical path does not wait for the disk. One save runs at a time;
+    /// [`HeldState::settle`] waits for it (the next round calls it first). The files are a
+    /// cache the next round checks (the model by its digest), written atomically and fsync'd.
+    pub fn save_in_background(&mut self, spec: &ModelSpec) {
         let global = self.global_dirty.then(|| (self.path("global", spec), self.global.clone()));
         let feedback = self.feedback_dirty.then(|| (self.path("residual", spec), self.feedback.clone()));
-        let spec = spec.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            if let Some((path, global)) = global {
-                match global {
-                    Some((_, weights)) => fl_common::files::write_atomic(&path, &encode_model(&spec, &weights), 0o600),
-                    None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
-                        std::io::ErrorKind::NotFound => Ok(()),
-                        _ => Err(e),
-                    }),
-                }
-                .with_context(|| format!("writing {}", path.display()))?;
-            }
-            if let Some((path, feedback)) = feedback {
-                feedback.save(&path).with_context(|| format!("writing {}", path.display()))?;
-            }
-            Ok(())
-        })
-        .await??;
+        if global.is_none() && feedback.is_none() {
+            return;
+        }
         self.global_dirty = false;
         self.feedback_dirty = false;
-        Ok(())
+        let spec = spec.clone();
+        let previous = self.saving.take();
+        self.saving = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                previous.await.context("an earlier save panicked")??;
+            }
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                if let Some((path, global)) = global {
+                    match global {
+                        Some((_, weights)) => {
+                            fl_common::files::write_atomic(&path, &encode_model(&spec, &weights), 0o600)
+                        }
+                        None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                            std::io::ErrorKind::NotFound => Ok(()),
+                            _ => Err(e),
+                        }),
+                    }
+                    .with_context(|| format!("writing {}", path.display()))?;
+                }
+                if let Some((path, feedback)) = feedback {
+                    feedback.save(&path).with_context(|| format!("writing {}", path.display()))?;
+                }
+                Ok(())
+            })
+            .await
+            .context("the save panicked")?
+        }));
+    }
+
+    /// Waits for the save in progress, if any. A failed save marks both files to be written
+    /// again by the next one.
+    pub async fn settle(&mut self) -> Result<()> {
+        let Some(saving) = self.saving.take() else { return Ok(()) };
+        let result = saving.await.context("the save panicked").and_then(|r| r);
+        if result.is_err() {
+            self.global_dirty = true;
+            self.feedback_dirty = true;
+        }
+        result
+    }
+
+    /// Writes what changed since the last save and waits for it.
+    pub async fn save(&mut self, spec: &ModelSpec) -> Result<()> {
+        self.save_in_background(spec);
+        self.settle().await
     }
 }
 
@@ -169,14 +212,14 @@ mod tests {
         let mut feedback = ErrorFeedback::default();
         let delta = TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![4, 2], data: vec![0.25; 8] }]);
         "topk-f32".parse::<UpdateCodec>().unwrap().encode_with_feedback(&delta, &mut feedback).unwrap();
-        held.set_feedback(feedback.clone());
+        held.set_feedback(Arc::new(feedback.clone()));
         held.save(&spec).await.unwrap();
 
         let mut again = HeldState::new(dir.path());
         again.load(&spec);
         assert_eq!(again.global_if(&digest).as_deref(), Some(&weights));
         assert!(again.global_if("other").is_none());
-        assert_eq!(again.feedback, feedback);
+        assert_eq!(*again.feedback, feedback);
 
         let mut other = spec.clone();
         other.federation = "cd".repeat(32);

@@ -305,6 +305,18 @@ impl UpdateCodec {
             delta.check_matches(reference)?;
             return Ok(delta);
         }
+        Ok(self.decode_sparse(bytes, reference)?.to_dense(reference))
+    }
+
+    /// [`UpdateCodec::decode`] short of making the delta dense: the same checks, the same
+    /// values, each with its position. Applying or folding it touches only those positions.
+    pub fn decode_sparse(&self, bytes: &[u8], reference: &TensorSet) -> Result<SparseDelta, CodecError> {
+        if *self == UpdateCodec::EXACT {
+            let (delta, _) = TensorSet::decode(bytes)?;
+            delta.check_matches(reference)?;
+            let tensors = delta.tensors.into_iter().map(|t| SparseTensor { positions: None, values: t.data }).collect();
+            return Ok(SparseDelta { tensors });
+        }
         let mut r = Reader { bytes, at: 0 };
         if r.take(MAGIC.len(), "the header")? != MAGIC {
             return Err(CodecError::NoMagic);
@@ -331,10 +343,10 @@ impl UpdateCodec {
         if r.at != bytes.len() {
             return Err(CodecError::Trailing(bytes.len() - r.at));
         }
-        Ok(TensorSet { tensors })
+        Ok(SparseDelta { tensors })
     }
 
-    fn decode_tensor(&self, r: &mut Reader<'_>, index: usize, want: &NamedTensor) -> Result<NamedTensor, CodecError> {
+    fn decode_tensor(&self, r: &mut Reader<'_>, index: usize, want: &NamedTensor) -> Result<SparseTensor, CodecError> {
         let bad = |problem: String| CodecError::Tensor { index, problem };
         let name_len = r.u16("a tensor name length")? as usize;
         let name = std::str::from_utf8(r.take(name_len, "a tensor name")?)
@@ -357,16 +369,19 @@ impl UpdateCodec {
         }
         let cols = cols_of(&shape);
         let layout = layout_of(self.sparsity, &shape);
-        // Positions in the full tensor of the kept values, in order, and values per scale.
-        let (positions, block): (Vec<usize>, usize) = match layout {
-            Layout::Dense => ((0..elements).collect(), cols),
+        // Positions in the full tensor of the kept values, in order (none: all of them), and
+        // values per scale.
+        let (positions, block): (Option<Vec<u32>>, usize) = match layout {
+            Layout::Dense => (None, cols),
             Layout::Rows => {
                 let rows = read_indices(r, &name, "row", rows_of(&shape))?;
-                (rows.iter().flat_map(|&row| row * cols..(row + 1) * cols).collect(), cols)
+                (Some(rows.iter().flat_map(|&row| row * cols..(row + 1) * cols).map(|p| p as u32).collect()), cols)
             }
-            Layout::Values => (read_indices(r, &name, "value", elements)?, INT8_BLOCK),
+            Layout::Values => {
+                (Some(read_indices(r, &name, "value", elements)?.into_iter().map(|p| p as u32).collect()), INT8_BLOCK)
+            }
         };
-        let n = positions.len();
+        let n = positions.as_ref().map_or(elements, Vec::len);
         let values: Vec<f32> = match self.precision {
             Precision::F32 => {
                 r.take(n * 4, "values")?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
@@ -394,14 +409,10 @@ impl UpdateCodec {
                 dequantize_int8_rows(&q, &scales, block)
             }
         };
-        if let Some((i, &v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(CodecError::NonFinite { name, what: "value", index: i, value: v });
+        if let Some(i) = crate::tensors::first_non_finite(&values) {
+            return Err(CodecError::NonFinite { name, what: "value", index: i, value: values[i] });
         }
-        let mut data = vec![0.0f32; elements];
-        for (&p, &v) in positions.iter().zip(&values) {
-            data[p] = v;
-        }
-        Ok(NamedTensor { name, shape, data })
+        Ok(SparseTensor { positions, values })
     }
 
     /// Encodes `delta` plus the residual that earlier rounds left out, and keeps as the new
@@ -414,20 +425,22 @@ impl UpdateCodec {
 
     /// [`UpdateCodec::encode_with_feedback`] of a delta the caller gives up: the delta is
     /// corrected by `residual` in place and becomes the new residual, and what the payload
-    /// carries comes back decoded, so a caller that applies it need not decode it again (the
-    /// coordinator's [`apply_delta_in_place`]). Same bits as `encode_with_feedback`.
+    /// carries comes back decoded (as a receiver decodes it), so a caller that applies it need
+    /// not decode it again. Same bits as `encode_with_feedback`. A residual of another layout
+    /// (another model) is ignored.
     pub fn encode_owned_with_feedback(
         &self,
         mut delta: TensorSet,
         residual: Option<&TensorSet>,
     ) -> Result<FeedbackPayload, CodecError> {
-        if let Some(residual) = residual.filter(|r| r.check_matches(&delta).is_ok()) {
+        if let Some(residual) = residual.filter(|r| r.same_layout(&delta)) {
             delta.add_scaled(residual, 1.0);
         }
         let payload = self.encode(&delta)?;
-        let sent = self.decode(&payload, &delta)?;
-        // x + (-1 · y) is x - y, bit for bit.
-        delta.add_scaled(&sent, -1.0);
+        // Only the kept values are decoded, and taken off where they were: x + (-1 · y) is x - y,
+        // bit for bit, and the values left out stay as they are.
+        let sent = self.decode_sparse(&payload, &delta)?;
+        sent.add_to(&mut delta, -1.0);
         Ok(FeedbackPayload { payload, sent, residual: delta })
     }
 }
@@ -438,7 +451,7 @@ pub struct FeedbackPayload {
     /// The encoded payload.
     pub payload: Vec<u8>,
     /// The payload decoded: what a receiver applies.
-    pub sent: TensorSet,
+    pub sent: SparseDelta,
     /// What the payload leaves out, for the next delta.
     pub residual: TensorSet,
 }
@@ -494,30 +507,70 @@ pub fn tensor_digest(set: &TensorSet) -> String {
     hex::encode(h.finalize())
 }
 
-/// [`apply_delta`] into the delta's own buffers (`delta + base` is `base + delta`, bit for bit):
-/// the coordinator's copy of the arithmetic, which has no use for the delta after.
-pub fn apply_delta_in_place(base: &TensorSet, mut delta: TensorSet) -> TensorSet {
-    for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
-        for (y, x) in d.data.iter_mut().zip(&b.data) {
-            *y += x;
-        }
-    }
-    delta
+/// A decoded payload before it is made dense ([`UpdateCodec::decode_sparse`]): per tensor of
+/// the model, in its order, the values the payload carries and their flat positions. Applying
+/// it ([`SparseDelta::add_to`]) is the one way both sides of a delta download do it, so the
+/// coordinator and every client hold the same bits; folding it touches only its values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseDelta {
+    /// One per tensor of the model.
+    pub tensors: Vec<SparseTensor>,
 }
 
-/// `base + delta`, element-wise, the one way both sides of a delta download apply it.
-pub fn apply_delta(base: &TensorSet, delta: &TensorSet) -> TensorSet {
-    TensorSet {
-        tensors: base
+/// The values of one tensor in a [`SparseDelta`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseTensor {
+    /// Flat positions of `values`, increasing; `None`: every position, in order.
+    pub positions: Option<Vec<u32>>,
+    /// The values, all finite.
+    pub values: Vec<f32>,
+}
+
+impl SparseDelta {
+    /// `target += scale · self`, at the positions carried only; `target` has the layout of the
+    /// reference the delta was decoded against. With `scale` 1 this is `x + v` (1 · v is v).
+    pub fn add_to(&self, target: &mut TensorSet, scale: f32) {
+        for (s, t) in self.tensors.iter().zip(&mut target.tensors) {
+            match &s.positions {
+                None => t.data.iter_mut().zip(&s.values).for_each(|(x, v)| *x += scale * v),
+                Some(positions) => {
+                    positions.iter().zip(&s.values).for_each(|(&p, v)| t.data[p as usize] += scale * v)
+                }
+            }
+        }
+    }
+
+    /// `base` with the delta applied ([`SparseDelta::add_to`]).
+    pub fn applied_to(&self, base: &TensorSet) -> TensorSet {
+        let mut out = base.clone();
+        self.add_to(&mut out, 1.0);
+        out
+    }
+
+    /// The dense delta, zero where no value is carried, with the names and shapes of `reference`.
+    pub fn to_dense(&self, reference: &TensorSet) -> TensorSet {
+        let tensors = self
             .tensors
             .iter()
-            .zip(&delta.tensors)
-            .map(|(b, d)| NamedTensor {
-                name: b.name.clone(),
-                shape: b.shape.clone(),
-                data: b.data.iter().zip(&d.data).map(|(x, y)| x + y).collect(),
+            .zip(&reference.tensors)
+            .map(|(s, r)| {
+                let data = match &s.positions {
+                    None => s.values.clone(),
+                    Some(positions) => {
+                        let mut data = vec![0.0f32; r.data.len()];
+                        positions.iter().zip(&s.values).for_each(|(&p, &v)| data[p as usize] = v);
+                        data
+                    }
+                };
+                NamedTensor { name: r.name.clone(), shape: r.shape.clone(), data }
             })
-            .collect(),
+            .collect();
+        TensorSet { tensors }
+    }
+
+    /// The Euclidean norm (the values left out are zero).
+    pub fn l2_norm(&self) -> f64 {
+        self.tensors.iter().flat_map(|t| &t.values).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
     }
 }
 
@@ -553,15 +606,32 @@ fn cols_of(shape: &[usize]) -> usize {
 }
 
 /// Indices of the `k` largest magnitudes, ascending; ties go to the lower index.
+///
+/// The magnitudes are compared as the bits of `|v|` (for non-negative floats, their order is
+/// that of the numbers): one selection finds the k-th largest, and one pass in index order
+/// takes every larger value and, of those equal to it, the first ones. No index array is sorted.
 fn top_k(data: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..data.len()).collect();
-    if k < idx.len() {
-        let by_magnitude = |a: &usize, b: &usize| data[*b].abs().total_cmp(&data[*a].abs()).then(a.cmp(b));
-        idx.select_nth_unstable_by(k, by_magnitude);
-        idx.truncate(k);
+    if k >= data.len() {
+        return (0..data.len()).collect();
     }
-    idx.sort_unstable();
-    idx
+    if k == 0 {
+        return Vec::new();
+    }
+    let magnitude = |v: &f32| v.to_bits() & 0x7fff_ffff;
+    let mut magnitudes: Vec<u32> = data.iter().map(magnitude).collect();
+    let (_, &mut threshold, _) = magnitudes.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    drop(magnitudes);
+    let above = data.iter().filter(|v| magnitude(v) > threshold).count();
+    let mut ties = k - above;
+    let mut out = Vec::with_capacity(k);
+    for (i, v) in data.iter().enumerate() {
+        let m = magnitude(v);
+        if m > threshold || (m == threshold && ties > 0) {
+            ties -= usize::from(m == threshold);
+            out.push(i);
+        }
+    }
+    out
 }
 
 fn push_indices(out: &mut Vec<u8>, indices: &[usize]) {
@@ -907,6 +977,55 @@ mod tests {
         assert_eq!(tensor_digest(&a), tensor_digest(&b));
         b.tensors[0].data[1] = f32::from_bits(1.0f32.to_bits() + 1);
         assert_ne!(tensor_digest(&a), tensor_digest(&b));
-        assert_eq!(apply_delta(&a, &a.zeros_like()), a);
+        let nothing = codec("sparse-f32").encode(&a.zeros_like()).unwrap();
+        assert_eq!(codec("sparse-f32").decode_sparse(&nothing, &a).unwrap().applied_to(&a), a);
+    }
+
+    /// The definition `top_k` must match: sort every index by magnitude, then by index.
+    fn top_k_by_sorting(data: &[f32], k: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..data.len()).collect();
+        idx.sort_by(|a, b| data[*b].abs().total_cmp(&data[*a].abs()).then(a.cmp(b)));
+        idx.truncate(k);
+        idx.sort_unstable();
+        idx
+    }
+
+    proptest! {
+        #[test]
+        fn top_k_is_the_k_largest_magnitudes_with_ties_to_the_lower_index(
+            // Few distinct magnitudes (and both zeros) make ties the common case.
+            data in proptest::collection::vec(prop_oneof![(-3i8..=3).prop_map(f32::from), Just(-0.0f32), -2.0f32..2.0], 0..200),
+            k in 0usize..220,
+        ) {
+            prop_assert_eq!(top_k(&data, k), top_k_by_sorting(&data, k.min(data.len())));
+        }
+
+        /// The sparse decoding carries the same values as the dense one, and applying it adds
+        /// them where they are and leaves every other value's bits alone.
+        #[test]
+        fn sparse_decoding_is_the_dense_one_at_its_positions(
+            (table, rows) in sparse_table(),
+            name in proptest::sample::select(CODEC_NAMES.to_vec()),
+        ) {
+            let c = codec(name);
+            let d = delta(table, rows, [0.5, -0.25]);
+            let payload = c.encode(&d).unwrap();
+            let (dense, sparse) = (c.decode(&payload, &d).unwrap(), c.decode_sparse(&payload, &d).unwrap());
+            prop_assert_eq!(&sparse.to_dense(&d), &dense);
+            prop_assert!((sparse.l2_norm() - dense.l2_norm()).abs() <= 1e-9 * dense.l2_norm().max(1.0));
+            let mut base = d.clone();
+            base.tensors[0].data[0] = -0.0;
+            let applied = sparse.applied_to(&base);
+            for ((b, a), (s, t)) in base.tensors.iter().zip(&applied.tensors).zip(sparse.tensors.iter().zip(&dense.tensors)) {
+                let carried: std::collections::HashSet<usize> = match &s.positions {
+                    None => (0..b.data.len()).collect(),
+                    Some(p) => p.iter().map(|&p| p as usize).collect(),
+                };
+                for (i, ((x, y), v)) in b.data.iter().zip(&a.data).zip(&t.data).enumerate() {
+                    let want = if carried.contains(&i) { x + v } else { *x };
+                    prop_assert_eq!(y.to_bits(), want.to_bits(), "{} at {}", name, i);
+                }
+            }
+        }
     }
 }

@@ -51,6 +51,17 @@ pub enum TensorError {
     NonFinite { name: String, index: usize },
 }
 
+/// Index of the first NaN or infinite value. Scans in blocks whose test the compiler
+/// vectorizes, and only looks value by value inside the block that fails.
+pub fn first_non_finite(data: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    data.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+        // An exponent of all ones is NaN or infinity; `&` (not `&&`) keeps the loop branch-free.
+        let finite = block.iter().fold(true, |ok, v| ok & (v.to_bits() & 0x7f80_0000 != 0x7f80_0000));
+        (!finite).then(|| b * BLOCK + block.iter().position(|v| !v.is_finite()).unwrap_or(0))
+    })
+}
+
 impl TensorSet {
     /// Builds a set, sorting tensors by name.
     pub fn new(mut tensors: Vec<NamedTensor>) -> Self {
@@ -88,11 +99,17 @@ impl TensorSet {
                     got: t.shape.clone(),
                 });
             }
-            if let Some(index) = t.data.iter().position(|v| !v.is_finite()) {
+            if let Some(index) = first_non_finite(&t.data) {
                 return Err(TensorError::NonFinite { name: t.name.clone(), index });
             }
         }
         Ok(())
+    }
+
+    /// Whether `self` has exactly the names and shapes of `other` (values are not looked at).
+    pub fn same_layout(&self, other: &TensorSet) -> bool {
+        self.tensors.len() == other.tensors.len()
+            && self.tensors.iter().zip(&other.tensors).all(|(a, b)| a.name == b.name && a.shape == b.shape)
     }
 
     /// Euclidean norm over all values.

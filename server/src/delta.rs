@@ -3,7 +3,7 @@
 //! ([`UpdateCodec::for_download`]).
 //!
 //! The coordinator defines the next global model as `global + decode(encode(next - global))`
-//! ([`fl_common::codec::apply_delta`]), the very arithmetic a client does on the payload it
+//! ([`fl_common::codec::SparseDelta::add_to`]), the very arithmetic a client does on the payload it
 //! downloads, so every client that applies the delta holds bit-identical weights; the task's
 //! `model_sha256` ([`fl_common::codec::tensor_digest`]) lets it check.
 //!
@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use fl_common::codec::{apply_delta_in_place, ErrorFeedback, Sparsity, UpdateCodec};
+use fl_common::codec::{ErrorFeedback, Sparsity, UpdateCodec};
 use fl_common::TensorSet;
 use tracing::warn;
 
@@ -68,8 +68,8 @@ pub struct ModelDelta {
 
 /// The next global model after `global`, given the strategy's `next`: with `codec`, the
 /// aggregate as clients will apply it, and the delta they download. Blocking: it encodes the
-/// aggregate and hashes the model, one pass each over the model (the aggregate is decoded once,
-/// and applied in its own buffers); the model file is built later, when first needed
+/// aggregate and hashes the model, one pass each over the model (of the encoded aggregate only
+/// the kept values are decoded, and applied in the strategy model's buffers); the model file is built later, when first needed
 /// ([`GlobalModel::file`]). An aggregate the codec cannot carry (beyond f16's range) means full
 /// downloads.
 ///
@@ -90,12 +90,19 @@ pub fn next_global(
             (sent.sent, sent.payload)
         })
     } else {
-        codec.encode(&aggregate).and_then(|bytes| Ok((codec.decode(&bytes, &global.tensors)?, bytes)))
+        codec.encode(&aggregate).and_then(|bytes| Ok((codec.decode_sparse(&bytes, &global.tensors)?, bytes)))
     };
     match encoded {
         Ok((sent, bytes)) => {
             let delta = ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) };
-            GlobalModel::after(global, apply_delta_in_place(&global.tensors, sent), Some(Arc::new(delta)))
+            // The strategy's model is no longer needed: its buffers take the previous model, plus
+            // what the clients apply.
+            let mut applied = next;
+            for (a, g) in applied.tensors.iter_mut().zip(&global.tensors.tensors) {
+                a.data.copy_from_slice(&g.data);
+            }
+            sent.add_to(&mut applied, 1.0);
+            GlobalModel::after(global, applied, Some(Arc::new(delta)))
         }
         Err(e) => {
             warn!("the round's aggregate cannot be sent as {codec}: {e}; clients download the full model");
@@ -106,7 +113,7 @@ pub fn next_global(
 
 #[cfg(test)]
 mod tests {
-    use fl_common::codec::{apply_delta, tensor_digest};
+    use fl_common::codec::tensor_digest;
     use fl_common::{ModelKind, ModelSpec, NamedTensor};
 
     use super::*;
@@ -135,7 +142,7 @@ mod tests {
             let delta = model.delta.as_ref().expect("a delta is offered");
             assert_eq!(delta.base_digest, global.digest);
             // What a client does with the previous model and the downloaded bytes.
-            let applied = apply_delta(&global.tensors, &codec.decode(&delta.bytes, &global.tensors).unwrap());
+            let applied = codec.decode_sparse(&delta.bytes, &global.tensors).unwrap().applied_to(&global.tensors);
             assert_eq!(tensor_digest(&applied), model.digest, "{name}");
             let err = model.tensors.tensors[0].data.iter().zip(&next.tensors[0].data).map(|(a, b)| (a - b).abs());
             assert!(err.fold(0.0f32, f32::max) < 1e-3, "{name}: close to the strategy's model");

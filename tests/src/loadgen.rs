@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use fl_client::daemon::upload_chunks;
 use fl_client::identity::{ClientState, Identity};
-use fl_common::codec::{apply_delta, tensor_digest, UpdateCodec};
+use fl_common::codec::{tensor_digest, UpdateCodec};
 use fl_common::tensors::sha256_hex;
 use fl_common::TensorSet;
 use fl_proto::pb::{self, federation_client::FederationClient};
@@ -761,7 +761,7 @@ fn check_download(shared: &Shared, task: &pb::RoundTask, delta: bool, bytes: &[u
                     anyhow!("delta download of round {}: its base model was never checked", task.round)
                 })?;
             let codec: UpdateCodec = task.delta_codec.parse().map_err(|e| anyhow!("delta codec: {e}"))?;
-            apply_delta(&base, &codec.decode(bytes, &base).map_err(|e| anyhow!("bad delta: {e}"))?)
+            codec.decode_sparse(bytes, &base).map_err(|e| anyhow!("bad delta: {e}"))?.applied_to(&base)
         } else {
             fl_common::decode_model(bytes).map_err(|e| anyhow!("bad model file: {e}"))?.1
         };

@@ -373,15 +373,47 @@ impl Classifier {
         TensorSet::new(tensors)
     }
 
-    /// Replaces the weights; names and shapes must match.
+    /// `self`'s weights minus `base` (of the same names and shapes): a client's update.
+    pub fn delta_from(&self, base: &TensorSet) -> TensorSet {
+        let mut delta = self.to_tensors();
+        for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
+            d.data.iter_mut().zip(&b.data).for_each(|(x, y)| *x -= y);
+        }
+        delta
+    }
+
+    /// Replaces the weights; names and shapes must match, and every value be finite. Each
+    /// weight is copied once, straight from `weights`.
     pub fn load_tensors(&mut self, weights: &TensorSet) -> Result<(), ModelError> {
-        weights.check_matches(&self.shapes())?;
         let vars = self.vs.variables();
+        let fits = weights.tensors.len() == vars.len()
+            && weights.tensors.iter().all(|t| {
+                vars.get(&t.name).is_some_and(|v| v.size().iter().map(|&d| d as usize).eq(t.shape.iter().copied()))
+            });
+        if !fits {
+            // The slow comparison, for its error message.
+            weights.check_matches(&self.shapes())?;
+        }
+        for t in &weights.tensors {
+            if let Some(index) = fl_common::tensors::first_non_finite(&t.data) {
+                return Err(TensorError::NonFinite { name: t.name.clone(), index }.into());
+            }
+        }
         tch::no_grad(|| {
             for t in &weights.tensors {
                 let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let mut strides = vec![1i64; shape.len()];
+                for i in (0..shape.len().saturating_sub(1)).rev() {
+                    strides[i] = strides[i + 1] * shape[i + 1];
+                }
                 let mut var = vars[&t.name].shallow_clone();
-                var.copy_(&Tensor::from_slice(&t.data).view(shape.as_slice()));
+                // SAFETY: the view reads `t.data` (f32, `shape`'s product of values, contiguous),
+                // which outlives it: `copy_` reads it on this thread and the view is dropped
+                // right after, before `weights` can be touched.
+                let source = unsafe {
+                    Tensor::from_blob(t.data.as_ptr().cast::<u8>(), &shape, &strides, Kind::Float, Device::Cpu)
+                };
+                var.copy_(&source);
             }
         });
         Ok(())
