@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use fl_common::codec::{tensor_digest, ErrorFeedback};
-use fl_common::{decode_model, encode_model, ModelSpec, TensorSet};
+use fl_common::files::replace_unsynced;
+use fl_common::model_file::write_model_file;
+use fl_common::{decode_model, ModelSpec, TensorSet};
 use tracing::warn;
 
 /// The global model and the residual a client holds.
@@ -134,7 +136,9 @@ impl HeldState {
     /// Starts writing what changed since the last save, on a blocking thread, and returns: the
     /// round's critical path does not wait for the disk. One save runs at a time;
     /// [`HeldState::settle`] waits for it (the next round calls it first). The files are a
-    /// cache the next round checks (the model by its digest), written atomically and fsync'd.
+    /// cache, checked when read (the model by its digest, the residual as a tensor file), so
+    /// they are replaced atomically but not fsync'd: a power loss may cost the next round a
+    /// full download, or the residual.
     pub fn save_in_background(&mut self, spec: &ModelSpec) {
         let global = self.global_dirty.then(|| (self.path("global", spec), self.global.clone()));
         let feedback = self.feedback_dirty.then(|| (self.path("residual", spec), self.feedback.clone()));
@@ -150,20 +154,25 @@ impl HeldState {
                 previous.await.context("an earlier save panicked")??;
             }
             tokio::task::spawn_blocking(move || -> Result<()> {
+                let remove = |path: &Path| {
+                    std::fs::remove_file(path).or_else(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => Ok(()),
+                        _ => Err(e),
+                    })
+                };
                 if let Some((path, global)) = global {
                     match global {
-                        Some((_, weights)) => {
-                            fl_common::files::write_atomic(&path, &encode_model(&spec, &weights), 0o600)
-                        }
-                        None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
-                            std::io::ErrorKind::NotFound => Ok(()),
-                            _ => Err(e),
-                        }),
+                        Some((_, weights)) => replace_unsynced(&path, 0o600, |tmp| write_model_file(tmp, &spec, &weights)),
+                        None => remove(&path),
                     }
                     .with_context(|| format!("writing {}", path.display()))?;
                 }
                 if let Some((path, feedback)) = feedback {
-                    feedback.save(&path).with_context(|| format!("writing {}", path.display()))?;
+                    match &feedback.residual {
+                        Some(residual) => replace_unsynced(&path, 0o600, |tmp| residual.write_file(tmp, None)),
+                        None => remove(&path),
+                    }
+                    .with_context(|| format!("writing {}", path.display()))?;
                 }
                 Ok(())
             })

@@ -26,6 +26,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// Replaces `path` with the file that `write` makes at the temporary path it is given (created
+/// beforehand with `mode`), by a rename: a reader sees the old file or the whole new one, after a
+/// crash of the process too. Nothing is fsync'd, so after a power loss the file may be old or
+/// torn: this is for caches that are checked when read back (a client's held model and residual).
+pub fn replace_unsynced(path: &Path, mode: u32, write: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let file_name =
+        path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        drop(open_with_mode(&tmp, mode)?);
+        write(&tmp)?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Appends one line to `path` and fsyncs it.
 pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
     let mut file = OpenOptions::new().create(true).append(true).open(path)?;

@@ -33,6 +33,12 @@ pub fn encode_model_with(spec: &ModelSpec, weights: &TensorSet, mut metadata: Ha
     weights.encode(Some(metadata))
 }
 
+/// Writes the model file of [`encode_model`] to `path`, straight from the weights' buffers.
+pub fn write_model_file(path: &std::path::Path, spec: &ModelSpec, weights: &TensorSet) -> std::io::Result<()> {
+    let metadata = HashMap::from([(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"))]);
+    weights.write_file(path, Some(metadata))
+}
+
 /// Decodes a model file into spec and weights.
 pub fn decode_model(bytes: &[u8]) -> Result<(ModelSpec, TensorSet), ModelFileError> {
     decode_model_with(bytes).map(|(spec, weights, _)| (spec, weights))

@@ -155,6 +155,20 @@ impl TensorSet {
         }
     }
 
+    /// Writes the set as safetensors with the given metadata to `path`, straight from the
+    /// tensors' buffers (no copy of the whole set in memory, unlike [`TensorSet::encode`]).
+    pub fn write_file(&self, path: &std::path::Path, metadata: Option<HashMap<String, String>>) -> std::io::Result<()> {
+        let views = self.tensors.iter().map(|t| {
+            let bytes: &[u8] = bytemuck::cast_slice(&t.data);
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes).expect("shape matches data length");
+            (t.name.as_str(), view)
+        });
+        safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })
+    }
+
     /// Encodes as safetensors with the given metadata.
     pub fn encode(&self, metadata: Option<HashMap<String, String>>) -> Vec<u8> {
         let views = self.tensors.iter().map(|t| {

@@ -19,11 +19,12 @@ pub enum EvalError {
     Model(#[from] ModelError),
 }
 
-/// An eval set, tokenized for one model spec.
+/// An eval set, tokenized for one model spec, and the model it evaluates each set of weights
+/// with (built once; each evaluation copies the weights in).
 #[derive(Debug)]
 pub struct EvalSet {
-    spec: ModelSpec,
     data: EncodedDataset,
+    model: std::sync::Mutex<Classifier>,
 }
 
 impl EvalSet {
@@ -31,8 +32,9 @@ impl EvalSet {
     pub fn load(path: &Path, spec: &ModelSpec) -> Result<EvalSet, EvalError> {
         let rows = read_labelled_csv(path)?;
         let labels = rows.label_indices(&spec.labels)?;
-        let probe = Classifier::new(spec.clone(), tch::Device::Cpu, 0)?;
-        Ok(EvalSet { spec: spec.clone(), data: EncodedDataset::encode(&probe, &rows.texts, labels) })
+        let model = Classifier::new(spec.clone(), tch::Device::Cpu, 0)?;
+        let data = EncodedDataset::encode(&model, &rows.texts, labels);
+        Ok(EvalSet { data, model: std::sync::Mutex::new(model) })
     }
 
     /// Number of rows.
@@ -47,7 +49,8 @@ impl EvalSet {
 
     /// Accuracy and loss of `weights`. Blocking: call from a blocking thread.
     pub fn evaluate(&self, weights: &TensorSet) -> Result<(f64, f64), EvalError> {
-        let model = Classifier::from_tensors(self.spec.clone(), weights, tch::Device::Cpu)?;
+        let mut model = self.model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        model.load_tensors(weights)?;
         Ok(model.evaluate(&self.data.docs, &self.data.labels))
     }
 }

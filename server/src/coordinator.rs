@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fl_common::codec::{tensor_digest, CodecError, UpdateCodec};
+use fl_common::codec::{tensor_digest, CodecError, SparseDelta, UpdateCodec};
 use fl_common::tensors::{TensorError, CODEC_SAFETENSORS_F32};
 use fl_common::{encode_model, ModelSpec, TensorSet};
 use rand::SeedableRng;
@@ -467,13 +467,16 @@ impl Accumulator {
     fn add(
         &mut self,
         client: String,
-        delta: &TensorSet,
+        delta: Values<'_>,
         header: &UpdateHeader,
         bytes: u64,
     ) -> Result<(), crate::aggregation::AggregationError> {
         let num_examples = header.num_examples;
         self.folding = true;
-        let result = self.strategy.try_fold(ClientUpdate { delta, num_examples });
+        let result = match delta {
+            Values::Dense(delta) => self.strategy.try_fold(ClientUpdate { delta, num_examples }),
+            Values::Sparse(delta, reference) => self.strategy.try_fold_sparse(delta, num_examples, reference),
+        };
         self.folding = false;
         result?;
         self.folded.push(client);
@@ -488,18 +491,25 @@ impl Accumulator {
     }
 }
 
+/// An update's values as folded: dense, or as decoded with the model they are relative to.
+enum Values<'a> {
+    Dense(&'a TensorSet),
+    Sparse(&'a SparseDelta, &'a TensorSet),
+}
+
 /// Reads a spooled upload, decodes its delta against `reference` and checks it (names, shapes,
-/// finite values, the L2 bound), on a blocking thread.
+/// finite values, the L2 bound), on a blocking thread. The delta stays as decoded: a sparse
+/// codec's carries only its kept values ([`SparseDelta`]).
 async fn decode_update(
     codec: UpdateCodec,
     path: PathBuf,
     reference: Arc<TensorSet>,
     max_norm: f64,
-) -> Result<TensorSet, UpdateRefusal> {
-    tokio::task::spawn_blocking(move || -> Result<TensorSet, InvalidUpdate> {
+) -> Result<SparseDelta, UpdateRefusal> {
+    tokio::task::spawn_blocking(move || -> Result<SparseDelta, InvalidUpdate> {
         let bytes = std::fs::read(&path).map_err(InvalidUpdate::SpoolRead)?;
-        let delta = codec.decode(&bytes, &reference)?;
-        delta.check_matches(&reference)?;
+        // Names, shapes and finite values are checked as it decodes.
+        let delta = codec.decode_sparse(&bytes, &reference)?;
         let norm = delta.l2_norm();
         if norm > max_norm {
             return Err(InvalidUpdate::NormTooLarge { norm, bound: max_norm });
@@ -1148,7 +1158,11 @@ impl Coordinator {
         }
         self.changed();
         let id = client_id.to_string();
-        let folded = tokio::task::spawn_blocking(move || sum.add(id, &delta, &upload.header, upload.bytes)).await;
+        let reference = ticket.model.tensors.clone();
+        let folded = tokio::task::spawn_blocking(move || {
+            sum.add(id, Values::Sparse(&delta, &reference), &upload.header, upload.bytes)
+        })
+        .await;
         self.fold_outcome(client_id, round, attempt, folded)
     }
 

@@ -19,6 +19,7 @@ pub mod server_opt;
 
 pub use config::{StrategyArgs, StrategyConfig, StrategyConfigError, StrategyKind, StrategyRuntime, STRATEGY_FILE};
 
+use fl_common::codec::SparseDelta;
 use fl_common::TensorSet;
 
 /// One client's contribution to a round.
@@ -61,6 +62,18 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
     fn try_fold(&mut self, update: ClientUpdate<'_>) -> Result<(), AggregationError> {
         self.fold(update);
         Ok(())
+    }
+    /// As [`try_fold`](Self::try_fold), for an update as decoded, relative to `reference` (the
+    /// round's global model): the default makes it dense and folds that. A strategy that sums
+    /// weighted updates (FedAvg) adds the values where they are, with the same bits.
+    fn try_fold_sparse(
+        &mut self,
+        delta: &SparseDelta,
+        num_examples: u64,
+        reference: &TensorSet,
+    ) -> Result<(), AggregationError> {
+        let dense = delta.to_dense(reference);
+        self.try_fold(ClientUpdate { delta: &dense, num_examples })
     }
     /// As [`finish`](Self::finish), for a strategy whose finish can fail. The engine calls this one.
     fn try_finish(&mut self, global: &TensorSet) -> Result<Option<TensorSet>, AggregationError> {
@@ -120,6 +133,21 @@ impl AggregationStrategy for FedAvg {
 
     fn supports_secure_sum(&self) -> bool {
         true
+    }
+
+    /// The running sum starts at +0 and never holds -0 (x + y is -0 only when both are), so
+    /// adding the zeros a sparse delta leaves out would change no bit: they are skipped.
+    fn try_fold_sparse(
+        &mut self,
+        delta: &SparseDelta,
+        num_examples: u64,
+        _reference: &TensorSet,
+    ) -> Result<(), AggregationError> {
+        let sum = self.sum.as_mut().expect("begin_round before fold");
+        delta.add_to(sum, num_examples as f32);
+        self.total_weight += num_examples as f64;
+        self.folded += 1;
+        Ok(())
     }
 
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {

@@ -207,7 +207,8 @@ impl AsyncEngine {
             decode_update(codec, upload.path.clone(), ticket.model.tensors.clone(), coord.settings.max_update_norm)
                 .await;
         let mut delta = match decoded {
-            Ok(delta) => delta,
+            // Staleness weights scale the dense delta.
+            Ok(delta) => delta.to_dense(&ticket.model.tensors),
             Err(refusal) => {
                 coord.record_rejection(client, round, attempt);
                 return Err(refusal);
@@ -235,7 +236,7 @@ impl AsyncEngine {
                         if weight != 1.0 {
                             scale(&mut delta, weight);
                         }
-                        sum.add(id, &delta, &upload.header, upload.bytes)?;
+                        sum.add(id, Values::Dense(&delta), &upload.header, upload.bytes)?;
                         sum.buffered.get_or_insert_default().record(staleness);
                         Ok(())
                     })
