@@ -485,12 +485,15 @@ async fn do_round(
         .await
         .context("reading the held model panicked")?;
     }
+    let received = std::time::Instant::now();
     // The last round's files are written by now (usually long since); the held model is then
     // this process's only copy, which the aggregate changes in place.
     if let Err(e) = held.settle().await {
         warn!(round, "could not keep the global model and residual for the next round: {e:#}");
     }
+    let settled_s = received.elapsed().as_secs_f64();
     let global = global_model(client, spec, &task, held).await?;
+    let model_s = received.elapsed().as_secs_f64();
     held.train_config = Some(train_config.clone());
     let setting = (spec, data, threads, personal.is_some());
     let (data, distillation) =
@@ -519,6 +522,13 @@ async fn do_round(
             // fresh blocking thread uses every core and several clients on one host oversubscribe.
             tch::set_num_threads(threads);
             let started = std::time::Instant::now();
+            tracing::debug!(
+                round,
+                settled_s = format!("{settled_s:.3}"),
+                model_s = format!("{model_s:.3}"),
+                train_from_s = format!("{:.3}", received.elapsed().as_secs_f64()),
+                "round task to training: held files settled, global model ready, training starts (seconds after the task came)"
+            );
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
             let (stats, mut delta, local_eval) = match &personal {
                 None => {

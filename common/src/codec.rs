@@ -607,9 +607,11 @@ fn cols_of(shape: &[usize]) -> usize {
 
 /// Indices of the `k` largest magnitudes, ascending; ties go to the lower index.
 ///
-/// The magnitudes are compared as the bits of `|v|` (for non-negative floats, their order is
-/// that of the numbers): one selection finds the k-th largest, and one pass in index order
-/// takes every larger value and, of those equal to it, the first ones. No index array is sorted.
+/// Magnitudes are compared as the bits of `|v|` (for non-negative floats, their order is that of
+/// the numbers). A histogram of their top 16 bits finds the bucket that holds the k-th largest,
+/// a selection among that bucket's values finds it exactly, and one pass in index order takes
+/// every larger value and, of those equal to it, the first ones. Nothing of the tensor's size is
+/// allocated or sorted.
 fn top_k(data: &[f32], k: usize) -> Vec<usize> {
     if k >= data.len() {
         return (0..data.len()).collect();
@@ -617,12 +619,24 @@ fn top_k(data: &[f32], k: usize) -> Vec<usize> {
     if k == 0 {
         return Vec::new();
     }
+    const LOW_BITS: u32 = 15;
     let magnitude = |v: &f32| v.to_bits() & 0x7fff_ffff;
-    let mut magnitudes: Vec<u32> = data.iter().map(magnitude).collect();
-    let (_, &mut threshold, _) = magnitudes.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-    drop(magnitudes);
-    let above = data.iter().filter(|v| magnitude(v) > threshold).count();
-    let mut ties = k - above;
+    let mut histogram = vec![0usize; 1 << (31 - LOW_BITS)];
+    for v in data {
+        histogram[(magnitude(v) >> LOW_BITS) as usize] += 1;
+    }
+    // The bucket of the k-th largest, and how many values lie in the buckets above it.
+    let (mut bucket, mut above) = (histogram.len() - 1, 0usize);
+    while above + histogram[bucket] < k {
+        above += histogram[bucket];
+        bucket -= 1;
+    }
+    let mut candidates: Vec<u32> =
+        data.iter().map(magnitude).filter(|m| (m >> LOW_BITS) as usize == bucket).collect();
+    let need = k - above;
+    let (_, &mut threshold, _) = candidates.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    let larger = above + candidates.iter().filter(|&&m| m > threshold).count();
+    let mut ties = k - larger;
     let mut out = Vec::with_capacity(k);
     for (i, v) in data.iter().enumerate() {
         let m = magnitude(v);
