@@ -385,19 +385,22 @@ async fn global_model(
     held: &mut HeldState,
 ) -> Result<Arc<TensorSet>> {
     let (round, attempt) = (task.round, task.attempt);
-    if let Some(global) = held.global_if(&task.model_sha256) {
+    if let Some(global) = held.global_if(&task.model_digest) {
         return Ok(global);
     }
-    let have = match held.global_if(&task.delta_base_sha256) {
-        Some(_) => task.delta_base_sha256.clone(),
+    let have = match held.global_if(&task.delta_base_digest) {
+        Some(_) => task.delta_base_digest.clone(),
         None => String::new(),
     };
-    let request = pb::FetchModelRequest { round, attempt, have_sha256: have, ..Default::default() };
+    let request = pb::FetchModelRequest { round, attempt, have_digest: have, ..Default::default() };
+    let fetching = std::time::Instant::now();
     let download = fetch_model(client, request).await?;
+    let fetched_s = fetching.elapsed().as_secs_f64();
     // The aggregate is applied to the held model in place: it is given up here (a model that
     // fails its digest check below would be forgotten anyway).
-    let base = if download.delta { held.take_global_if(&task.delta_base_sha256) } else { None };
-    let (spec, want) = (spec.clone(), task.model_sha256.clone());
+    let base = if download.delta { held.take_global_if(&task.delta_base_digest) } else { None };
+    let download_len = download.bytes.len();
+    let (spec, want) = (spec.clone(), task.model_digest.clone());
     let decoded = tokio::task::spawn_blocking(move || -> Result<(String, TensorSet)> {
         let global = match (download.delta, base) {
             (true, Some(base)) => {
@@ -429,6 +432,13 @@ async fn global_model(
         Ok((tensor_digest(&global), global))
     });
     let (digest, global) = decoded.await.context("decoding the global model panicked")??;
+    tracing::debug!(
+        round,
+        fetched_s = format!("{fetched_s:.3}"),
+        built_s = format!("{:.3}", fetching.elapsed().as_secs_f64() - fetched_s),
+        bytes = download_len,
+        "global model fetched, then built and hashed"
+    );
     if !want.is_empty() && digest != want {
         held.forget_global();
         bail!("the global model of round {round} has digest {digest}, the round task says {want}");

@@ -196,7 +196,7 @@ pub struct RoundTask {
     /// The clip norm clients apply to their update, when DP clips on the client.
     pub dp_clip_norm: Option<f64>,
     /// [`tensor_digest`] of the global model.
-    pub model_sha256: String,
+    pub model_digest: String,
     /// The delta download on offer: base digest, codec name, bytes.
     pub delta: Option<(String, String, u64)>,
     /// Secure aggregation of this attempt, when it is on.
@@ -1270,7 +1270,7 @@ impl Coordinator {
             model_codec: CODEC_SAFETENSORS_F32.to_string(),
             update_codecs: settings.accepted_codecs().iter().map(|c| c.name().to_string()).collect(),
             dp_clip_norm,
-            model_sha256: model.digest.clone(),
+            model_digest: model.digest.clone(),
             delta: model
                 .delta
                 .as_ref()
@@ -1785,13 +1785,32 @@ async fn complete_round(
     let download = coord.settings.download_codec();
     let mut feedback = lock(&coord.download_feedback).clone();
     let mut strategy = std::mem::replace(&mut sum.strategy, Box::new(FedAvg::default()));
+    let closed = std::time::Instant::now();
     let (next, dp_round, feedback, server_state) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let next = strategy.try_finish(&global.tensors)?.context("no update was folded")?;
-        // With delta downloads the model is what clients rebuild from the aggregate's payload.
-        let next = crate::delta::next_global(&global, next, download, &mut feedback);
+        let started = std::time::Instant::now();
+        let next = match download {
+            None => {
+                let next = strategy.try_finish(&global.tensors)?.context("no update was folded")?;
+                GlobalModel::after(&global, next, None)
+            }
+            // With delta downloads the model is what clients rebuild from the aggregate's payload.
+            Some(codec) => {
+                let aggregate = strategy.try_finish_delta(&global.tensors)?.context("no update was folded")?;
+                let finished_s = started.elapsed().as_secs_f64();
+                let next = crate::delta::next_global(&global, aggregate, codec, &mut feedback)?;
+                tracing::debug!(
+                    round,
+                    finish_s = format!("{finished_s:.3}"),
+                    next_model_s = format!("{:.3}", started.elapsed().as_secs_f64() - finished_s),
+                    "aggregate and next global model (encoded, applied, hashed)"
+                );
+                next
+            }
+        };
         Ok((next, strategy.dp_round().cloned(), feedback, strategy.server_state().cloned()))
     })
     .await??;
+    let aggregated_s = closed.elapsed().as_secs_f64();
     // The commit writes the residual as of this round (a top-k codec's; none otherwise).
     *lock(&coord.download_feedback) = feedback.clone();
     if let (Some(runtime), Some(state)) = (&coord.strategy, &server_state) {
@@ -1826,6 +1845,12 @@ async fn complete_round(
     if let Some(previous) = pending.take() {
         previous.await.context("the commit of the previous round panicked")??;
     }
+    tracing::debug!(
+        round,
+        aggregated_s = format!("{aggregated_s:.3}"),
+        ready_s = format!("{:.3}", closed.elapsed().as_secs_f64()),
+        "round closed: next model built; the previous commit waited for"
+    );
     let participants = sum.folded.len();
     let examples = sum.examples.max(1) as f64;
     // The round's critical path ends here: the next round may open.

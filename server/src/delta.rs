@@ -5,7 +5,7 @@
 //! The coordinator defines the next global model as `global + decode(encode(next - global))`
 //! ([`fl_common::codec::SparseDelta::add_to`]), the very arithmetic a client does on the payload it
 //! downloads, so every client that applies the delta holds bit-identical weights; the task's
-//! `model_sha256` ([`fl_common::codec::tensor_digest`]) lets it check.
+//! `model_digest` ([`fl_common::codec::tensor_digest`]) lets it check.
 //!
 //! A top-k download codec leaves part of each aggregate out; the coordinator keeps it (its
 //! [`ErrorFeedback`]) and persists it with each round, as the server optimiser's state:
@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use fl_common::codec::{ErrorFeedback, Sparsity, UpdateCodec};
+use fl_common::codec::{ErrorFeedback, Precision, Sparsity, UpdateCodec};
 use fl_common::TensorSet;
 use tracing::warn;
 
@@ -66,10 +66,11 @@ pub struct ModelDelta {
     pub bytes: Arc<Vec<u8>>,
 }
 
-/// The next global model after `global`, given the strategy's `next`: with `codec`, the
-/// aggregate as clients will apply it, and the delta they download. Blocking: it encodes the
-/// aggregate and hashes the model, one pass each over the model (of the encoded aggregate only
-/// the kept values are decoded, and applied in the strategy model's buffers); the model file is built later, when first needed
+/// The next global model after `global`, given the round's `aggregate` (the strategy's next
+/// model minus `global`): the aggregate as clients will apply it with `codec`, and the delta
+/// they download. Blocking: it encodes the aggregate and hashes the model, one pass each over
+/// the model (of the encoded aggregate only the kept values are decoded, and applied in the
+/// aggregate's buffers); the model file is built later, when first needed
 /// ([`GlobalModel::file`]). An aggregate the codec cannot carry (beyond f16's range) means full
 /// downloads.
 ///
@@ -78,35 +79,40 @@ pub struct ModelDelta {
 /// carries it. Other codecs send the whole aggregate, rounded.
 pub fn next_global(
     global: &GlobalModel,
-    next: TensorSet,
-    codec: Option<UpdateCodec>,
+    aggregate: TensorSet,
+    codec: UpdateCodec,
     feedback: &mut Arc<ErrorFeedback>,
-) -> GlobalModel {
-    let Some(codec) = codec else { return GlobalModel::after(global, next, None) };
-    let aggregate = next.minus(&global.tensors);
+) -> anyhow::Result<GlobalModel> {
+    // Only f16 can fail to carry a value (one beyond its range): then clients download the full
+    // model, the previous one plus the aggregate.
+    let fallback = (codec.precision == Precision::F16).then(|| aggregate.clone());
     let encoded = if codec.sparsity == Sparsity::TopK {
         codec.encode_owned_with_feedback(aggregate, feedback.residual.as_ref()).map(|sent| {
             *feedback = Arc::new(ErrorFeedback { residual: Some(sent.residual) });
-            (sent.sent, sent.payload)
+            (sent.sent, sent.payload, None)
         })
     } else {
-        codec.encode(&aggregate).and_then(|bytes| Ok((codec.decode_sparse(&bytes, &global.tensors)?, bytes)))
+        codec
+            .encode(&aggregate)
+            .and_then(|bytes| Ok((codec.decode_sparse(&bytes, &global.tensors)?, bytes, Some(aggregate))))
     };
     match encoded {
-        Ok((sent, bytes)) => {
+        Ok((sent, bytes, spare)) => {
             let delta = ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) };
-            // The strategy's model is no longer needed: its buffers take the previous model, plus
-            // what the clients apply.
-            let mut applied = next;
+            // The previous model, plus what the clients apply, in a buffer no longer needed.
+            let mut applied = spare.unwrap_or_else(|| global.tensors.zeros_like());
             for (a, g) in applied.tensors.iter_mut().zip(&global.tensors.tensors) {
                 a.data.copy_from_slice(&g.data);
             }
             sent.add_to(&mut applied, 1.0);
-            GlobalModel::after(global, applied, Some(Arc::new(delta)))
+            Ok(GlobalModel::after(global, applied, Some(Arc::new(delta))))
         }
         Err(e) => {
+            let aggregate = fallback.with_context(|| format!("encoding the round's aggregate as {codec}: {e}"))?;
             warn!("the round's aggregate cannot be sent as {codec}: {e}; clients download the full model");
-            GlobalModel::after(global, next, None)
+            let mut next = (*global.tensors).clone();
+            next.add_scaled(&aggregate, 1.0);
+            Ok(GlobalModel::after(global, next, None))
         }
     }
 }
@@ -131,7 +137,7 @@ mod tests {
         for name in ["sparse-f32", "sparse-f16", "sparse-int8", "dense-int8", "topk-int8"] {
             let codec: UpdateCodec = name.parse().unwrap();
             let mut feedback = Arc::default();
-            let model = next_global(&global, next.clone(), Some(codec), &mut feedback);
+            let model = next_global(&global, next.minus(&global.tensors), codec, &mut feedback).unwrap();
             if name == "topk-int8" {
                 // The same bits as the clients' encoder with its error feedback, which decodes twice.
                 let mut theirs = ErrorFeedback::default();
@@ -150,10 +156,11 @@ mod tests {
             assert_eq!(model.file_len(), global.file_len());
             assert_eq!(*model.file(), fl_common::encode_model(&spec, &model.tensors), "{name}");
         }
-        assert!(next_global(&global, next.clone(), None, &mut Arc::default()).delta.is_none());
-        let huge = weights(vec![1e6; 8]);
-        let model = next_global(&global, huge.clone(), Some("sparse-f16".parse().unwrap()), &mut Arc::default());
-        assert!(model.delta.is_none() && *model.tensors == huge, "beyond f16: the exact model, in full");
+        let huge = weights(vec![1e6; 8]).minus(&global.tensors);
+        let model = next_global(&global, huge.clone(), "sparse-f16".parse().unwrap(), &mut Arc::default()).unwrap();
+        let mut exact = (*global.tensors).clone();
+        exact.add_scaled(&huge, 1.0);
+        assert!(model.delta.is_none() && *model.tensors == exact, "beyond f16: the exact model, in full");
     }
 
     /// Row-sparse f32 updates fold into FedAvg exactly as their dense form: a row that one

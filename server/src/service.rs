@@ -55,8 +55,8 @@ impl From<&RoundTask> for pb::RoundTask {
             model_codec: task.model_codec.clone(),
             update_codecs: task.update_codecs.clone(),
             dp_clip_norm: task.dp_clip_norm.unwrap_or(0.0),
-            model_sha256: task.model_sha256.clone(),
-            delta_base_sha256: task.delta.as_ref().map(|d| d.0.clone()).unwrap_or_default(),
+            model_digest: task.model_digest.clone(),
+            delta_base_digest: task.delta.as_ref().map(|d| d.0.clone()).unwrap_or_default(),
             delta_codec: task.delta.as_ref().map(|d| d.1.clone()).unwrap_or_default(),
             delta_bytes: task.delta.as_ref().map(|d| d.2).unwrap_or_default(),
             secagg: crate::secagg::wire::task(task),
@@ -192,7 +192,7 @@ impl FederationService {
         };
         // A client that holds the previous global model gets only the round's aggregate.
         let (bytes, codec, delta) = match &model.delta {
-            Some(d) if !req.have_sha256.is_empty() && d.base_digest == req.have_sha256 => {
+            Some(d) if !req.have_digest.is_empty() && d.base_digest == req.have_digest => {
                 (d.bytes.clone(), d.codec.name().to_string(), true)
             }
             // A round's model file is built when first needed: here, or by the round's commit.

@@ -645,15 +645,15 @@ impl VirtualClient {
     /// the delta on offer. One client per model keeps the bytes to check them against the task's
     /// digest; every client hashes what it got, and all must agree.
     async fn download(&mut self, client: &mut FederationClient<Channel>, task: &pb::RoundTask) -> Result<()> {
-        if !task.model_sha256.is_empty() && self.held.as_deref() == Some(task.model_sha256.as_str()) {
+        if !task.model_digest.is_empty() && self.held.as_deref() == Some(task.model_digest.as_str()) {
             return Ok(());
         }
-        let delta = !task.delta_base_sha256.is_empty() && self.held.as_deref() == Some(task.delta_base_sha256.as_str());
-        let have_sha256 = if delta { task.delta_base_sha256.clone() } else { String::new() };
-        let key = (task.model_sha256.clone(), delta);
+        let delta = !task.delta_base_digest.is_empty() && self.held.as_deref() == Some(task.delta_base_digest.as_str());
+        let have_digest = if delta { task.delta_base_digest.clone() } else { String::new() };
+        let key = (task.model_digest.clone(), delta);
         let keep = self.shared.cache().claimed.insert(key.clone());
         let request =
-            pb::FetchModelRequest { round: task.round, attempt: task.attempt, have_sha256, ..Default::default() };
+            pb::FetchModelRequest { round: task.round, attempt: task.attempt, have_digest, ..Default::default() };
         let fetched = async {
             let mut stream = client.fetch_model(request).await.context("fetch model")?.into_inner();
             let (mut received, mut hasher, mut bytes) = (0u64, sha2::Sha256::new(), Vec::new());
@@ -699,7 +699,7 @@ impl VirtualClient {
             tokio::task::spawn_blocking(move || check_download(&shared, &task, delta, &bytes)).await??;
             self.shared.changed.notify_waiters();
         }
-        self.held = Some(task.model_sha256.clone());
+        self.held = Some(task.model_digest.clone());
         Ok(())
     }
 
@@ -757,7 +757,7 @@ fn check_download(shared: &Shared, task: &pb::RoundTask, delta: bool, bytes: &[u
     let global =
         if delta {
             let base =
-                shared.cache().globals.get(&task.delta_base_sha256).cloned().ok_or_else(|| {
+                shared.cache().globals.get(&task.delta_base_digest).cloned().ok_or_else(|| {
                     anyhow!("delta download of round {}: its base model was never checked", task.round)
                 })?;
             let codec: UpdateCodec = task.delta_codec.parse().map_err(|e| anyhow!("delta codec: {e}"))?;
@@ -766,8 +766,8 @@ fn check_download(shared: &Shared, task: &pb::RoundTask, delta: bool, bytes: &[u
             fl_common::decode_model(bytes).map_err(|e| anyhow!("bad model file: {e}"))?.1
         };
     let digest = tensor_digest(&global);
-    if !task.model_sha256.is_empty() && digest != task.model_sha256 {
-        bail!("round {}: downloaded model has digest {digest}, the task says {}", task.round, task.model_sha256);
+    if !task.model_digest.is_empty() && digest != task.model_digest {
+        bail!("round {}: downloaded model has digest {digest}, the task says {}", task.round, task.model_digest);
     }
     let mut cache = shared.cache();
     if cache.template.is_none() {

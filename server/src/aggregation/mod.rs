@@ -75,6 +75,12 @@ pub trait AggregationStrategy: Send + std::fmt::Debug {
         let dense = delta.to_dense(reference);
         self.try_fold(ClientUpdate { delta: &dense, num_examples })
     }
+    /// The round's aggregate, the next model minus `global`, for delta downloads (which send the
+    /// aggregate, not the model). The default is [`try_finish`](Self::try_finish) minus `global`;
+    /// FedAvg gives its weighted mean without building the next model.
+    fn try_finish_delta(&mut self, global: &TensorSet) -> Result<Option<TensorSet>, AggregationError> {
+        Ok(self.try_finish(global)?.map(|next| next.minus(global)))
+    }
     /// As [`finish`](Self::finish), for a strategy whose finish can fail. The engine calls this one.
     fn try_finish(&mut self, global: &TensorSet) -> Result<Option<TensorSet>, AggregationError> {
         Ok(self.finish(global))
@@ -148,6 +154,17 @@ impl AggregationStrategy for FedAvg {
         self.total_weight += num_examples as f64;
         self.folded += 1;
         Ok(())
+    }
+
+    /// The weighted mean of the deltas, in the running sum's own buffers.
+    fn try_finish_delta(&mut self, _global: &TensorSet) -> Result<Option<TensorSet>, AggregationError> {
+        let Some(mut sum) = self.sum.take() else { return Ok(None) };
+        if self.folded == 0 || self.total_weight <= 0.0 {
+            return Ok(None);
+        }
+        let scale = (1.0 / self.total_weight) as f32;
+        sum.tensors.iter_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= scale));
+        Ok(Some(sum))
     }
 
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
