@@ -566,7 +566,7 @@ async fn do_round(
             if !stats.cancelled && (!stats.loss.is_finite() || !stats.accuracy.is_finite()) {
                 bail!("training diverged: the loss is not finite (lower the learning rate)");
             }
-            if delta.tensors.iter().any(|t| t.data.iter().any(|v| !v.is_finite())) {
+            if delta.tensors.iter().any(|t| fl_common::tensors::first_non_finite(&t.data).is_some()) {
                 bail!("training diverged: the weights are not finite (lower the learning rate)");
             }
             if dp_clip_norm > 0.0 {

@@ -633,7 +633,7 @@ fn top_k(data: &[f32], k: usize) -> Vec<usize> {
         bucket -= 1;
     }
     let bucket = bucket as u32;
-    let mut taken = Vec::with_capacity(k);
+    let mut taken = Vec::with_capacity(above);
     let mut candidates: Vec<(u32, u32)> = Vec::with_capacity(histogram[bucket as usize] as usize);
     for (i, v) in data.iter().enumerate() {
         let m = magnitude(v);
