@@ -407,7 +407,7 @@ async fn global_model(
                 let codec: UpdateCodec = download.codec.parse().map_err(|e| anyhow!("bad model delta: {e}"))?;
                 let aggregate =
                     codec.decode_sparse(&download.bytes, &base).map_err(|e| anyhow!("bad model delta: {e}"))?;
-                // The only reference once the last save is settled; otherwise a copy.
+                // The only reference, unless the last save is still writing it: then a copy.
                 let mut global = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
                 aggregate.add_to(&mut global, 1.0);
                 global
@@ -496,12 +496,10 @@ async fn do_round(
         .context("reading the held model panicked")?;
     }
     let received = std::time::Instant::now();
-    // The last round's files are written by now (usually long since); the held model is then
-    // this process's only copy, which the aggregate changes in place.
-    if let Err(e) = held.settle().await {
+    // The last round's files are usually written by now; a save still running is not waited for.
+    if let Err(e) = held.settle_if_done().await {
         warn!(round, "could not keep the global model and residual for the next round: {e:#}");
     }
-    let settled_s = received.elapsed().as_secs_f64();
     let global = global_model(client, spec, &task, held).await?;
     let model_s = received.elapsed().as_secs_f64();
     held.train_config = Some(train_config.clone());
@@ -534,10 +532,9 @@ async fn do_round(
             let started = std::time::Instant::now();
             tracing::debug!(
                 round,
-                settled_s = format!("{settled_s:.3}"),
                 model_s = format!("{model_s:.3}"),
                 train_from_s = format!("{:.3}", received.elapsed().as_secs_f64()),
-                "round task to training: held files settled, global model ready, training starts (seconds after the task came)"
+                "round task to training: global model ready, training starts (seconds after the task came)"
             );
             let report = |p: f32, _: &_| progress.store(p.to_bits(), Ordering::Relaxed);
             let (stats, mut delta, local_eval) = match &personal {

@@ -114,7 +114,7 @@ impl HeldState {
     }
 
     /// Gives up the global model held, if its digest is `digest`, so that the caller may change
-    /// it in place (it holds the only reference once the last save is settled).
+    /// it in place (it holds the only reference unless a save is still writing it).
     pub fn take_global_if(&mut self, digest: &str) -> Option<Arc<TensorSet>> {
         let held = self.global_if(digest)?;
         self.global = None;
@@ -133,9 +133,10 @@ impl HeldState {
         self.feedback_dirty = true;
     }
 
-    /// Starts writing what changed since the last save, on a blocking thread, and returns: the
-    /// round's critical path does not wait for the disk. One save runs at a time;
-    /// [`HeldState::settle`] waits for it (the next round calls it first). The files are a
+    /// Starts writing what changed since the last save, on a thread of low priority, and returns:
+    /// the round's critical path does not wait for the disk, nor for the CPU the copy takes.
+    /// Saves run one after the other; [`HeldState::settle`] waits for the last (the daemon, before
+    /// it exits). A model still being written when the next round changes it is copied. The files are a
     /// cache, checked when read (the model by its digest, the residual as a tensor file), so
     /// they are replaced atomically but not fsync'd: a power loss may cost the next round a
     /// full download, or the residual.
@@ -153,7 +154,10 @@ impl HeldState {
             if let Some(previous) = previous {
                 previous.await.context("an earlier save panicked")??;
             }
-            tokio::task::spawn_blocking(move || -> Result<()> {
+            // A thread of its own, at the lowest CPU priority: the write is a copy into the page
+            // cache that may wait for CPU time that training and the coordinator can use.
+            let (done, finished) = tokio::sync::oneshot::channel();
+            let write = move || -> Result<()> {
                 let remove = |path: &Path| {
                     std::fs::remove_file(path).or_else(|e| match e.kind() {
                         std::io::ErrorKind::NotFound => Ok(()),
@@ -175,10 +179,24 @@ impl HeldState {
                     .with_context(|| format!("writing {}", path.display()))?;
                 }
                 Ok(())
-            })
-            .await
-            .context("the save panicked")?
+            };
+            std::thread::Builder::new()
+                .name("held-save".into())
+                .spawn(move || {
+                    fl_common::cli::lower_this_thread_priority();
+                    let _ = done.send(write());
+                })
+                .context("starting the thread that saves the held model")?;
+            finished.await.context("the save panicked")?
         }));
+    }
+
+    /// The outcome of the last save if it has finished (without waiting for one in progress).
+    pub async fn settle_if_done(&mut self) -> Result<()> {
+        match &self.saving {
+            Some(saving) if saving.is_finished() => self.settle().await,
+            _ => Ok(()),
+        }
     }
 
     /// Waits for the save in progress, if any. A failed save marks both files to be written
