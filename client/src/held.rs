@@ -166,7 +166,9 @@ impl HeldState {
                 };
                 if let Some((path, global)) = global {
                     match global {
-                        Some((_, weights)) => replace_unsynced(&path, 0o600, |tmp| write_model_file(tmp, &spec, &weights)),
+                        Some((_, weights)) => {
+                            replace_unsynced(&path, 0o600, |tmp| write_model_file(tmp, &spec, &weights))
+                        }
                         None => remove(&path),
                     }
                     .with_context(|| format!("writing {}", path.display()))?;

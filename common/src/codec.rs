@@ -29,7 +29,6 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-
 use crate::compact::{dequantize_int8_rows, quantize_int8_rows};
 use crate::tensors::{TensorError, CODEC_SAFETENSORS_F32};
 use crate::{NamedTensor, TensorSet};
@@ -533,9 +532,7 @@ impl SparseDelta {
         for (s, t) in self.tensors.iter().zip(&mut target.tensors) {
             match &s.positions {
                 None => t.data.iter_mut().zip(&s.values).for_each(|(x, v)| *x += scale * v),
-                Some(positions) => {
-                    positions.iter().zip(&s.values).for_each(|(&p, v)| t.data[p as usize] += scale * v)
-                }
+                Some(positions) => positions.iter().zip(&s.values).for_each(|(&p, v)| t.data[p as usize] += scale * v),
             }
         }
     }
@@ -628,7 +625,7 @@ fn top_k(data: &[f32], k: usize) -> Vec<usize> {
     }
     // The bucket of the k-th largest, and how many values lie in the buckets above it.
     let (mut bucket, mut above) = (histogram.len() - 1, 0usize);
-    while above + histogram[bucket] as usize <= k - 1 {
+    while above + (histogram[bucket] as usize) < k {
         above += histogram[bucket] as usize;
         bucket -= 1;
     }
