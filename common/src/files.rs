@@ -1,4 +1,5 @@
-//! Crash-safe file writes: write to a temporary sibling, fsync, rename, fsync the directory.
+//! Crash-safe file writes: write to a temporary sibling, fsync, rename, fsync the directory (and,
+//! for caches checked when read, the same without the fsyncs).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -7,23 +8,7 @@ use std::path::Path;
 /// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a mix,
 /// and the new content is on disk when this returns. `mode` sets Unix permissions (0o600 for keys).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let file_name =
-        path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut file = open_with_mode(&tmp, mode)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    replace(path, mode, true, |_, file| file.write_all(bytes))
 }
 
 /// Replaces `path` with the file that `write` makes at the temporary path it is given (created
@@ -31,15 +16,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// crash of the process too. Nothing is fsync'd, so after a power loss the file may be old or
 /// torn: this is for caches that are checked when read back (a client's held model and residual).
 pub fn replace_unsynced(path: &Path, mode: u32, write: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
+    replace(path, mode, false, |tmp, _| write(tmp))
+}
+
+/// Replaces `path` by a temporary sibling, created with `mode`, that `write` fills (through the
+/// open file or by its path), then renamed over it; `durable` fsyncs the file before the rename
+/// and the directory after. The temporary file is removed if anything fails.
+fn replace(
+    path: &Path,
+    mode: u32,
+    durable: bool,
+    write: impl FnOnce(&Path, &mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let file_name =
         path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        drop(open_with_mode(&tmp, mode)?);
-        write(&tmp)?;
-        fs::rename(&tmp, path)
+        let mut file = open_with_mode(&tmp, mode)?;
+        write(&tmp, &mut file)?;
+        if durable {
+            file.sync_all()?;
+        }
+        drop(file);
+        fs::rename(&tmp, path)?;
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
