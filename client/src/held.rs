@@ -76,6 +76,7 @@ impl HeldState {
         self.loaded_for = Some(spec.federation.clone());
         self.global = None;
         self.feedback = Arc::default();
+        self.remove_leftovers();
         let path = self.path("global", spec);
         match std::fs::read(&path) {
             Ok(bytes) => match decode_model(&bytes) {
@@ -92,6 +93,21 @@ impl HeldState {
         match ErrorFeedback::load(&path) {
             Ok(feedback) => self.feedback = Arc::new(feedback),
             Err(e) => warn!("{}: {e}; starting with an empty residual", path.display()),
+        }
+    }
+
+    /// Removes the temporary files of saves that a crash interrupted (`.NAME.tmp-PID`, see
+    /// [`fl_common::files::replace_unsynced`]); only this process writes here, and it has not yet.
+    fn remove_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.contains(".safetensors.tmp-") {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    warn!("could not remove {}: {e}", entry.path().display());
+                }
+            }
         }
     }
 
@@ -244,8 +260,12 @@ mod tests {
         held.set_feedback(Arc::new(feedback.clone()));
         held.save(&spec).await.unwrap();
 
+        // A save that a crash cut short leaves its temporary file; the next start removes it.
+        let leftover = dir.path().join("codec").join(format!(".global-{}.safetensors.tmp-1", &spec.federation[..16]));
+        std::fs::write(&leftover, b"torn").unwrap();
         let mut again = HeldState::new(dir.path());
         again.load(&spec);
+        assert!(!leftover.exists(), "the interrupted save's temporary file is removed");
         assert_eq!(again.global_if(&digest).as_deref(), Some(&weights));
         assert!(again.global_if("other").is_none());
         assert_eq!(*again.feedback, feedback);
