@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use fl_common::codec::{tensor_digest, ErrorFeedback};
-use fl_common::files::replace_unsynced;
+use fl_common::files::{remove_if_exists, replace_unsynced};
 use fl_common::model_file::write_model_file;
 use fl_common::{decode_model, ModelSpec, TensorSet};
 use tracing::warn;
@@ -76,7 +76,8 @@ impl HeldState {
         self.loaded_for = Some(spec.federation.clone());
         self.global = None;
         self.feedback = Arc::default();
-        self.remove_leftovers();
+        // Saves that a crash cut short leave their temporary files; none of this process's yet.
+        fl_common::files::remove_temporaries(&self.dir);
         let path = self.path("global", spec);
         match std::fs::read(&path) {
             Ok(bytes) => match decode_model(&bytes) {
@@ -93,21 +94,6 @@ impl HeldState {
         match ErrorFeedback::load(&path) {
             Ok(feedback) => self.feedback = Arc::new(feedback),
             Err(e) => warn!("{}: {e}; starting with an empty residual", path.display()),
-        }
-    }
-
-    /// Removes the temporary files of saves that a crash interrupted (`.NAME.tmp-PID`, see
-    /// [`fl_common::files::replace_unsynced`]); only this process writes here, and it has not yet.
-    fn remove_leftovers(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') && name.contains(".safetensors.tmp-") {
-                if let Err(e) = std::fs::remove_file(entry.path()) {
-                    warn!("could not remove {}: {e}", entry.path().display());
-                }
-            }
         }
     }
 
@@ -174,27 +160,17 @@ impl HeldState {
             // cache that may wait for CPU time that training and the coordinator can use.
             let (done, finished) = tokio::sync::oneshot::channel();
             let write = move || -> Result<()> {
-                let remove = |path: &Path| {
-                    std::fs::remove_file(path).or_else(|e| match e.kind() {
-                        std::io::ErrorKind::NotFound => Ok(()),
-                        _ => Err(e),
-                    })
-                };
                 if let Some((path, global)) = global {
                     match global {
                         Some((_, weights)) => {
                             replace_unsynced(&path, 0o600, |tmp| write_model_file(tmp, &spec, &weights))
                         }
-                        None => remove(&path),
+                        None => remove_if_exists(&path),
                     }
                     .with_context(|| format!("writing {}", path.display()))?;
                 }
                 if let Some((path, feedback)) = feedback {
-                    match &feedback.residual {
-                        Some(residual) => replace_unsynced(&path, 0o600, |tmp| residual.write_file(tmp, None)),
-                        None => remove(&path),
-                    }
-                    .with_context(|| format!("writing {}", path.display()))?;
+                    feedback.save_unsynced(&path).with_context(|| format!("writing {}", path.display()))?;
                 }
                 Ok(())
             };

@@ -477,14 +477,20 @@ impl ErrorFeedback {
         }
     }
 
-    /// Writes the residual atomically; an empty one removes the file.
+    /// Writes the residual atomically and durably; an empty one removes the file.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         match &self.residual {
             Some(residual) => crate::files::write_atomic(path, &residual.encode(None), 0o600),
-            None => match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
+            None => crate::files::remove_if_exists(path),
+        }
+    }
+
+    /// [`ErrorFeedback::save`] for a cache that is checked when read: replaced atomically, straight
+    /// from the residual's buffers, without fsync ([`crate::files::replace_unsynced`]).
+    pub fn save_unsynced(&self, path: &Path) -> std::io::Result<()> {
+        match &self.residual {
+            Some(residual) => crate::files::replace_unsynced(path, 0o600, |tmp| residual.write_file(tmp, None)),
+            None => crate::files::remove_if_exists(path),
         }
     }
 }

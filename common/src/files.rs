@@ -32,7 +32,7 @@ fn replace(
     fs::create_dir_all(dir)?;
     let file_name =
         path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(".{}{TEMPORARY}{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut file = open_with_mode(&tmp, mode)?;
         write(&tmp, &mut file)?;
@@ -50,6 +50,35 @@ fn replace(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// What names a temporary sibling of [`replace`]: `.NAME.tmp-PID`.
+const TEMPORARY: &str = ".tmp-";
+
+/// Removes the temporary files in `dir` that writes a crash cut short left behind, for a
+/// directory only this process writes to (call it before it writes there); returns how many.
+pub fn remove_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(TEMPORARY) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!("could not remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+    removed
+}
+
+/// Removes `path`; one that does not exist is no error.
+pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Appends one line to `path` and fsyncs it.

@@ -51,9 +51,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn remove_quietly(path: &std::path::Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("could not remove {}: {e}", path.display());
-        }
+    if let Err(e) = fl_common::files::remove_if_exists(path) {
+        tracing::warn!("could not remove {}: {e}", path.display());
     }
 }

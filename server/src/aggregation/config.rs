@@ -582,10 +582,8 @@ impl StrategyRuntime {
     pub fn committed(&self, round: u32) {
         if round > 1 {
             let old = self.state_path(round - 1);
-            if let Err(e) = std::fs::remove_file(&old) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("could not remove {}: {e}", old.display());
-                }
+            if let Err(e) = fl_common::files::remove_if_exists(&old) {
+                tracing::warn!("could not remove {}: {e}", old.display());
             }
         }
     }
