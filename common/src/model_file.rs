@@ -28,15 +28,19 @@ pub fn encode_model(spec: &ModelSpec, weights: &TensorSet) -> Vec<u8> {
 
 /// Encodes weights and spec as a model file, with more metadata beside the spec (a merged
 /// minilm's tokenizer and encoder config).
-pub fn encode_model_with(spec: &ModelSpec, weights: &TensorSet, mut metadata: HashMap<String, String>) -> Vec<u8> {
-    metadata.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
-    weights.encode(Some(metadata))
+pub fn encode_model_with(spec: &ModelSpec, weights: &TensorSet, metadata: HashMap<String, String>) -> Vec<u8> {
+    weights.encode(Some(with_spec(spec, metadata)))
 }
 
 /// Writes the model file of [`encode_model`] to `path`, straight from the weights' buffers.
 pub fn write_model_file(path: &std::path::Path, spec: &ModelSpec, weights: &TensorSet) -> std::io::Result<()> {
-    let metadata = HashMap::from([(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"))]);
-    weights.write_file(path, Some(metadata))
+    weights.write_file(path, Some(with_spec(spec, HashMap::new())))
+}
+
+/// A model file's metadata: `metadata` and the spec under [`META_SPEC`].
+fn with_spec(spec: &ModelSpec, mut metadata: HashMap<String, String>) -> HashMap<String, String> {
+    metadata.insert(META_SPEC.to_string(), serde_json::to_string(spec).expect("spec serializes"));
+    metadata
 }
 
 /// Decodes a model file into spec and weights.

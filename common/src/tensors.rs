@@ -158,12 +158,7 @@ impl TensorSet {
     /// Writes the set as safetensors with the given metadata to `path`, straight from the
     /// tensors' buffers (no copy of the whole set in memory, unlike [`TensorSet::encode`]).
     pub fn write_file(&self, path: &std::path::Path, metadata: Option<HashMap<String, String>>) -> std::io::Result<()> {
-        let views = self.tensors.iter().map(|t| {
-            let bytes: &[u8] = bytemuck::cast_slice(&t.data);
-            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes).expect("shape matches data length");
-            (t.name.as_str(), view)
-        });
-        safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
+        safetensors::serialize_to_file(self.views(), metadata, path).map_err(|e| match e {
             safetensors::SafeTensorError::IoError(e) => e,
             other => std::io::Error::other(other.to_string()),
         })
@@ -171,12 +166,17 @@ impl TensorSet {
 
     /// Encodes as safetensors with the given metadata.
     pub fn encode(&self, metadata: Option<HashMap<String, String>>) -> Vec<u8> {
-        let views = self.tensors.iter().map(|t| {
+        safetensors::serialize(self.views(), metadata).expect("serializing f32 tensors cannot fail")
+    }
+
+    /// Each tensor as a safetensors view of its own buffer, for [`TensorSet::encode`] and
+    /// [`TensorSet::write_file`].
+    fn views(&self) -> impl Iterator<Item = (&str, TensorView<'_>)> {
+        self.tensors.iter().map(|t| {
             let bytes: &[u8] = bytemuck::cast_slice(&t.data);
             let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes).expect("shape matches data length");
             (t.name.as_str(), view)
-        });
-        safetensors::serialize(views, metadata).expect("serializing f32 tensors cannot fail")
+        })
     }
 
     /// Decodes a safetensors payload of f32 tensors, returning the tensors and the metadata.

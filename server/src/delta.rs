@@ -41,10 +41,8 @@ pub fn save_feedback(state: &StateDir, round: u32, feedback: &ErrorFeedback) -> 
 pub fn feedback_committed(state: &StateDir, round: u32) {
     if round > 1 {
         let old = feedback_path(state, round - 1);
-        if let Err(e) = std::fs::remove_file(&old) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!("could not remove {}: {e}", old.display());
-            }
+        if let Err(e) = fl_common::files::remove_if_exists(&old) {
+            warn!("could not remove {}: {e}", old.display());
         }
     }
 }
@@ -99,11 +97,17 @@ pub fn next_global(
     match encoded {
         Ok((sent, bytes, spare)) => {
             let delta = ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) };
-            // The previous model, plus what the clients apply, in a buffer no longer needed.
-            let mut applied = spare.unwrap_or_else(|| global.tensors.zeros_like());
-            for (a, g) in applied.tensors.iter_mut().zip(&global.tensors.tensors) {
-                a.data.copy_from_slice(&g.data);
-            }
+            // The previous model, plus what the clients apply: in the aggregate's buffers when the
+            // encoder left them (top-k keeps them as the residual).
+            let mut applied = match spare {
+                Some(mut buffers) => {
+                    for (a, g) in buffers.tensors.iter_mut().zip(&global.tensors.tensors) {
+                        a.data.copy_from_slice(&g.data);
+                    }
+                    buffers
+                }
+                None => (*global.tensors).clone(),
+            };
             sent.add_to(&mut applied, 1.0);
             Ok(GlobalModel::after(global, applied, Some(Arc::new(delta))))
         }

@@ -131,10 +131,7 @@ impl AggregationStrategy for FedAvg {
     }
 
     fn fold(&mut self, update: ClientUpdate<'_>) {
-        let sum = self.sum.as_mut().expect("begin_round before fold");
-        sum.add_scaled(update.delta, update.num_examples as f32);
-        self.total_weight += update.num_examples as f64;
-        self.folded += 1;
+        self.running_sum(update.num_examples).add_scaled(update.delta, update.num_examples as f32);
     }
 
     fn supports_secure_sum(&self) -> bool {
@@ -149,32 +146,38 @@ impl AggregationStrategy for FedAvg {
         num_examples: u64,
         _reference: &TensorSet,
     ) -> Result<(), AggregationError> {
-        let sum = self.sum.as_mut().expect("begin_round before fold");
-        delta.add_to(sum, num_examples as f32);
-        self.total_weight += num_examples as f64;
-        self.folded += 1;
+        delta.add_to(self.running_sum(num_examples), num_examples as f32);
         Ok(())
     }
 
     /// The weighted mean of the deltas, in the running sum's own buffers.
     fn try_finish_delta(&mut self, _global: &TensorSet) -> Result<Option<TensorSet>, AggregationError> {
-        let Some(mut sum) = self.sum.take() else { return Ok(None) };
-        if self.folded == 0 || self.total_weight <= 0.0 {
-            return Ok(None);
-        }
-        let scale = (1.0 / self.total_weight) as f32;
+        let Some((mut sum, scale)) = self.take_sum() else { return Ok(None) };
         sum.tensors.iter_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= scale));
         Ok(Some(sum))
     }
 
     fn finish(&mut self, global: &TensorSet) -> Option<TensorSet> {
-        let sum = self.sum.take()?;
-        if self.folded == 0 || self.total_weight <= 0.0 {
-            return None;
-        }
+        let (sum, scale) = self.take_sum()?;
         let mut next = global.clone();
-        next.add_scaled(&sum, (1.0 / self.total_weight) as f32);
+        next.add_scaled(&sum, scale);
         Some(next)
+    }
+}
+
+impl FedAvg {
+    /// The running sum, with one more update of `num_examples` counted.
+    fn running_sum(&mut self, num_examples: u64) -> &mut TensorSet {
+        self.total_weight += num_examples as f64;
+        self.folded += 1;
+        self.sum.as_mut().expect("begin_round before fold")
+    }
+
+    /// The running sum and the scale of its weighted mean, once per round; `None` when nothing
+    /// (or nothing of weight) was folded.
+    fn take_sum(&mut self) -> Option<(TensorSet, f32)> {
+        let sum = self.sum.take()?;
+        (self.folded > 0 && self.total_weight > 0.0).then(|| (sum, (1.0 / self.total_weight) as f32))
     }
 }
 
