@@ -133,7 +133,12 @@ pub async fn run(config: DaemonConfig, shutdown: CancellationToken) -> Result<Da
             outcome = session => outcome,
             _ = shutdown.cancelled() => Ok(Some(DaemonExit::Shutdown)),
         };
-        if let Err(e) = held.settle().await {
+        // What the last rounds changed is on disk before the daemon exits or reconnects.
+        let saved = match &encoded {
+            Some((spec, _)) => held.save(spec).await,
+            None => held.settle().await,
+        };
+        if let Err(e) = saved {
             warn!("could not keep the global model and residual for the next round: {e:#}");
         }
         match outcome {
@@ -496,10 +501,6 @@ async fn do_round(
         .context("reading the held model panicked")?;
     }
     let received = std::time::Instant::now();
-    // The last round's files are usually written by now; a save still running is not waited for.
-    if let Err(e) = held.settle_if_done().await {
-        warn!(round, "could not keep the global model and residual for the next round: {e:#}");
-    }
     let global = global_model(client, spec, &task, held).await?;
     let model_s = received.elapsed().as_secs_f64();
     held.train_config = Some(train_config.clone());
@@ -677,9 +678,8 @@ async fn do_round(
     if let (RoundOutcome::Accepted, Some(feedback)) = (&outcome, feedback) {
         held.set_feedback(feedback);
     }
-    // After the upload, and off the critical path: the next round waits for it only before it
-    // changes the held model.
-    held.save_in_background(spec);
+    // After the upload, and off the critical path: no round waits for it.
+    held.save_in_background(spec).await;
     Ok(outcome)
 }
 

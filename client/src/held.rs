@@ -135,14 +135,21 @@ impl HeldState {
         self.feedback_dirty = true;
     }
 
-    /// Starts writing what changed since the last save, on a thread of low priority, and returns:
-    /// the round's critical path does not wait for the disk, nor for the CPU the copy takes.
-    /// Saves run one after the other; [`HeldState::settle`] waits for the last (the daemon, before
-    /// it exits). A model still being written when the next round changes it is copied. The files are a
-    /// cache, checked when read (the model by its digest, the residual as a tensor file), so
-    /// they are replaced atomically but not fsync'd: a power loss may cost the next round a
+    /// Starts writing what changed since the last save, on a blocking thread, and returns: the
+    /// round's critical path does not wait for the disk. One save runs at a time: while one
+    /// does, what changed stays marked and a later call writes the latest state, so a slow disk
+    /// never queues models in memory. [`HeldState::save`] writes and waits (the daemon, before it
+    /// exits). A model still being written when the next round changes it is copied. The files
+    /// are a cache, checked when read (the model by its digest, the residual as a tensor file),
+    /// so they are replaced atomically but not fsync'd: a power loss may cost the next round a
     /// full download, or the residual.
-    pub fn save_in_background(&mut self, spec: &ModelSpec) {
+    pub async fn save_in_background(&mut self, spec: &ModelSpec) {
+        if let Err(e) = self.settle_if_done().await {
+            warn!("could not keep the global model and residual for the next round: {e:#}");
+        }
+        if self.saving.is_some() {
+            return;
+        }
         let global = self.global_dirty.then(|| (self.path("global", spec), self.global.clone()));
         let feedback = self.feedback_dirty.then(|| (self.path("residual", spec), self.feedback.clone()));
         if global.is_none() && feedback.is_none() {
@@ -151,42 +158,23 @@ impl HeldState {
         self.global_dirty = false;
         self.feedback_dirty = false;
         let spec = spec.clone();
-        let previous = self.saving.take();
-        self.saving = Some(tokio::spawn(async move {
-            if let Some(previous) = previous {
-                previous.await.context("an earlier save panicked")??;
+        self.saving = Some(tokio::task::spawn_blocking(move || -> Result<()> {
+            if let Some((path, global)) = global {
+                match global {
+                    Some((_, weights)) => replace_unsynced(&path, 0o600, |tmp| write_model_file(tmp, &spec, &weights)),
+                    None => remove_if_exists(&path),
+                }
+                .with_context(|| format!("writing {}", path.display()))?;
             }
-            // A thread of its own, at the lowest CPU priority: the write is a copy into the page
-            // cache that may wait for CPU time that training and the coordinator can use.
-            let (done, finished) = tokio::sync::oneshot::channel();
-            let write = move || -> Result<()> {
-                if let Some((path, global)) = global {
-                    match global {
-                        Some((_, weights)) => {
-                            replace_unsynced(&path, 0o600, |tmp| write_model_file(tmp, &spec, &weights))
-                        }
-                        None => remove_if_exists(&path),
-                    }
-                    .with_context(|| format!("writing {}", path.display()))?;
-                }
-                if let Some((path, feedback)) = feedback {
-                    feedback.save_unsynced(&path).with_context(|| format!("writing {}", path.display()))?;
-                }
-                Ok(())
-            };
-            std::thread::Builder::new()
-                .name("held-save".into())
-                .spawn(move || {
-                    fl_common::cli::lower_this_thread_priority();
-                    let _ = done.send(write());
-                })
-                .context("starting the thread that saves the held model")?;
-            finished.await.context("the save panicked")?
+            if let Some((path, feedback)) = feedback {
+                feedback.save_unsynced(&path).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
         }));
     }
 
     /// The outcome of the last save if it has finished (without waiting for one in progress).
-    pub async fn settle_if_done(&mut self) -> Result<()> {
+    async fn settle_if_done(&mut self) -> Result<()> {
         match &self.saving {
             Some(saving) if saving.is_finished() => self.settle().await,
             _ => Ok(()),
@@ -205,9 +193,13 @@ impl HeldState {
         result
     }
 
-    /// Writes what changed since the last save and waits for it.
+    /// Writes what changed since the last save and waits for it (after the save in progress, if
+    /// any; what that one failed to write is written again).
     pub async fn save(&mut self, spec: &ModelSpec) -> Result<()> {
-        self.save_in_background(spec);
+        if let Err(e) = self.settle().await {
+            warn!("{e:#}; writing again");
+        }
+        self.save_in_background(spec).await;
         self.settle().await
     }
 }

@@ -324,17 +324,6 @@ pub fn limit_malloc_arenas() {
     }
 }
 
-/// Gives the calling thread the lowest CPU priority (nice 19; Linux, where nice is per thread),
-/// for background work that must not slow what the round waits for. Call it only on a thread of
-/// one's own: an unprivileged process cannot raise the priority back.
-pub fn lower_this_thread_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on this thread's id changes only its scheduling.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
