@@ -178,7 +178,7 @@ pub fn train_student(
     teacher: Option<&Teacher<'_>>,
     device: Device,
     cancel: &CancellationToken,
-    mut progress: impl FnMut(Progress<'_>),
+    progress: impl FnMut(Progress<'_>),
 ) -> Result<CentralOutcome, CentralError> {
     let labels = &config.spec.labels;
     if let Some(t) = teacher {
@@ -201,6 +201,22 @@ pub fn train_student(
         return Err(CentralError::NoTrainingRows { validation: validation_rows.len() });
     }
     let model = Classifier::new(config.spec.clone(), device, config.train.seed)?;
+    train_model(model, &train_rows, &validation_rows, config, teacher, cancel, progress)
+}
+
+/// [`train_student`] from `model`'s weights on the rows already split. The tests start two runs
+/// from one set of weights: libtorch's generator is global, so a model initialised while a test
+/// beside it draws (dropout, another seed) gets other weights.
+fn train_model(
+    model: Classifier,
+    train_rows: &LabelledTexts,
+    validation_rows: &LabelledTexts,
+    config: &CentralConfig,
+    teacher: Option<&Teacher<'_>>,
+    cancel: &CancellationToken,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<CentralOutcome, CentralError> {
+    let labels = &config.spec.labels;
     let mut train_data = EncodedDataset::encode(&model, &train_rows.texts, train_rows.label_indices(labels)?);
     let validation = EncodedDataset::encode(&model, &validation_rows.texts, validation_rows.label_indices(labels)?);
     if let Some(t) = teacher {
@@ -408,8 +424,12 @@ mod tests {
         let rows = table(&generator, &generator.rows(300, 8));
         let mut config = small_config(ModelKind::Fasttext, generator.labels());
         config.train.epochs = 2;
+        let (train_rows, validation_rows) = split_validation(&rows, config.validation, config.train.seed);
+        let initial = Classifier::new(config.spec.clone(), Device::Cpu, 1).unwrap().to_tensors();
         let run = |teacher: Option<&Teacher<'_>>| {
-            train_student(&rows, &config, teacher, Device::Cpu, &CancellationToken::new(), |_| {}).unwrap().model
+            let model = Classifier::from_tensors(config.spec.clone(), &initial, Device::Cpu).unwrap();
+            let cancel = CancellationToken::new();
+            train_model(model, &train_rows, &validation_rows, &config, teacher, &cancel, |_| {}).unwrap().model
         };
         let labels_only = run(None).to_tensors();
         let teacher_model = trained(ModelKind::Transformer);
