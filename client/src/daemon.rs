@@ -253,7 +253,18 @@ async fn session(
     let mut stream = client.join(join).await.map_err(classify)?.into_inner();
     let mut client_id = String::new();
     loop {
-        let message = match stream.message().await {
+        let next = loop {
+            tokio::select! {
+                next = stream.message() => break next,
+                // No task for a while: what the last round changed is written now.
+                _ = tokio::time::sleep(HeldState::IDLE_SAVE), if held.has_unsaved() => {
+                    if let Some((spec, _)) = encoded.as_ref() {
+                        held.save_in_background(spec).await;
+                    }
+                }
+            }
+        };
+        let message = match next {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(None),
             Err(status) => {
@@ -520,6 +531,8 @@ async fn do_round(
     let mut reused = held.model.take();
     let mut trainer = held.trainer.take();
 
+    // What the last round changed, and this round's model, are written while this one trains.
+    held.save_in_background(spec).await;
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let cancel = shutdown.child_token();
     let heartbeat =
@@ -675,11 +688,10 @@ async fn do_round(
     };
     // The residual moves on only when the coordinator took what was sent; a lost update's
     // delta is lost as with any codec, and the old residual is still owed.
+    // It is written when the next round trains, or after a while without one.
     if let (RoundOutcome::Accepted, Some(feedback)) = (&outcome, feedback) {
         held.set_feedback(feedback);
     }
-    // After the upload, and off the critical path: no round waits for it.
-    held.save_in_background(spec).await;
     Ok(outcome)
 }
 

@@ -135,8 +135,19 @@ impl HeldState {
         self.feedback_dirty = true;
     }
 
+    /// How long a client waits for its next task before it writes what changed: the daemon
+    /// otherwise saves when training starts ([`HeldState::save_in_background`]).
+    pub const IDLE_SAVE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// True when something changed since the last save started.
+    pub fn has_unsaved(&self) -> bool {
+        self.global_dirty || self.feedback_dirty
+    }
+
     /// Starts writing what changed since the last save, on a blocking thread, and returns: the
-    /// round's critical path does not wait for the disk. One save runs at a time: while one
+    /// round's critical path does not wait for the disk. The daemon calls it when a round's
+    /// training starts, so the write shares the cores with training and not with the steps
+    /// before and after it, and after [`HeldState::IDLE_SAVE`] without a task. One save runs at a time: while one
     /// does, what changed stays marked and a later call writes the latest state, so a slow disk
     /// never queues models in memory. [`HeldState::save`] writes and waits (the daemon, before it
     /// exits). A model still being written when the next round changes it is copied. The files

@@ -45,6 +45,10 @@ use crate::state::{self, CoordinatorStatus, StateDir};
 
 mod async_mode;
 mod in_process;
+
+/// The longest a round's commit waits for the next round's downloads
+/// ([`Coordinator::wait_for_next_downloads`]).
+const COMMIT_DEFER: Duration = Duration::from_secs(1);
 pub use in_process::{InProcessFederation, Opened};
 
 /// Round settings of a serve run.
@@ -537,6 +541,8 @@ struct RoundBook {
     progress: HashMap<String, f32>,
     sum: Arc<tokio::sync::Mutex<Accumulator>>,
     bytes_down: Arc<AtomicU64>,
+    /// Sampled clients that have downloaded the attempt's model ([`Coordinator::note_download`]).
+    downloaded: HashSet<String>,
     secagg: Option<Arc<SecAggAttempt>>,
 }
 
@@ -1088,6 +1094,38 @@ impl Coordinator {
         Ok((book.model.clone(), book.bytes_down.clone()))
     }
 
+    /// Records that `client_id` has been sent the last chunk of the model of (round, attempt).
+    pub fn note_download(&self, client_id: &str, round: u32, attempt: u32) {
+        if let Ok(book) = lock(&self.phase).collecting_mut(round, attempt) {
+            book.downloaded.insert(client_id.to_string());
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until every client sampled for the round after `round` has downloaded its model,
+    /// for at most [`COMMIT_DEFER`], and not when no such round is opening or open (nor after
+    /// the last round). Round
+    /// `round`'s commit (evaluation, checkpoint) waits for this: the next round's downloads and
+    /// model rebuilds are on its critical path, its training is not, and on a host that the
+    /// clients share with the coordinator the commit then takes its cores from training.
+    async fn wait_for_next_downloads(&self, round: u32) {
+        let deadline = tokio::time::Instant::now() + COMMIT_DEFER;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let waiting = match &*lock(&self.phase) {
+                Phase::Aggregating { round: r, .. } => *r == round && round < self.settings.rounds,
+                Phase::Waiting { round: r, .. } => *r == round + 1,
+                Phase::Collecting(book) => book.task.round == round + 1 && !book.sampled.is_subset(&book.downloaded),
+                Phase::Finished { .. } => false,
+            };
+            if !waiting || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Checks that an upload from `client_id` with `header` may start.
     pub fn begin_upload(&self, client_id: &str, header: &UpdateHeader) -> Result<UploadTicket, UpdateRefusal> {
         if let Some(engine) = &self.async_engine {
@@ -1306,6 +1344,7 @@ impl Coordinator {
                 buffered: None,
             })),
             bytes_down: Arc::new(AtomicU64::new(0)),
+            downloaded: HashSet::new(),
             secagg,
         };
         lock(&self.attempt_error).take();
@@ -1917,13 +1956,15 @@ struct Commit {
     joined: HashSet<String>,
 }
 
-/// The off-critical-path half of [`complete_round`]: evaluates the round's model, then writes the
+/// The off-critical-path half of [`complete_round`]: once the next round's clients have their
+/// model ([`Coordinator::wait_for_next_downloads`]), evaluates the round's model, then writes the
 /// server optimiser's state and the download residual of the round, commits it (model file,
 /// metrics line, progress) and writes the best model; then early stopping decides, and the
 /// registry counts the round for its clients.
 async fn commit(coord: Arc<Coordinator>, job: Commit) -> Result<()> {
     let Commit { model, eval, mut line, server_state, feedback, joined } = job;
     let round = line.round;
+    coord.wait_for_next_downloads(round).await;
     let state = coord.state.clone();
     let runtime = coord.strategy.clone();
     let mut best = *lock(&coord.best);

@@ -202,11 +202,16 @@ impl FederationService {
             }
         };
         let total = bytes.len();
+        let count = total.div_ceil(MODEL_CHUNK_BYTES);
+        let (coord, client_id) = (self.coord.clone(), client.id.clone());
         // Chunks are cut from the shared model as the stream is polled: one chunk per client in flight.
-        let chunks = (0..total.div_ceil(MODEL_CHUNK_BYTES)).map(move |i| {
+        let chunks = (0..count).map(move |i| {
             let start = i * MODEL_CHUNK_BYTES;
             let end = (start + MODEL_CHUNK_BYTES).min(total);
             counter.fetch_add((end - start) as u64, Ordering::Relaxed);
+            if i + 1 == count {
+                coord.note_download(&client_id, req.round, req.attempt);
+            }
             Ok(pb::ModelChunk {
                 offset: start as u64,
                 data: bytes[start..end].to_vec(),
