@@ -318,16 +318,18 @@ async fn session(
                     let task = pb::RoundTask { round: rounds + 1, ..Default::default() };
                     let tuned = match held.train_config.clone() {
                         None => Err(anyhow!("this run trained no round, so it has no training settings")),
-                        Some(train) => match global_model(&mut client, &spec, &task, held).await {
-                            Ok(last) => {
-                                drop(stream);
-                                let threads = config.threads;
-                                crate::personal::finetune_final(personal, &spec, last, data, train, rounds, threads)
-                                    .await
-                                    .map(drop)
+                        Some(train) => {
+                            match verified(global_model(&mut client, &spec, &task, held).await, held).await {
+                                Ok(last) => {
+                                    drop(stream);
+                                    let threads = config.threads;
+                                    crate::personal::finetune_final(personal, &spec, last, data, train, rounds, threads)
+                                        .await
+                                        .map(drop)
+                                }
+                                Err(e) => Err(e.context("fetching the final model")),
                             }
-                            Err(e) => Err(e.context("fetching the final model")),
-                        },
+                        }
                     };
                     if let Err(e) = tuned {
                         warn!("the final model was not fine-tuned; the personal model stays the last round's: {e:#}");
@@ -391,18 +393,48 @@ pub(crate) async fn fetch_model(
     Ok(Download { bytes, delta, codec })
 }
 
+/// The digest check of a global model, still hashing on a blocking thread.
+struct DigestCheck {
+    round: u32,
+    want: String,
+    hashing: Option<tokio::task::JoinHandle<String>>,
+}
+
+impl DigestCheck {
+    /// Waits for the digest: a model that is not the task's is forgotten and refused.
+    async fn verify(self, held: &mut HeldState) -> Result<()> {
+        let Some(hashing) = self.hashing else { return Ok(()) };
+        let digest = hashing.await.context("hashing the global model panicked")?;
+        if digest != self.want {
+            held.forget_global();
+            bail!("the global model of round {} has digest {digest}, the round task says {}", self.round, self.want);
+        }
+        Ok(())
+    }
+}
+
+/// The global model of [`global_model`] once its digest is checked.
+async fn verified(got: Result<(Arc<TensorSet>, DigestCheck)>, held: &mut HeldState) -> Result<Arc<TensorSet>> {
+    let (global, check) = got?;
+    check.verify(held).await?;
+    Ok(global)
+}
+
 /// The global model of `task`: the one held if the task names it, the held one plus the
-/// downloaded aggregate when a delta is offered for it, or else the full model. A model whose
-/// digest is not the task's is refused (and forgotten).
+/// downloaded aggregate when a delta is offered for it, or else the full model. A downloaded
+/// model is held, and its digest computed, on a blocking thread: the round trains meanwhile, and
+/// the caller verifies it ([`DigestCheck::verify`]) before it sends anything made from it. A
+/// model whose digest is not the task's is refused (and forgotten).
 async fn global_model(
     client: &mut FederationClient<Channel>,
     spec: &ModelSpec,
     task: &pb::RoundTask,
     held: &mut HeldState,
-) -> Result<Arc<TensorSet>> {
+) -> Result<(Arc<TensorSet>, DigestCheck)> {
     let (round, attempt) = (task.round, task.attempt);
-    if let Some(global) = held.global_if(&task.model_digest) {
-        return Ok(global);
+    let want = task.model_digest.clone();
+    if let Some(global) = held.global_if(&want) {
+        return Ok((global, DigestCheck { round, want, hashing: None }));
     }
     let have = match held.global_if(&task.delta_base_digest) {
         Some(_) => task.delta_base_digest.clone(),
@@ -416,8 +448,8 @@ async fn global_model(
     // fails its digest check below would be forgotten anyway).
     let base = if download.delta { held.take_global_if(&task.delta_base_digest) } else { None };
     let download_len = download.bytes.len();
-    let (spec, want) = (spec.clone(), task.model_digest.clone());
-    let decoded = tokio::task::spawn_blocking(move || -> Result<(String, TensorSet)> {
+    let spec = spec.clone();
+    let decoded = tokio::task::spawn_blocking(move || -> Result<TensorSet> {
         let global = match (download.delta, base) {
             (true, Some(base)) => {
                 let codec: UpdateCodec = download.codec.parse().map_err(|e| anyhow!("bad model delta: {e}"))?;
@@ -445,23 +477,29 @@ async fn global_model(
                 global
             }
         };
-        Ok((tensor_digest(&global), global))
+        Ok(global)
     });
-    let (digest, global) = decoded.await.context("decoding the global model panicked")??;
+    let global = Arc::new(decoded.await.context("decoding the global model panicked")??);
     tracing::debug!(
         round,
         fetched_s = format!("{fetched_s:.3}"),
         built_s = format!("{:.3}", fetching.elapsed().as_secs_f64() - fetched_s),
         bytes = download_len,
-        "global model fetched, then built and hashed"
+        "global model fetched and built"
     );
-    if !want.is_empty() && digest != want {
-        held.forget_global();
-        bail!("the global model of round {round} has digest {digest}, the round task says {want}");
-    }
-    let global = Arc::new(global);
-    held.set_global(digest, global.clone());
-    Ok(global)
+    let hashing = {
+        let global = global.clone();
+        tokio::task::spawn_blocking(move || tensor_digest(&global))
+    };
+    let check = if want.is_empty() {
+        // A task that names no digest: the model is held under its own.
+        held.set_global(hashing.await.context("hashing the global model panicked")?, global.clone());
+        DigestCheck { round, want, hashing: None }
+    } else {
+        held.set_global(want.clone(), global.clone());
+        DigestCheck { round, want, hashing: Some(hashing) }
+    };
+    Ok((global, check))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -512,7 +550,7 @@ async fn do_round(
         .context("reading the held model panicked")?;
     }
     let received = std::time::Instant::now();
-    let global = global_model(client, spec, &task, held).await?;
+    let (global, digest_check) = global_model(client, spec, &task, held).await?;
     let model_s = received.elapsed().as_secs_f64();
     held.train_config = Some(train_config.clone());
     let setting = (spec, data, threads, personal.is_some());
@@ -631,6 +669,8 @@ async fn do_round(
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }
+    // Nothing made from a model that is not the round's leaves.
+    digest_check.verify(held).await?;
     info!(
         round,
         examples = stats.examples,
@@ -784,5 +824,37 @@ async fn heartbeat_loop(
             Ok(_) => {}
             Err(status) => warn!(round, "heartbeat failed: {}", status.message()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fl_common::NamedTensor;
+
+    use super::*;
+
+    fn model() -> Arc<TensorSet> {
+        Arc::new(TensorSet::new(vec![NamedTensor { name: "w".into(), shape: vec![2], data: vec![0.5, -1.0] }]))
+    }
+
+    #[tokio::test]
+    async fn a_model_whose_digest_is_not_the_tasks_is_refused_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut held = HeldState::new(dir.path());
+        let global = model();
+        let digest = tensor_digest(&global);
+        // Held under the task's digest while it trains; the digest computed says otherwise.
+        held.set_global("f00d".into(), global.clone());
+        let hashing = tokio::task::spawn_blocking(move || tensor_digest(&global));
+        let check = DigestCheck { round: 7, want: "f00d".into(), hashing: Some(hashing) };
+        let err = check.verify(&mut held).await.unwrap_err().to_string();
+        assert!(err.contains("round 7") && err.contains(&digest) && err.contains("the round task says f00d"), "{err}");
+        assert!(held.digest().is_none(), "the model is forgotten");
+
+        let global = model();
+        held.set_global(digest.clone(), global.clone());
+        let hashing = tokio::task::spawn_blocking(move || tensor_digest(&global));
+        DigestCheck { round: 8, want: digest.clone(), hashing: Some(hashing) }.verify(&mut held).await.unwrap();
+        assert_eq!(held.digest(), Some(digest.as_str()));
     }
 }

@@ -74,7 +74,8 @@ enum Command {
         /// Name shown to the coordinator's operator (default: the enrollment name).
         #[arg(long, env = "FL_NAME")]
         name: Option<String>,
-        /// libtorch intra-op threads (default: all cores).
+        /// Threads for training (libtorch's intra-op threads) and for encoding updates (default:
+        /// all cores).
         #[arg(long, env = "FL_THREADS", value_parser = parse::int_in(1i32, 1024))]
         threads: Option<i32>,
         /// Longest wait between reconnection attempts, in seconds.
@@ -637,6 +638,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
             tch::set_num_threads(threads);
             tch::set_num_interop_threads(1);
+            // The codec's passes over the model (top-k, the digest) run on rayon's pool.
+            if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads as usize).build_global() {
+                tracing::warn!("the encoding thread pool keeps its own size: {e}");
+            }
             tracing::info!(rows = rows.len(), file = %data.display(), threads, device = ?default_device(), "local data checked");
             let config = DaemonConfig {
                 coordinator,

@@ -497,7 +497,8 @@ impl ErrorFeedback {
 
 /// BLAKE3 over names, shapes and the f32 bits of the values, in hex: two sets hash alike only
 /// when they are bit-identical. Clients and the coordinator compare global models with it, on
-/// each round's critical path, so the hash is BLAKE3 (several times SHA-256's speed on one core).
+/// each round's critical path, so the hash is BLAKE3 (several times SHA-256's speed on one core),
+/// on the rayon pool (the blake3 crate splits large inputs only; the hash is that of one thread).
 pub fn tensor_digest(set: &TensorSet) -> String {
     let mut h = blake3::Hasher::new();
     for t in &set.tensors {
@@ -507,7 +508,7 @@ pub fn tensor_digest(set: &TensorSet) -> String {
         for &d in &t.shape {
             h.update(&(d as u64).to_le_bytes());
         }
-        h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
+        h.update_rayon(bytemuck::cast_slice::<f32, u8>(&t.data));
     }
     h.finalize().to_hex().to_string()
 }
@@ -611,12 +612,15 @@ fn cols_of(shape: &[usize]) -> usize {
 /// Indices of the `k` largest magnitudes, ascending; ties go to the lower index.
 ///
 /// Magnitudes are compared as the bits of `|v|` (for non-negative floats, their order is that of
-/// the numbers). A histogram of their top 12 bits (an L1-cache-sized table) finds the bucket that holds the k-th largest.
+/// the numbers). A histogram of their top 12 bits (4096 buckets) finds the bucket that holds
+/// the k-th largest.
 /// One pass in index order then takes every value of a higher bucket, and keeps those of that
 /// bucket as candidates; a selection among the candidates finds the k-th largest exactly, and
 /// the candidates above it (and, of those equal to it, the first ones) join the others. Two
-/// passes over the values; nothing of the tensor's size is allocated or sorted.
+/// passes over the values, each over chunks on the rayon pool (a large model's on every core);
+/// nothing of the tensor's size is allocated or sorted.
 fn top_k(data: &[f32], k: usize) -> Vec<usize> {
+    use rayon::prelude::*;
     if k >= data.len() {
         return (0..data.len()).collect();
     }
@@ -624,28 +628,63 @@ fn top_k(data: &[f32], k: usize) -> Vec<usize> {
         return Vec::new();
     }
     const LOW_BITS: u32 = 19;
-    let magnitude = |v: &f32| v.to_bits() & 0x7fff_ffff;
-    let mut histogram = vec![0u32; 1 << (31 - LOW_BITS)];
-    for v in data {
-        histogram[(magnitude(v) >> LOW_BITS) as usize] += 1;
-    }
+    const BUCKETS: usize = 1 << (31 - LOW_BITS);
+    let bucket_of = |v: f32| ((v.to_bits() & 0x7fff_ffff) >> LOW_BITS) as usize;
+    // A few chunks per thread, and none so small that handing it over costs more than its pass.
+    let chunk = data.len().div_ceil(rayon::current_num_threads() * 4).max(1 << 16);
+    let histogram = data
+        .par_chunks(chunk)
+        .map(|values| {
+            // Four interleaved counts per bucket: neighbouring values often share a bucket, and
+            // with one count each increment would wait for the one before it.
+            let mut counts = vec![[0u32; 4]; BUCKETS];
+            let mut quads = values.chunks_exact(4);
+            for q in &mut quads {
+                for (lane, &v) in q.iter().enumerate() {
+                    counts[bucket_of(v)][lane] += 1;
+                }
+            }
+            for &v in quads.remainder() {
+                counts[bucket_of(v)][0] += 1;
+            }
+            counts.iter().map(|c| c.iter().sum::<u32>()).collect::<Vec<u32>>()
+        })
+        .reduce(
+            || vec![0u32; BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
     // The bucket of the k-th largest, and how many values lie in the buckets above it.
-    let (mut bucket, mut above) = (histogram.len() - 1, 0usize);
+    let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
     while above + (histogram[bucket] as usize) < k {
         above += histogram[bucket] as usize;
         bucket -= 1;
     }
-    let bucket = bucket as u32;
-    let mut taken = Vec::with_capacity(above);
-    let mut candidates: Vec<(u32, u32)> = Vec::with_capacity(histogram[bucket as usize] as usize);
-    for (i, v) in data.iter().enumerate() {
-        let m = magnitude(v);
-        if m >> LOW_BITS > bucket {
-            taken.push(i as u32);
-        } else if m >> LOW_BITS == bucket {
-            candidates.push((m, i as u32));
-        }
-    }
+    // Per chunk, in index order: the values above the bucket, and the bucket's (magnitude, index).
+    type Scan = (Vec<u32>, Vec<(u32, u32)>);
+    let parts: Vec<Scan> = data
+        .par_chunks(chunk)
+        .enumerate()
+        .map(|(c, values)| {
+            let (mut taken, mut candidates) = (Vec::new(), Vec::new());
+            for (i, &v) in values.iter().enumerate() {
+                let b = bucket_of(v);
+                if b >= bucket {
+                    let index = (c * chunk + i) as u32;
+                    if b > bucket {
+                        taken.push(index);
+                    } else {
+                        candidates.push((v.to_bits() & 0x7fff_ffff, index));
+                    }
+                }
+            }
+            (taken, candidates)
+        })
+        .collect();
+    let taken: Vec<u32> = parts.iter().flat_map(|(t, _)| t.iter().copied()).collect();
+    let candidates: Vec<(u32, u32)> = parts.iter().flat_map(|(_, c)| c.iter().copied()).collect();
     // The candidates to take: the largest, ties to the lower index (the candidates are in index order).
     let need = k - above;
     let mut magnitudes: Vec<u32> = candidates.iter().map(|&(m, _)| m).collect();
@@ -1023,6 +1062,19 @@ mod tests {
         idx.truncate(k);
         idx.sort_unstable();
         idx
+    }
+
+    #[test]
+    fn top_k_over_several_chunks_is_the_k_largest_with_ties_to_the_lower_index() {
+        // Long enough for several chunks on any pool, with few distinct magnitudes: every chunk
+        // holds ties of the k-th largest, and the lower indices must win across chunks.
+        let data: Vec<f32> =
+            (0..700_003u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 20) % 7) as f32 - 3.0).collect();
+        for k in [1, 4_096, 100_000, 350_001, 699_999] {
+            assert_eq!(top_k(&data, k), top_k_by_sorting(&data, k), "k = {k}");
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        assert_eq!(pool.install(|| top_k(&data, 123_457)), top_k_by_sorting(&data, 123_457));
     }
 
     proptest! {

@@ -148,10 +148,15 @@ impl TensorSet {
 
     /// `self += scale * other`, element-wise; names and shapes must match (checked by the caller).
     pub fn add_scaled(&mut self, other: &TensorSet, scale: f32) {
+        use rayon::prelude::*;
+        // In chunks on the rayon pool: a large model's on every core, and the same bits.
+        const CHUNK: usize = 1 << 16;
         for (a, b) in self.tensors.iter_mut().zip(&other.tensors) {
-            for (x, y) in a.data.iter_mut().zip(&b.data) {
-                *x += scale * y;
-            }
+            a.data.par_chunks_mut(CHUNK).zip(b.data.par_chunks(CHUNK)).for_each(|(xs, ys)| {
+                for (x, y) in xs.iter_mut().zip(ys) {
+                    *x += scale * y;
+                }
+            });
         }
     }
 

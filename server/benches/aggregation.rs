@@ -1,12 +1,16 @@
 //! Folding one client's update into the FedAvg running sum, and decoding it from the wire, at the
 //! benchmark's model size (4.2 M parameters); and the steps of a top-k-int8 round on its
 //! critical path: a client's encode with error feedback, the coordinator's sparse decode and
-//! fold, and the global model's digest.
+//! fold, the next global model (the aggregate's top-k encode, its application and the digest),
+//! and the global model's digest.
+
+use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use fl_common::codec::{tensor_digest, UpdateCodec};
-use fl_common::{NamedTensor, TensorSet};
+use fl_common::codec::{tensor_digest, ErrorFeedback, UpdateCodec};
+use fl_common::{ModelKind, ModelSpec, NamedTensor, TensorSet};
 use fl_server::aggregation::{AggregationStrategy, ClientUpdate, FedAvg};
+use fl_server::coordinator::GlobalModel;
 
 fn model() -> TensorSet {
     TensorSet::new(vec![
@@ -71,6 +75,18 @@ fn topk_round(c: &mut Criterion) {
     let mut avg = FedAvg::default();
     avg.begin_round(&global);
     group.bench_function("coordinator: fold (sparse)", |b| b.iter(|| avg.try_fold_sparse(&sparse, 1675, &global)));
+    let spec = ModelSpec::with_defaults(ModelKind::Fasttext, (0..10).map(|i| i.to_string()).collect());
+    let base = GlobalModel::encode(&spec, global.clone());
+    let feedback = Arc::new(ErrorFeedback { residual: Some(residual.clone()) });
+    group.bench_function("coordinator: next global model (encode with feedback, apply, digest)", |b| {
+        b.iter_batched(
+            || (delta.clone(), feedback.clone()),
+            |(aggregate, mut feedback)| {
+                fl_server::delta::next_global(&base, aggregate, codec, &mut feedback).unwrap().digest.len()
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
     group.bench_function("tensor digest (BLAKE3)", |b| b.iter(|| tensor_digest(&global)));
     group.finish();
 }

@@ -85,29 +85,30 @@ pub fn next_global(
     // model, the previous one plus the aggregate.
     let fallback = (codec.precision == Precision::F16).then(|| aggregate.clone());
     let encoded = if codec.sparsity == Sparsity::TopK {
-        codec.encode_owned_with_feedback(aggregate, feedback.residual.as_ref()).map(|sent| {
+        // The next model's buffers are copied from the previous one while the aggregate is encoded.
+        let (sent, copy) = rayon::join(
+            || codec.encode_owned_with_feedback(aggregate, feedback.residual.as_ref()),
+            || (*global.tensors).clone(),
+        );
+        sent.map(|sent| {
             *feedback = Arc::new(ErrorFeedback { residual: Some(sent.residual) });
-            (sent.sent, sent.payload, None)
+            (sent.sent, sent.payload, copy)
         })
     } else {
-        codec
-            .encode(&aggregate)
-            .and_then(|bytes| Ok((codec.decode_sparse(&bytes, &global.tensors)?, bytes, Some(aggregate))))
+        codec.encode(&aggregate).and_then(|bytes| {
+            let sent = codec.decode_sparse(&bytes, &global.tensors)?;
+            // The previous model, in the aggregate's buffers.
+            let mut buffers = aggregate;
+            for (a, g) in buffers.tensors.iter_mut().zip(&global.tensors.tensors) {
+                a.data.copy_from_slice(&g.data);
+            }
+            Ok((sent, bytes, buffers))
+        })
     };
     match encoded {
-        Ok((sent, bytes, spare)) => {
+        Ok((sent, bytes, mut applied)) => {
             let delta = ModelDelta { base_digest: global.digest.clone(), codec, bytes: Arc::new(bytes) };
-            // The previous model, plus what the clients apply: in the aggregate's buffers when the
-            // encoder left them (top-k keeps them as the residual).
-            let mut applied = match spare {
-                Some(mut buffers) => {
-                    for (a, g) in buffers.tensors.iter_mut().zip(&global.tensors.tensors) {
-                        a.data.copy_from_slice(&g.data);
-                    }
-                    buffers
-                }
-                None => (*global.tensors).clone(),
-            };
+            // The previous model, plus what the clients apply.
             sent.add_to(&mut applied, 1.0);
             Ok(GlobalModel::after(global, applied, Some(Arc::new(delta))))
         }
