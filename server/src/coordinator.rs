@@ -45,11 +45,11 @@ use crate::state::{self, CoordinatorStatus, StateDir};
 
 mod async_mode;
 mod in_process;
+pub use in_process::{InProcessFederation, Opened};
 
 /// The longest a round's commit waits for the next round's downloads
 /// ([`Coordinator::wait_for_next_downloads`]).
 const COMMIT_DEFER: Duration = Duration::from_secs(1);
-pub use in_process::{InProcessFederation, Opened};
 
 /// Round settings of a serve run.
 #[derive(Clone, Debug)]
@@ -1104,10 +1104,10 @@ impl Coordinator {
 
     /// Waits until every client sampled for the round after `round` has downloaded its model,
     /// for at most [`COMMIT_DEFER`], and not when no such round is opening or open (nor after
-    /// the last round). Round
-    /// `round`'s commit (evaluation, checkpoint) waits for this: the next round's downloads and
-    /// model rebuilds are on its critical path, its training is not, and on a host that the
-    /// clients share with the coordinator the commit then takes its cores from training.
+    /// the last round). The commit of a synchronous round of `serve` (evaluation, checkpoint)
+    /// waits for this: the next round's downloads and model rebuilds are on its critical path,
+    /// its training is not, and on a host that the clients share with the coordinator the commit
+    /// then takes its cores from training.
     async fn wait_for_next_downloads(&self, round: u32) {
         let deadline = tokio::time::Instant::now() + COMMIT_DEFER;
         loop {
@@ -1551,7 +1551,8 @@ impl RoundLoop {
         self.repeated = policy::RepeatedFailure::default();
         prepare(&mut sum, &book);
         let elapsed = self.elapsed_before + self.serving_since.elapsed().as_secs_f64();
-        complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed).await?;
+        let after_downloads = self.coord.async_engine.is_none();
+        complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed, after_downloads).await?;
         Ok(Concluded::Completed)
     }
 }
@@ -1811,13 +1812,15 @@ struct DpMetrics {
 /// background ([`commit`]). Commits stay in round order: this waits for the previous round's
 /// commit before its own (at most one runs; `round_s` includes the wait, if any), and a failed
 /// one fails here. Until its commit, the round is not done on disk: a crash restarts from the
-/// last committed round, which redoes it.
+/// last committed round, which redoes it. With `after_downloads` the commit first waits for the
+/// next round's downloads ([`Coordinator::wait_for_next_downloads`]).
 async fn complete_round(
     coord: &Arc<Coordinator>,
     eval: Option<Arc<dyn Evaluator>>,
     book: RoundBook,
     mut sum: tokio::sync::OwnedMutexGuard<Accumulator>,
     elapsed_s: f64,
+    after_downloads: bool,
 ) -> Result<()> {
     let (round, attempt) = (book.task.round, book.task.attempt);
     let global = book.model.clone();
@@ -1925,6 +1928,7 @@ async fn complete_round(
     };
     let next = Arc::new(next);
     let job = Commit {
+        after_downloads,
         model: next.clone(),
         eval,
         line,
@@ -1943,6 +1947,8 @@ async fn complete_round(
 
 /// What the background commit of an aggregated round needs.
 struct Commit {
+    /// Whether it waits for the next round's downloads first.
+    after_downloads: bool,
     /// The round's new global model.
     model: Arc<GlobalModel>,
     eval: Option<Arc<dyn Evaluator>>,
@@ -1957,14 +1963,17 @@ struct Commit {
 }
 
 /// The off-critical-path half of [`complete_round`]: once the next round's clients have their
-/// model ([`Coordinator::wait_for_next_downloads`]), evaluates the round's model, then writes the
+/// model (in `serve`'s synchronous rounds, [`Coordinator::wait_for_next_downloads`]), evaluates
+/// the round's model, then writes the
 /// server optimiser's state and the download residual of the round, commits it (model file,
 /// metrics line, progress) and writes the best model; then early stopping decides, and the
 /// registry counts the round for its clients.
 async fn commit(coord: Arc<Coordinator>, job: Commit) -> Result<()> {
-    let Commit { model, eval, mut line, server_state, feedback, joined } = job;
+    let Commit { after_downloads, model, eval, mut line, server_state, feedback, joined } = job;
     let round = line.round;
-    coord.wait_for_next_downloads(round).await;
+    if after_downloads {
+        coord.wait_for_next_downloads(round).await;
+    }
     let state = coord.state.clone();
     let runtime = coord.strategy.clone();
     let mut best = *lock(&coord.best);
@@ -2143,7 +2152,7 @@ mod tests {
         coord.fold_upload("a", ticket, upload).await.unwrap();
         let book = coord.close_round().unwrap();
         let sum = book.sum.clone().lock_owned().await;
-        complete_round(coord, None, *book, sum, 0.0).await.unwrap();
+        complete_round(coord, None, *book, sum, 0.0, false).await.unwrap();
         settle_commits(coord).await.unwrap();
         assert_eq!(coord.completed_rounds(), round);
     }

@@ -179,7 +179,7 @@ impl InProcessFederation {
             )));
         }
         let elapsed = self.elapsed_before + self.started.elapsed().as_secs_f64();
-        super::complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed).await?;
+        super::complete_round(&self.coord, self.eval.clone(), *book, sum, elapsed, false).await?;
         // The simulator waits for the round's commit (which `serve` lets run while the next
         // round collects): its early stop then acts at once, and its runs stay deterministic.
         super::settle_commits(&self.coord).await
