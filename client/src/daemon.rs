@@ -557,7 +557,11 @@ async fn do_round(
     let (data, distillation) =
         match crate::distill::prepare(client, &task, &distill, setting, &mut held.distilled).await {
             Ok(prepared) => prepared,
-            Err(e) => return report_failure(client, round, attempt, format!("distillation: {e:#}")).await,
+            Err(e) => {
+                // The held model is checked even so: a later round may train from it as it is.
+                digest_check.verify(held).await?;
+                return report_failure(client, round, attempt, format!("distillation: {e:#}")).await;
+            }
         };
     let model_spec = spec.clone();
     // Error feedback keeps what a lossy codec leaves out; not with client-side DP clipping,
@@ -646,6 +650,10 @@ async fn do_round(
     let result = training.await;
     cancel.cancel();
     let _ = heartbeat.await;
+    // Whatever the training did, the model it started from is checked before anything else: a
+    // model that is not the round's is forgotten, and nothing made from it leaves. (A later round
+    // whose task names the held model's digest trains from it unhashed.)
+    digest_check.verify(held).await?;
     // A failed training is reported, never left for the deadline to find.
     let failure = match result {
         Ok(Ok(trained)) => Ok(trained),
@@ -669,8 +677,6 @@ async fn do_round(
     if stats.cancelled {
         return Ok(RoundOutcome::Closed);
     }
-    // Nothing made from a model that is not the round's leaves.
-    digest_check.verify(held).await?;
     info!(
         round,
         examples = stats.examples,
