@@ -2076,11 +2076,15 @@ pub async fn finish(coord: &Arc<Coordinator>) -> Result<()> {
     Ok(())
 }
 
-/// Waits up to `limit` for all clients to disconnect after the end.
+/// Waits up to `limit` for all clients to disconnect after the end; names those that did not.
 pub async fn drain(coord: &Arc<Coordinator>, limit: Duration) {
     let never = CancellationToken::new();
     let all_gone = coord.wait_for(Instant::now() + limit, &never, || coord.connected_ids().is_empty().then_some(()));
     let _ = tokio::time::timeout(limit, all_gone).await;
+    let left = coord.connected_ids();
+    if !left.is_empty() {
+        warn!(clients = ?left, seconds = limit.as_secs_f64(), "still connected after the end; they were told it ended");
+    }
 }
 
 #[cfg(test)]

@@ -285,7 +285,9 @@ pub async fn serve(
                 || coord.early_stopped() =>
         {
             coordinator::finish(&coord).await?;
-            coordinator::drain(&coord, Duration::from_secs(3)).await;
+            // A client busy with a round's work (a training that its next heartbeat cancels, an
+            // upload) reads the end only after it: it gets a while to, or it retries forever.
+            coordinator::drain(&coord, Duration::from_secs(10)).await;
             Ok(ServeOutcome::Finished)
         }
         Ok(()) => Ok(ServeOutcome::Interrupted),

@@ -281,7 +281,9 @@ pub fn finish_federation(coordinator: &mut CoordinatorProcess, clients: &mut [Cl
     let status = coordinator.wait(limit);
     assert!(status.success(), "coordinator failed:\n{}", coordinator.log_text());
     for c in clients {
-        let status = wait_child(&mut c.child, Duration::from_secs(30)).expect("client exits after the federation ends");
+        let status = wait_child(&mut c.child, Duration::from_secs(30)).unwrap_or_else(|| {
+            panic!("client did not exit within 30 s after the federation ended; its log:\n{}", c.log_text())
+        });
         assert!(status.success(), "client failed:\n{}", c.log_text());
     }
 }
