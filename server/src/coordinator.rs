@@ -1198,6 +1198,7 @@ impl Coordinator {
         let id = client_id.to_string();
         let reference = ticket.model.tensors.clone();
         let folded = tokio::task::spawn_blocking(move || {
+            state::fault_sleep("fold", round);
             sum.add(id, Values::Sparse(&delta, &reference), &upload.header, upload.bytes)
         })
         .await;

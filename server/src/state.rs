@@ -341,8 +341,9 @@ pub(crate) fn crash_point(point: &str, round: u32) {
 
 /// Fault injection for the crash tests: `FL_FAULT_SLEEP=before-commit:3:20` stalls round 3's
 /// background commit for 20 seconds at that point (blocking), as a slow disk or evaluation
-/// would, so that a test can strike while the next round collects and the commit is pending.
-/// Unset in normal use.
+/// would, so that a test can strike while the next round collects and the commit is pending;
+/// `fold:3:2` stalls each fold of round 3 for 2 s, after the update counts as accepted and before
+/// the round may close. Unset in normal use.
 pub(crate) fn fault_sleep(point: &str, round: u32) {
     let Ok(spec) = std::env::var("FL_FAULT_SLEEP") else { return };
     let prefix = format!("{point}:{round}:");

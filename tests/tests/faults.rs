@@ -64,7 +64,9 @@ fn coordinator_killed_in_training_upload_and_checkpoint_resumes_without_loss() {
     faults += 1;
     // Round 1's commit runs while round 2 collects: it may or may not have been written.
     assert!(committed_metrics(&state) <= 1);
-    coordinator = CoordinatorProcess::start_with(&state, &listen, &full_args, &[]);
+    // Each fold of round 3 stalls, so round 3 stays open with its updates accepted for a while:
+    // clients that finish together otherwise leave too short a moment to strike in.
+    coordinator = CoordinatorProcess::start_with(&state, &listen, &full_args, &[("FL_FAULT_SLEEP", "fold:3:2")]);
 
     // Strike 2: kill -9 while round 3's updates are being uploaded and folded.
     coordinator
